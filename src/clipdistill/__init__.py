@@ -1,0 +1,3 @@
+"""clipdistill: distil large CLIP models into small, fast students."""
+
+__version__ = "0.1.0"

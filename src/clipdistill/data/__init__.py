@@ -1,0 +1,1 @@
+"""Datasets: webdataset shard readers, recorded augmentations, teacher caches."""

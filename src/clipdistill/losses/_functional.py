@@ -1,0 +1,59 @@
+"""Small functions every loss term composes (the `timm/layers` of losses/).
+
+Conventions (spec section 0): rows are queries, columns candidates; `kl_rows` is batchmean KL;
+teacher tensors passed in are treated as constants by the callers (detached).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(x: Tensor) -> Tensor:
+    """Concatenate `x` over ranks along dim 0; the local slice keeps its autograd graph.
+
+    open_clip's `gather_with_grad=False, local_loss=False` semantics: all_gather (no grad), then
+    the local tensor is put back in its slot, so each rank computes the full-batch loss and its
+    gradient reaches only the local inputs. Identity on a single process.
+    """
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def labels_like(logits: Tensor) -> Tensor:
+    return torch.arange(logits.shape[0], device=logits.device)
+
+
+def contrastive_ce(logits: Tensor) -> Tensor:
+    """Symmetric InfoNCE `(CE(Z, I) + CE(Z^T, I)) / 2` for a square logit matrix."""
+    y = labels_like(logits)
+    return (F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y)) / 2
+
+
+def kl_rows(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Row-wise `KL(softmax(t/T) || softmax(s/T))`, averaged over rows (batchmean)."""
+    p_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    q_log = F.log_softmax(student_logits / temperature, dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def soft_ce(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Row-wise soft cross-entropy `-sum softmax(t/T) log softmax(s/T)`, averaged over rows."""
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    return -(p * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+def cosine_logits(a: Tensor, b: Tensor, scale: Tensor | float) -> Tensor:
+    """`scale * normalize(a) @ normalize(b)^T`."""
+    return scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
