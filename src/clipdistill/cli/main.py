@@ -15,7 +15,11 @@ from clipdistill.errors import UserError
 
 # Command-group modules under clipdistill.cli (add yours here).
 COMMANDS = [
+    "losses",
     "teacher",
+    "students",
+    "curate",
+    "train",
 ]
 
 

@@ -57,3 +57,16 @@ def soft_ce(teacher_logits: Tensor, student_logits: Tensor, temperature: float =
 def cosine_logits(a: Tensor, b: Tensor, scale: Tensor | float) -> Tensor:
     """`scale * normalize(a) @ normalize(b)^T`."""
     return scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+
+
+def project_normalize(proj: torch.nn.Module | None, x: Tensor) -> Tensor:
+    """`normalize(P(x))`, or `normalize(x)` when there is no projector (widths already equal)."""
+    return F.normalize(proj(x) if proj is not None else x, dim=-1)
+
+
+def symmetric_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(`kl_rows(Z_t, Z_s)`, `kl_rows(Z_t^T, Z_s^T)`): the image->text and text->image row KLs."""
+    return (
+        kl_rows(teacher_logits, student_logits, temperature),
+        kl_rows(teacher_logits.t(), student_logits.t(), temperature),
+    )

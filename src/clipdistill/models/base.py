@@ -118,7 +118,12 @@ class ClipModel(nn.Module):
 
     @property
     def preprocess(self) -> Callable[[Image.Image], Tensor]:
-        return self.image_config.transform()
+        """The evaluation transform built from `image_config` (memoised per config)."""
+        memo = self.__dict__.get("_preprocess_memo")
+        if memo is None or memo[0] != self.image_config:
+            memo = (self.image_config, self.image_config.transform())
+            self.__dict__["_preprocess_memo"] = memo
+        return memo[1]
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipdistill.errors import UserError
@@ -118,14 +117,21 @@ class TextTower(nn.Module):
     def mask(self, ids: Tensor) -> Tensor:
         return ids != self.tokenizer.pad_token_id
 
+    def trim(self, ids: Tensor) -> Tensor:
+        longest = int(self.mask(ids).sum(1).max()) if ids.numel() else 0
+        return ids[:, : max(longest, 1)]
+
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(pooled, token features, mask)."""
+        """(pooled, token features, mask). Trailing all-padding columns are dropped first: they
+        change nothing under the attention mask and cost most of the compute on short captions."""
+        ids = self.trim(ids)
         mask = self.mask(ids)
         tokens = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return mean_pool(tokens, mask), tokens, mask
 
     def frozen_prefix(self, ids: Tensor) -> Tensor:
         """Hidden states entering the first unlocked layer (cacheable: they never change)."""
+        ids = self.trim(ids)
         mask = self.mask(ids)
         with torch.no_grad():
             out = self.bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)

@@ -8,7 +8,10 @@ nothing is tuned on evaluation sets.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clipdistill.data.shards import Sample, SkipCounter, batched, dataset_info, iter_samples, subsample
+from clipdistill.data.shards import Sample, SkipCounter, batched, dataset_info, iter_samples
 from clipdistill.losses._functional import contrastive_ce
 from clipdistill.models.composed import ComposedTeacher, HeadConfig, save_teacher
+from clipdistill.paths import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,8 @@ def text_pooled(model: ComposedTeacher, texts: list[str], batch: int = 256) -> t
         for chunk in batched(texts, batch):
             ids = model.tokenize(chunk)
             if model.cfg.text_unlocked:
-                out.append(model.text_tower.frozen_prefix(ids).half())
+                hidden = model.text_tower.frozen_prefix(ids).half()
+                out.append(F.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1])))
             else:
                 out.append(model.text_tower(ids)[0])
     return torch.cat(out)
@@ -103,15 +108,38 @@ class _Pairs:
 
     def __init__(self, model: ComposedTeacher, cfg: TeacherBuildConfig, split: str, data_root) -> None:
         info = dataset_info(cfg.dataset, data_root)
-        skipped = SkipCounter()
-        samples, self.image = pooled_features(
-            model, iter_samples(info.shards(split), skipped=skipped), cfg.batch_images, desc=f"{cfg.dataset}/{split}"
-        )
-        self.skipped = skipped.total
-        self.keys = [s.key for s in samples]
-        self.caps_per_image = [len(s.captions) for s in samples]
-        texts = [c for s in samples for c in s.captions]
-        self.text = text_pooled(model, texts)
+        shards = info.shards(split)
+        # Decoding and preprocessing thousands of images costs minutes on 2 cores even when the
+        # tower features are cached, so a split's frozen features are also stored as one file.
+        ident = [model.image_tower_id, model.image_config.as_dict(), [(p.name, p.stat().st_size) for p in shards]]
+        digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+        split_file = cache_dir() / "teacher_build" / f"{cfg.dataset}-{split}-{digest}.pt"
+        if split_file.exists():
+            stored = torch.load(split_file)
+            self.image, self.keys, captions, self.skipped = (stored[k] for k in ("image", "keys", "captions", "skipped"))
+        else:
+            skipped = SkipCounter()
+            samples, self.image = pooled_features(
+                model, iter_samples(shards, skipped=skipped), cfg.batch_images, desc=f"{cfg.dataset}/{split}"
+            )
+            self.skipped = skipped.total
+            self.keys = [s.key for s in samples]
+            captions = [s.captions for s in samples]
+            split_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = atomic_path(split_file)
+            torch.save({"image": self.image, "keys": self.keys, "captions": captions, "skipped": self.skipped}, tmp)
+            os.replace(tmp, split_file)
+        self.caps_per_image = [len(c) for c in captions]
+        texts = [c for caps in captions for c in caps]
+        text_file = split_file.with_name(split_file.stem + "-text.pt")
+        if model.cfg.text_unlocked == 0 and text_file.exists():
+            self.text = torch.load(text_file)
+        else:
+            self.text = text_pooled(model, texts)
+            if model.cfg.text_unlocked == 0:
+                tmp = atomic_path(text_file)
+                torch.save(self.text, tmp)
+                os.replace(tmp, text_file)
         self.mask = None
         if model.cfg.text_unlocked:
             mask = torch.cat([model.text_tower.mask(model.tokenize(c)) for c in batched(texts, 1024)])

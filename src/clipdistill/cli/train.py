@@ -1,0 +1,114 @@
+"""`clipdistill distill`, `clipdistill cache-teacher` and `clipdistill demo` (issue 7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "distill",
+        help="distil a student from a teacher (online or cached) with a loss recipe",
+        description="Train a student. Works the same under `torchrun --nproc_per_node N` (DDP).",
+    )
+    d.add_argument("--config", action="append", required=True, metavar="YAML",
+                   help="run config or loss recipe; repeat to merge several (later ones win)")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=5e-4 steps=200")
+    d.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    d.set_defaults(handler=_distill)
+
+    c = sub.add_parser(
+        "cache-teacher",
+        help="store K augmented views per sample and the teacher's embeddings of them (and of every caption)",
+    )
+    c.add_argument("--teacher", required=True, help="teacher model spec, e.g. teacher:DIR or openclip:ViT-B-32@ckpt.pt")
+    c.add_argument("--data", required=True, action="append",
+                   help="dataset (name[:split], default split train), dataset folder, or shard glob; repeatable")
+    c.add_argument("--data-root", default=None, help="datasets folder (default: $CLIPDISTILL_DATA or ../shared/data)")
+    c.add_argument("--augmentations", type=int, default=5, metavar="K", help="views per sample (default 5)")
+    c.add_argument("--out", required=True, help="cache folder (used later as teacher.cache=DIR)")
+    c.add_argument("--augment", action="append", default=[], metavar="KEY=VALUE",
+                   help="augmentation policy option, e.g. scale=[0.3,1.0] or center_view=true; repeatable")
+    c.add_argument("--pooled", action="store_true", help="also store the teacher's pre-projection pooled features")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=64, help="views per teacher forward pass")
+    c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    c.add_argument("--overwrite", action="store_true", help="replace a cache built for another teacher/data/policy")
+    c.add_argument("--device", default=None)
+    c.set_defaults(handler=_cache_teacher)
+
+    m = sub.add_parser(
+        "demo",
+        help="offline end to end: build the teacher, cache it on Flickr8k, distil a small student, compare them",
+    )
+    m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--teacher-dir", default=None, help="built teacher folder to reuse or create (default: in the cache dir)")
+    m.add_argument("--data-root", default=None)
+    m.add_argument("--student", default=None, help="student spec (default: the demo's)")
+    m.add_argument("--epochs", type=float, default=None)
+    m.add_argument("--quick", action="store_true", help="a smoke run: few steps and tiny evaluation subsets")
+    m.set_defaults(handler=_demo)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from clipdistill.train.config import load_configs
+    from clipdistill.train.engine import train
+
+    cfg = load_configs(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    if summary.get("student_weights"):
+        final = summary["final"]
+        print(
+            f"distilled {summary['steps']} steps in {summary['seconds']:.0f} s ({summary['images_per_s']:.1f} img/s); "
+            f"final loss {final.get('loss', float('nan')):.4f}; skipped samples {sum(summary['skipped'].values())}; "
+            f"student weights: {summary['student_weights']}"
+        )
+        if summary.get("eval"):
+            print(json.dumps(summary["eval"], indent=2))
+    return 0
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from clipdistill.data.augment import AugmentPolicy
+    from clipdistill.data.loader import resolve_shards
+    from clipdistill.data.teacher_cache import build_cache
+    from clipdistill.models.factory import create_model
+    from clipdistill.train.config import apply_overrides
+    from clipdistill.train.distributed import pick_device
+
+    shards, kinds = [], []
+    for spec in args.data:
+        paths, kind = resolve_shards(spec, args.data_root)
+        shards += paths
+        kinds.append(kind)
+    policy = AugmentPolicy.from_dict(apply_overrides({}, args.augment))
+    teacher = create_model(args.teacher).to(pick_device(args.device))
+    cache = build_cache(
+        teacher, shards, args.out, augmentations=args.augmentations, policy=policy, seed=args.seed,
+        pooled=args.pooled, text=all(k != "classification" for k in kinds), batch_size=args.batch_size,
+        dtype=args.dtype, overwrite=args.overwrite,
+    )
+    info = cache.info
+    skipped = sum(sum(s["skipped"].values()) for s in info.shards)
+    print(
+        f"teacher cache {args.out}: {info.samples} samples x {info.augmentations} views, {len(info.shards)} shards, "
+        f"embedding width {info.embed_dim}, skipped {skipped}, fingerprint {info.fingerprint}"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from clipdistill.train.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, data_root=args.data_root, quick=args.quick)
+    if args.teacher_dir:
+        cfg.teacher_dir = args.teacher_dir
+    if args.student:
+        cfg.student = args.student
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    result = run_demo(cfg)
+    print(result["table"])
+    print(f"total wall time {result['seconds']:.0f} s; details in {result['summary_path']}")
+    return 0

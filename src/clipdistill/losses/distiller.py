@@ -1,0 +1,230 @@
+"""The `Distiller`: builds the configured terms, owns their learnable parts, gathers once, sums.
+
+It is an `nn.Module` trained, saved and synchronised under DDP together with the student: it owns
+the shared projectors `P_image`, `P_text: Linear(d_s, d_t)` with bias (spec section 0; created only
+when a term asks for one and d_s != d_t) and, through its terms, every other learnable part (ICL and
+AFD scales, AFD fusion layers, EduAttention, the cluster classifier) and state (memory banks).
+
+Distributed semantics (spec section 0; open_clip's `gather_with_grad=False, local_loss=False`): every
+tensor of the student's and the teacher's `Outputs` is all-gathered once per step, the local slice
+keeping its autograd graph, and every term runs on the full batch. The loss on each rank is then the
+single-process loss on the concatenated batch, and the gradient reaching each rank's local inputs is
+that loss's gradient for those rows (tests/losses/test_distributed.py). Note for the engine: under
+DDP's gradient averaging this gives the student's encoder 1/world_size of the full-batch gradient,
+while parameters applied after the gather (the Distiller's, the student's logit scale) get the full
+one, exactly as in open_clip. Every rank must pass the same local batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from clipdistill.errors import UserError
+from clipdistill.losses._functional import gather, is_distributed
+from clipdistill.losses.base import NEEDS, Outputs, Term, TermContext, get_term
+from clipdistill.losses.config import LossConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER_MODES = ("online", "cached", "none")
+# Needs that no run without a teacher can meet.
+TEACHER_NEEDS = frozenset(
+    {"teacher", "teacher_text", "teacher_online", "teacher_pooled", "image_tokens", "teacher_image_tokens", "text_tokens"}
+)
+DEFAULT_GROUP = "distiller"
+
+
+def _gather_tensor(x: Tensor, grad: bool) -> Tensor:
+    x = x if grad else x.detach()
+    if x.dtype == torch.bool:  # not every backend all-gathers bool
+        return gather(x.to(torch.uint8)).bool()
+    return gather(x)
+
+
+def gather_outputs(out: Outputs, *, grad: bool) -> Outputs:
+    """`out` with every batch tensor gathered over ranks (`_functional.gather`); 0-dim tensors (scales) stay.
+
+    grad=False detaches everything (the teacher). Tensors in `out.extra` whose first dimension is the
+    local batch size are gathered too. On one process: `out` itself (detached when grad=False).
+    """
+    if not is_distributed():
+        return out if grad else out.detach()
+    n = out.image.shape[0]
+    changes = {name: _gather_tensor(x, grad) for name, x in out.tensors().items() if x.ndim > 0}
+    if not grad:
+        changes["scale"] = out.scale.detach()
+    extra = {
+        k: _gather_tensor(v, grad) if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
+        for k, v in out.extra.items()
+    }
+    return out.replace(**changes, extra=extra)
+
+
+def _overrides_update(term: Term) -> bool:
+    return type(term).update is not Term.update
+
+
+class Distiller(nn.Module):
+    """All configured loss terms, their learnable parts and their weighted sum (API: notes/distiller_api.md).
+
+    cfg: a parsed `LossConfig`. student_dim, teacher_dim: embedding widths d_s, d_t; the pooled
+    widths are passed to terms that read pre-projection features. Terms run in config order and
+    share one `TermContext` (terms that share a module rely on it, e.g. ComKD's EduAttention).
+    """
+
+    def __init__(
+        self,
+        cfg: LossConfig,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        student_pooled_dim: int | None = None,
+        teacher_pooled_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not cfg.weights:
+            raise UserError("losses: names no term; add at least one, e.g. losses: {clip: 1.0}")
+        self.cfg = cfg
+        self.student_dim, self.teacher_dim = int(student_dim), int(teacher_dim)
+        self.weights = dict(cfg.weights)
+        self.projectors = nn.ModuleDict()
+        self._own_count = 0
+        ctx = TermContext(self.student_dim, self.teacher_dim, self._projector, student_pooled_dim, teacher_pooled_dim)
+        self.terms = nn.ModuleDict({name: get_term(name)(ctx, **cfg.options.get(name, {})) for name in cfg.weights})
+        self._check_groups()
+        log.debug("distiller: %s; projectors: %s", self.weights, list(self.projectors))
+
+    def _projector(self, modality: str, own: bool = False) -> nn.Module | None:
+        """TermContext.projector: the shared (or, with own=True, a private) Linear d_s -> d_t."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"projector modality must be 'image' or 'text', not {modality!r}")
+        if self.student_dim == self.teacher_dim:
+            return None
+        key = modality
+        if own:
+            self._own_count += 1
+            key = f"{modality}_own{self._own_count}"
+        if key not in self.projectors:
+            self.projectors[key] = nn.Linear(self.student_dim, self.teacher_dim)
+        return self.projectors[key]
+
+    @property
+    def needs(self) -> set[str]:
+        """The union of the configured terms' needs (instance-level: a term may add needs from its options)."""
+        return set().union(*(term.needs for term in self.terms.values()))
+
+    def check(self, teacher_mode: str, available: set[str]) -> None:
+        """Refuse a run whose teacher mode and `available` needs do not meet every term's needs.
+
+        teacher_mode: "online", "cached" or "none". "teacher" is implied by a teacher and
+        "teacher_online" by an online one; without a teacher no teacher-side need can be met.
+        """
+        if teacher_mode not in TEACHER_MODES:
+            raise UserError(f"unknown teacher mode '{teacher_mode}'; known: {', '.join(TEACHER_MODES)}")
+        have = set(available)
+        if teacher_mode == "none":
+            have -= TEACHER_NEEDS
+        else:
+            have.add("teacher")
+        if teacher_mode == "online":
+            have.add("teacher_online")
+        else:
+            have.discard("teacher_online")
+        for name, term in self.terms.items():
+            missing = sorted(set(term.needs) - have)
+            if missing:
+                what = "; ".join(f"'{m}' ({NEEDS.get(m, m)})" for m in missing)
+                raise UserError(
+                    f"term '{name}' needs {what}, which this run (teacher mode '{teacher_mode}') does not provide; "
+                    f"provide it or remove losses.{name}"
+                )
+
+    def forward(self, student: Outputs, teacher: Outputs | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted total, logs). Logs hold every term's entries detached and "loss" (the total).
+
+        student, teacher: local-batch `Outputs`; gathered over ranks once here. A zero-weight term is
+        evaluated without gradient, for its logs only.
+        """
+        s = gather_outputs(student, grad=True)
+        t = gather_outputs(teacher, grad=False) if teacher is not None else None
+        total: Tensor | None = None
+        logs: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            if t is None and term.needs & TEACHER_NEEDS:
+                raise UserError(f"term '{name}' needs a teacher but none was given; run with a teacher or remove losses.{name}")
+            weight = self.weights[name]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+                out = term(s, t)
+            if name not in out:
+                raise RuntimeError(f"term '{name}' returned {sorted(out)} without its own entry '{name}'")
+            if weight > 0:
+                total = weight * out[name] if total is None else total + weight * out[name]
+            logs.update({k: torch.as_tensor(v).detach() for k, v in out.items()})
+        if total is None:  # every weight is 0: a zero that still connects to the graph
+            total = s.image.sum() * 0.0
+        logs["loss"] = total.detach()
+        return total, logs
+
+    @torch.no_grad()
+    def update(self, student: Outputs, teacher: Outputs | None) -> None:
+        """After the optimiser step: lets terms update their state (memory banks, step counters)."""
+        terms = [term for term in self.terms.values() if _overrides_update(term)]
+        if not terms:
+            return
+        s = gather_outputs(student, grad=False)
+        t = gather_outputs(teacher, grad=False) if teacher is not None else None
+        for term in terms:
+            term.update(s, t)
+
+    def group_names(self) -> list[str]:
+        """Every parameter-group name this Distiller can produce (some may be empty)."""
+        names = [DEFAULT_GROUP]
+        for term in self.terms.values():
+            if term.param_group() not in names:
+                names.append(term.param_group())
+        return names
+
+    def _check_groups(self) -> None:
+        known = self.group_names()
+        for group in self.cfg.groups:
+            if group not in known:
+                raise UserError(f"losses.groups: unknown parameter group '{group}'; this recipe's groups: {', '.join(known)}")
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """The Distiller's trainable parameters as optimiser groups ("params", "lr", "weight_decay", "name").
+
+        Shared projectors go to "distiller"; a term's own parameters to `term.param_group()`; each
+        parameter once. `cfg.groups` overrides lr / weight_decay per group (CLIP-CID's cluster
+        classifier at 1e-6). Empty groups are left out.
+        """
+        params: dict[str, list[nn.Parameter]] = {name: [] for name in self.group_names()}
+        seen: set[int] = set()
+
+        def add(group: str, module: nn.Module) -> None:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params[group].append(p)
+
+        add(DEFAULT_GROUP, self.projectors)
+        for term in self.terms.values():
+            add(term.param_group(), term)
+        groups = []
+        for name, ps in params.items():
+            if ps:
+                override = self.cfg.groups.get(name, {})
+                groups.append(
+                    {
+                        "name": name,
+                        "params": ps,
+                        "lr": float(override.get("lr", lr)),
+                        "weight_decay": float(override.get("weight_decay", weight_decay)),
+                    }
+                )
+        return groups
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={w:g}" for name, w in self.weights.items())

@@ -1,0 +1,409 @@
+"""The distillation engine (issue 7; spec sections 0, 7 and 9): `train(cfg)` turns a teacher (online or
+cached), a student, shards and a loss recipe into a trained student, on one process or under torchrun.
+
+One optimisation step:
+1. k = `optim.accum_steps` micro-batches per rank arrive from the data pipeline (data/loader.py);
+   the teacher's outputs come from the cache or from the online teacher (no grad, once per micro-batch).
+2. `accumulate.cached_backward` embeds the student, computes the Distiller's full-batch loss (gathered
+   over ranks, spec section 0) on the embeddings, and backpropagates into the student micro-batch by
+   micro-batch (GradCache). A non-finite loss stops the run here, before any weight changes, naming
+   the term and the step; the last checkpoint stays the last good one.
+3. Gradient scaling for DDP: each rank's loss is the full-batch loss but its per-row gradients reach
+   only the local rows, and DDP averages over ranks, so per-row gradients are multiplied by the world
+   size while the scale's and the Distiller's (which see every row) are not; the Distiller's are
+   averaged by hand (identical on every rank). The result equals the single-process gradient of the
+   concatenated batch.
+4. Gradient clipping, AdamW step, warmup + cosine schedule, then `Distiller.update` (memory banks).
+
+Rank 0 alone logs (TensorBoard: every term, lr per group, images/s, epoch, skipped samples, eval
+metrics), shows the progress bar, writes checkpoints (atomic, with every rank's RNG and data position)
+and the JSON summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipdistill.data.augment import AugmentPolicy, stable_seed
+from clipdistill.data.loader import DataState, StreamConfig, count_samples, make_loader, resolve_shards
+from clipdistill.data.teacher_cache import TeacherCache, teacher_parts
+from clipdistill.errors import UserError
+from clipdistill.losses.base import Outputs
+from clipdistill.losses.distiller import Distiller
+from clipdistill.train import build
+from clipdistill.train.accumulate import cached_backward
+from clipdistill.train.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from clipdistill.train.config import TrainConfig
+from clipdistill.train.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_mean_,
+    barrier,
+    cleanup,
+    init_distributed,
+    wrap,
+)
+from clipdistill.train.report import RunLogger, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    """The loss (or gradient) became NaN or inf: the run stops, its last checkpoint is kept."""
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or resume) a distillation; returns the summary (also written to output_dir/summary.json)."""
+    info = init_distributed(cfg.distributed.backend, cfg.device, cfg.distributed.timeout_s)
+    try:
+        return Run(cfg, info, resume=resume).run()
+    finally:
+        cleanup()
+
+
+class Run:
+    """One training run's state (models, optimiser, data, logging); `run()` does the loop."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False) -> None:
+        self.cfg, self.info, self.out = cfg, info, Path(cfg.output_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if has_checkpoint(self.out) and not resume:
+            raise UserError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another output_dir")
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.device = info.device
+        self.mode = cfg.teacher_mode
+        self._build_data_sources()
+        self._build_models()
+        self._build_optimiser()
+        self._plan_steps()
+        self.step = 0
+        self.data_state = DataState(streams=info.world * max(1, cfg.data.workers))
+        self.last_eval: dict = {}
+        if resume:
+            self._restore(load_checkpoint(self.out))
+        self.loader = make_loader(self.stream_cfg, self.cache, self.data_state if resume else None)
+        self.logger = RunLogger(self.out, enabled=info.is_main, total=self.total_steps, initial=self.step)
+
+    # --- setup --------------------------------------------------------------------------------------
+
+    def _build_data_sources(self) -> None:
+        cfg = self.cfg
+        self.shards, kinds = [], []
+        for spec in cfg.data.train:
+            paths, kind = resolve_shards(spec, cfg.data.root)
+            self.shards += paths
+            kinds.append(kind)
+        self.text = all(k != "classification" for k in kinds)
+        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
+
+    def _build_models(self) -> None:
+        from clipdistill.losses.config import parse_loss_config
+        from clipdistill.models.factory import create_model
+
+        cfg, dev = self.cfg, self.device
+        self.teacher = create_model(cfg.teacher.spec).to(dev).eval() if cfg.teacher.spec else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+        teacher_dim = self.cache.info.embed_dim if self.cache is not None else getattr(self.teacher, "embed_dim", None)
+        self.student = build.build_student(cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0).to(dev)
+        self.own_text = cfg.student.text == "own"
+        loss_cfg = parse_loss_config(cfg.losses)
+        needs = _needs_of(loss_cfg)
+        s_pooled = build.pooled_width(self.student, dev) if "student_pooled" in needs else None
+        if "teacher_pooled" in needs:
+            t_pooled = self.cache.info.pooled_dim if self.mode == "cached" else build.pooled_width(self.teacher, dev)
+        else:
+            t_pooled = None
+        self.distiller = Distiller(loss_cfg, self.student.embed_dim, teacher_dim or self.student.embed_dim,
+                                   student_pooled_dim=s_pooled, teacher_pooled_dim=t_pooled).to(dev)
+        self.needs = self.distiller.needs
+        self.distiller.check(self.mode, self._available())
+        if self.cache is not None:
+            self.cache.check(
+                shards=self.shards,
+                teacher=teacher_parts(self.teacher) if self.teacher is not None else None,
+                policy=cfg.data.policy(),
+                pooled="teacher_pooled" in self.needs and self.mode == "cached",
+                text=self.text,
+            )
+        if not self.text and self.own_text and "clip" in self.distiller.terms:
+            raise UserError("the training data has no captions (classification shards): drop losses.clip or train on image-caption data")
+        mfd = self.distiller.terms["mfd"] if "mfd" in self.distiller.terms else None
+        self.forward_module = build.StudentForward(
+            self.student,
+            own_text=self.own_text and self.text,
+            pooled="student_pooled" in self.needs,
+            tokens="image_tokens" in self.needs,
+            mask_ratio=float(mfd.opts["mask_ratio"]) if mfd is not None else None,
+        )
+        self.wrapped = wrap(self.forward_module, self.info, fsdp=self.cfg.distributed.fsdp)
+        self.teacher_scale = self.cache.info.logit_scale if self.cache is not None else None
+        policy = cfg.data.policy() or (self.cache.info.policy if self.cache is not None else AugmentPolicy())
+        views = {"student": self.student.image_config}
+        if self.mode == "online":
+            views["teacher"] = self.teacher.image_config
+        accum, world = cfg.optim.accum_steps, self.info.world
+        if cfg.data.batch_size % (world * accum):
+            raise UserError(
+                f"data.batch_size {cfg.data.batch_size} is not divisible by ranks x accum_steps = {world} x {accum}; change one"
+            )
+        self.stream_cfg = StreamConfig(
+            shards=self.shards, batch_size=cfg.data.batch_size // (world * accum), views=views, policy=policy,
+            seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer, text=self.text,
+            pooled="teacher_pooled" in self.needs and self.mode == "cached",
+        )
+
+    def _available(self) -> set[str]:
+        have = {"cluster_centres", "student_pooled"}
+        if self.text:
+            have.add("teacher_text")
+            if self.own_text:
+                have.add("student_text")
+        if self.mode == "online":
+            have |= {"teacher_pooled", "image_tokens", "teacher_image_tokens", "text_tokens"}
+        elif self.cache is not None and self.cache.info.pooled_dim:
+            have.add("teacher_pooled")
+        if build.vision_transformer(self.student) is not None:
+            have.add("masked_view")
+        return have
+
+    def _build_optimiser(self) -> None:
+        o = self.cfg.optim
+        groups = build.param_groups(self.student, self.distiller, o)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        self.distiller_params = [p for p in self.distiller.parameters() if p.requires_grad]
+
+    def _plan_steps(self) -> None:
+        cfg = self.cfg
+        if cfg.steps is not None:
+            self.total_steps = cfg.steps
+            self.dataset_size = self._dataset_size() if self.cache is not None else None
+        else:
+            self.dataset_size = self._dataset_size()
+            self.total_steps = max(1, math.ceil(cfg.epochs * self.dataset_size / cfg.data.batch_size))
+        o = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: build.lr_factor(s, self.total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+        )
+
+    def _dataset_size(self) -> int:
+        if self.cache is not None:
+            from clipdistill.data.loader import shard_name
+
+            names = {shard_name(p) for p in self.shards}
+            return sum(int(s["samples"]) for s in self.cache.info.shards if s["name"] in names)
+        return count_samples(self.shards)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        workers = max(1, self.cfg.data.workers)
+        mine = self.data_state.state_dict()
+        mine["positions"] = {s: p for s, p in mine["positions"].items() if s // workers == self.info.rank}
+        states = all_gather_object({"rng": rng_state(), "data": mine})
+        if not self.info.is_main:
+            return
+        data = dict(states[0]["data"])
+        data["positions"] = {s: p for st in states for s, p in st["data"]["positions"].items()}
+        data["samples"] = sum(st["data"]["samples"] for st in states)
+        skipped: dict[str, int] = {}
+        for st in states:
+            for reason, n in st["data"]["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        data["skipped"] = skipped
+        save_checkpoint(self.out, {
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "distiller": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 and fp32 need no loss scaling
+            "rng": [st["rng"] for st in states],
+            "data": data,
+            "world": self.info.world,
+            "config": self.cfg.to_dict(),
+            "eval": self.last_eval,
+        })
+        self.last_checkpoint_step = self.step
+
+    def _restore(self, ckpt: dict) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.distiller.load_state_dict(ckpt["distiller"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.last_eval = ckpt.get("eval", {})
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        state = DataState.from_state(ckpt["data"])
+        if not self.info.is_main:  # totals live on rank 0 and are summed again at the next checkpoint
+            state.samples, state.skipped.reasons = 0, {}
+        self.data_state = state
+        if ckpt.get("world") != self.info.world:
+            log.warning("resuming a %s-process run on %d processes: the data order changes", ckpt.get("world"), self.info.world)
+        self.last_checkpoint_step = self.step
+        log.info("resumed from step %d", self.step)
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _teacher_outputs(self, micro: list[dict]) -> Outputs:
+        parts = []
+        for b in micro:
+            if self.mode == "cached":
+                parts.append(build.cached_teacher_outputs(b, self.teacher_scale, self.device))
+            else:
+                with self._autocast():
+                    parts.append(build.online_teacher_outputs(
+                        self.teacher, b["views"]["teacher"].to(self.device), b["captions"],
+                        pooled="teacher_pooled" in self.needs,
+                        image_tokens=bool(self.needs & {"image_tokens", "teacher_image_tokens"}),
+                        text_tokens="text_tokens" in self.needs,
+                    ))
+        return build.concat_outputs(parts)
+
+    def _check(self, loss: torch.Tensor, logs: dict) -> None:
+        if torch.isfinite(loss):
+            return
+        bad = next((k for k, v in logs.items() if k != "loss" and "/" not in k and not torch.isfinite(v).all()), None)
+        bad = bad or next((k for k, v in logs.items() if k != "loss" and not torch.isfinite(v).all()), "loss")
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {self.step + 1} (term '{bad}' = {logs[bad].item()}); the last good checkpoint "
+            f"(step {getattr(self, 'last_checkpoint_step', 0)}) is kept in {self.out / 'checkpoints'}; lower optim.lr or check the data"
+        )
+
+    def train_step(self, micro: list[dict]) -> dict:
+        """One optimiser step on `micro` (this rank's micro-batches); returns the logs (floats)."""
+        teacher = self._teacher_outputs(micro)
+        tokens = None
+        if self.forward_module.own_text:
+            tokens = [self.student.tokenize(b["captions"]).to(self.device) for b in micro]
+
+        def forward(i: int) -> dict[str, torch.Tensor]:
+            b = micro[i]
+            mask_seed = stable_seed(self.cfg.seed, "mask", self.step, i, self.info.rank)
+            with self._autocast():
+                return self.wrapped(b["views"]["student"].to(self.device), tokens[i] if tokens else None, mask_seed)
+
+        def loss_fn(s: dict[str, torch.Tensor]):
+            text = s.get("text", teacher.text if not self.own_text else None)
+            student = Outputs(image=s["image"], text=text, scale=s["scale"], image_pooled=s.get("image_pooled"),
+                              text_pooled=s.get("text_pooled"), image_tokens=s.get("image_tokens"),
+                              image_masked=s.get("image_masked"))
+            self._student_full = student
+            return self.distiller(student, teacher)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.student.train()
+        _, logs, _ = cached_backward(
+            forward, len(micro), loss_fn, batch_grad_scale=float(self.info.world),
+            no_sync=getattr(self.wrapped, "no_sync", None), check=self._check, device=self.device,
+        )
+        all_reduce_mean_([p.grad for p in self.distiller_params if p.grad is not None])
+        out = {k: float(v) for k, v in logs.items() if v.numel() == 1}
+        if self.cfg.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteLoss(
+                    f"gradient norm is {norm.item()} at step {self.step + 1}; the last good checkpoint "
+                    f"(step {getattr(self, 'last_checkpoint_step', 0)}) is kept; lower optim.lr"
+                )
+            out["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.distiller.update(self._student_full.detach(), teacher)
+        return out
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        start, step0 = time.time(), self.step
+        it = iter(self.loader)
+        logs: dict = {}
+        t_last, n_last = time.time(), 0
+        try:
+            while self.step < self.total_steps:
+                micro = [next(it) for _ in range(cfg.optim.accum_steps)]
+                for b in micro:
+                    self.data_state.update(b)
+                logs = self.train_step(micro)
+                self.step += 1
+                n_last += cfg.data.batch_size
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.time()
+                    logs["images_per_s"] = n_last / max(now - t_last, 1e-9)
+                    t_last, n_last = now, 0
+                    self.logger.log_step(self.step, logs, self.optimizer, self._epoch(), self.data_state.skipped.reasons)
+                self.logger.advance(logs)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                    self._evaluate()
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self._checkpoint()
+            if cfg.eval.at_end and cfg.eval.datasets:
+                self._evaluate()
+            self._checkpoint()
+        finally:
+            self.logger.close()
+        elapsed = time.time() - start
+        summary = {
+            "steps": self.step,
+            "steps_this_session": self.step - step0,
+            "seconds": round(elapsed, 1),
+            "images_per_s": round((self.step - step0) * cfg.data.batch_size / max(elapsed, 1e-9), 2),
+            "final": logs,
+            "epoch": self._epoch(),
+            "skipped": dict(self.data_state.skipped.reasons),
+            "teacher_mode": self.mode,
+            "student_spec": cfg.student.spec,
+            "eval": self.last_eval,
+            "world": self.info.world,
+        }
+        if self.info.is_main:
+            summary["student_weights"] = str(write_summary(self.out, summary, self.student, cfg))
+        return summary
+
+    def _epoch(self) -> float | None:
+        if not self.dataset_size:
+            return None
+        return self.step * self.cfg.data.batch_size / self.dataset_size
+
+    def _evaluate(self) -> None:
+        from clipdistill.train.evaluate import evaluate_student
+
+        if self.info.is_main:
+            self.student.eval()
+            self.last_eval = evaluate_student(self.student, self.cfg, teacher=self.teacher)
+            self.logger.log_eval(self.step, self.last_eval)
+        barrier()
+
+
+def _needs_of(loss_cfg) -> set[str]:
+    from clipdistill.losses.base import get_term
+
+    return set().union(*(get_term(n).needs for n in loss_cfg.weights))

@@ -1,0 +1,92 @@
+"""What a run shows and leaves behind: the progress bar, TensorBoard scalars, the JSON summary and the
+final student weights. Everything here is a no-op on ranks other than 0 (`enabled=False`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clipdistill.paths import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """tqdm bar (with ETA) + TensorBoard writer under `<output_dir>/tensorboard`."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, total: int, initial: int = 0) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = tqdm(total=total, initial=initial, desc="distill", unit="step", disable=not enabled, dynamic_ncols=True)
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log_step(self, step: int, logs: dict, optimizer, epoch: float | None, skipped: dict) -> None:
+        if not self.enabled:
+            return
+        for key, value in logs.items():
+            tag = {"images_per_s": "speed/images_per_s", "grad_norm": "optim/grad_norm"}.get(key, f"loss/{key}")
+            self.writer.add_scalar(tag, value, step)
+        for group in optimizer.param_groups:
+            self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+        if epoch is not None:
+            self.writer.add_scalar("data/epoch", epoch, step)
+        self.writer.add_scalar("data/skipped", sum(skipped.values()), step)
+        log.debug("step %d %s", step, {k: round(v, 5) for k, v in logs.items()})
+
+    def advance(self, logs: dict) -> None:
+        if not self.enabled:
+            return
+        post = {"loss": f"{logs.get('loss', float('nan')):.4f}"}
+        if "images_per_s" in logs:
+            post["img/s"] = f"{logs['images_per_s']:.1f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def log_eval(self, step: int, results: dict) -> None:
+        if not self.enabled:
+            return
+        for dataset, metrics in results.items():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"eval/{dataset}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def student_state(student) -> dict:
+    """The open_clip state dict of the student's open_clip model (loadable as `student:NAME@FILE`)."""
+    inner = getattr(student, "image", student)  # ImageOnlyStudent: the preset's image tower
+    model = getattr(inner, "model", None)
+    return (model if model is not None else student).state_dict()
+
+
+def write_summary(output_dir: Path, summary: dict, student, cfg) -> Path:
+    """Write `student.pt` (open_clip weights of the student) and `summary.json`; returns the weights path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights = output_dir / "student.pt"
+    tmp = atomic_path(weights)
+    torch.save(student_state(student), tmp)
+    os.replace(tmp, weights)
+    spec = cfg.student.spec.split("@")[0]
+    summary = {**summary, "student_weights": str(weights), "student_reload_spec": f"{spec}@{weights}"}
+    _atomic_json(output_dir / "summary.json", summary)
+    _atomic_json(output_dir / "config.json", cfg.to_dict())
+    return weights

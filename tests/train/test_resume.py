@@ -1,0 +1,133 @@
+"""Acceptance (issue 7): a run killed with SIGKILL at a random step and resumed reaches the same final
+weights as an uninterrupted run, on one process and on two gloo processes (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clipdistill.train.config import config_from_dict
+from clipdistill.train.engine import train
+
+from tiny_models import base_config
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(HERE)!r})
+import tiny_models
+tiny_models.register()
+from clipdistill.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _command(tmp_path: Path, cfg: dict, nproc: int, resume: bool = False) -> list[str]:
+    script = tmp_path / "run_cli.py"
+    script.write_text(SCRIPT)
+    cfg_file = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    args = ["distill", "--config", str(cfg_file)] + (["--resume"] if resume else [])
+    if nproc == 1:
+        return [sys.executable, str(script), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _run_and_kill(cmd: list[str], out: Path, after_step: int, delay: float) -> int:
+    """Start `cmd`, SIGKILL it and all its descendants once a checkpoint at >= after_step exists (+ delay)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sidecar = out / "checkpoints" / "last.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            if sidecar.exists() and json.loads(sidecar.read_text())["step"] >= after_step:
+                time.sleep(delay)
+                _kill_tree(proc)
+                return json.loads(sidecar.read_text())["step"]
+            time.sleep(0.005)
+        raise AssertionError("no checkpoint appeared in time")
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert wa.keys() == wb.keys()
+    diff = {k: (wa[k] - wb[k]).abs().max().item() for k in wa if not torch.equal(wa[k], wb[k])}
+    assert not diff, f"weights differ after resume: {diff}"
+
+
+def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
+    rng = random.Random(11)
+    changes = {"steps": 16, "checkpoint_every": 3, "data.workers": 2, "optim.accum_steps": 2}
+    ref_cfg = base_config(caption_root, tmp_path / "ref", **changes)
+    train(config_from_dict(ref_cfg))
+    run_cfg = base_config(caption_root, tmp_path / "run", **changes)
+    killed_at = _run_and_kill(_command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 8), rng.uniform(0, 0.3))
+    assert killed_at < 16 and not (tmp_path / "run" / "summary.json").exists()
+    summary = train(config_from_dict(run_cfg), resume=True)
+    assert summary["steps"] == 16 and summary["steps_this_session"] == 16 - killed_at
+    _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
+
+
+@pytest.mark.slow  # three torchrun launches of two processes: about 60-80 s on two busy cores
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
+    rng = random.Random(5)
+    changes = {"steps": 12, "checkpoint_every": 2}
+    ref_cfg = base_config(caption_root, tmp_path / "ref", **changes)
+    _run(_command(tmp_path, ref_cfg, 2))
+    run_cfg = base_config(caption_root, tmp_path / "run", **changes)
+    killed_at = _run_and_kill(_command(tmp_path, run_cfg, 2), tmp_path / "run", rng.randint(2, 6), rng.uniform(0, 0.3))
+    assert killed_at < 12 and not (tmp_path / "run" / "summary.json").exists()
+    _run(_command(tmp_path, run_cfg, 2, resume=True))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["steps_this_session"] == 12 - killed_at
+    _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
