@@ -4,13 +4,14 @@ Data: N x 512 float32 unit vectors. Background rows are anisotropic Gaussians (v
 proportional to 1/i, like the decaying spectrum of real CLIP embeddings). A fifth of the rows form
 planted groups (sizes 2-32, geometric): each group is one background vector plus per-member noise with
 the same spectrum and a per-group scale in [0.02, 0.16], so within-group distances straddle beta = 0.2.
-Rows are shuffled. Smaller N are prefixes of the same array.
+Groups are scattered within blocks of 100k rows, so the smaller N (prefixes of the same array) hold
+whole groups and the same fraction of duplicates.
 
 Recall = fraction of planted pairs (same group, exact distance < beta) whose two members end in the
 same output group; edge recall = fraction found directly as neighbour pairs. Each size runs in its own
-process, so peak memory is per run: `peak_mb` is the peak resident set (it includes the pages of the
-memory-mapped input, about N x 2 KB, which are reclaimable page cache), `peak_anon_mb` the peak of
-anonymous memory (sampled every 0.1 s). The exact `flat` search runs on the first `--exact-subset`
+process, so peak memory is per run: `peak_mb` is the peak resident set (VmHWM; it includes the pages
+of the memory-mapped input, about N x 2 KB, which are reclaimable page cache), `peak_anon_mb` the
+peak of anonymous memory (sampled every 0.1 s). The exact `flat` search runs on the first `--exact-subset`
 rows for the agreement figures.
 
     python benchmarks/balance.py                       # 100k, 300k, 1M + exact on 100k
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -34,7 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def generate(workdir: Path, n: int, dim: int, seed: int = 0, dup_fraction: float = 0.2) -> tuple[Path, Path]:
+def generate(workdir: Path, n: int, dim: int, seed: int = 0, dup_fraction: float = 0.2, block: int = 100_000):
+    """Write the embeddings (.npy) and planted group ids (-1: none). Groups live inside blocks of
+    `block` rows, so every prefix of a multiple of `block` rows holds whole groups."""
     emb_path, groups_path = workdir / f"emb_{n}x{dim}.npy", workdir / f"groups_{n}.npy"
     if emb_path.exists() and groups_path.exists():
         return emb_path, groups_path
@@ -42,27 +44,31 @@ def generate(workdir: Path, n: int, dim: int, seed: int = 0, dup_fraction: float
     rng = np.random.default_rng(seed)
     scale = (1.0 / np.arange(1, dim + 1)) ** 0.5
     scale = (scale / np.linalg.norm(scale)).astype(np.float32)  # a draw has expected norm 1
-    arr = np.lib.format.open_memmap(emb_path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32, shape=(n, dim))
+    tmp = emb_path.with_suffix(".tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
     for s in range(0, n, 65536):
         z = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32) * scale
         arr[s : s + len(z)] = z / np.linalg.norm(z, axis=1, keepdims=True)
-    sizes = np.minimum(32, 1 + rng.geometric(0.4, size=n))
-    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), dup_fraction * n)) + 1]
-    rows = rng.permutation(n)[: sizes.sum()]
     groups = np.full(n, -1, dtype=np.int64)
-    groups[rows] = np.repeat(np.arange(len(sizes)), sizes)
-    sigma = rng.uniform(0.02, 0.16, size=len(sizes)).astype(np.float32)
-    first = np.r_[0, np.cumsum(sizes)[:-1]]
-    base = np.asarray(arr[np.sort(rows[first])])[np.argsort(np.argsort(rows[first]))]
-    member_base = np.repeat(base, sizes, axis=0)
-    noise = rng.standard_normal(member_base.shape, dtype=np.float32) * scale * np.repeat(sigma, sizes)[:, None]
-    x = member_base + noise
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    order = np.argsort(rows)
-    arr[rows[order]] = x[order]
+    next_id = 0
+    for b0 in range(0, n, block):
+        size_b = min(block, n - b0)
+        sizes = np.minimum(32, 1 + rng.geometric(0.4, size=size_b))
+        sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), dup_fraction * size_b)) + 1]
+        rows = b0 + rng.permutation(size_b)[: sizes.sum()]
+        groups[rows] = next_id + np.repeat(np.arange(len(sizes)), sizes)
+        next_id += len(sizes)
+        sigma = rng.uniform(0.02, 0.16, size=len(sizes)).astype(np.float32)
+        first = rows[np.r_[0, np.cumsum(sizes)[:-1]]]
+        base = np.repeat(np.asarray(arr[first]), sizes, axis=0)  # each group grows around its first row
+        noise = rng.standard_normal(base.shape, dtype=np.float32) * scale * np.repeat(sigma, sizes)[:, None]
+        x = base + noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        order = np.argsort(rows)
+        arr[rows[order]] = x[order]
     arr.flush()
     del arr
-    os.replace(emb_path.with_suffix(".tmp.npy"), emb_path)
+    os.replace(tmp, emb_path)
     np.save(groups_path, groups)
     return emb_path, groups_path
 
@@ -86,6 +92,14 @@ def planted_pairs(groups: np.ndarray, emb, beta: float) -> tuple[np.ndarray, np.
     return i[d < beta], j[d < beta]
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class _AnonPeak(threading.Thread):
     """Samples RssAnon from /proc/self/status; `peak_mb` is the largest value seen."""
 
@@ -95,10 +109,7 @@ class _AnonPeak(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
             time.sleep(0.1)
 
 
@@ -117,7 +128,7 @@ def worker(args: argparse.Namespace) -> None:
     result = balance(emb, cfg, Path(args.workdir) / f"out_{args.index}_{args.n}")
     seconds = time.perf_counter() - start
     sampler.running = False
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _status_mb("VmHWM")  # not ru_maxrss: Linux carries the parent's peak across exec
     groups = np.load(args.groups)[: args.n]
     pi, pj = planted_pairs(groups, emb, args.beta)
     edges = set((result.pairs.i * args.n + result.pairs.j).tolist())

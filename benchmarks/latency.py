@@ -4,17 +4,25 @@ the offline teacher) in PyTorch and ONNX Runtime at batch 1 and 64, threads fixe
     python benchmarks/latency.py                    # every student preset, 2 threads
     python benchmarks/latency.py --teacher DIR      # plus the composed teacher (teacher:DIR)
 
-It runs `clipdistill bench-latency` with modest repetitions (10 timed runs at batch 1, 3 at batch 64),
-so numbers on a shared CPU are indicative; rerun on an idle machine for a publishable table.
+It runs `clipdistill bench-latency` with modest repetitions (10 timed runs at batch 1, 3 at batch 64).
+Cells read "median (min)" in ms. Threads wait passively (OMP_WAIT_POLICY=PASSIVE, ONNX Runtime without
+spinning): on a CPU shared with other jobs spinning threads inflate medians 10-50x. Numbers from a busy
+machine are still indicative only; rerun on an idle one for a publishable table.
+`--render` rewrites latency.md from latency.json without timing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
-from clipdistill.cli.main import main as clipdistill
+# Before torch loads OpenMP: idle threads sleep instead of spinning (see clipdistill.models.latency).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from clipdistill.cli.main import main as clipdistill  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--repeats-large", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only rewrite latency.md from latency.json")
     args = parser.parse_args(argv)
+    if args.render:
+        from clipdistill.models.latency import latency_table, save_text
+
+        rows = json.loads((args.out / "latency.json").read_text())["rows"]
+        save_text(args.out / "latency.md", latency_table(rows))
+        return 0
     models = [f"teacher:{args.teacher}"] if args.teacher else []
     models += args.model
     cmd = ["bench-latency", "--students", "--threads", str(args.threads), "--batch-sizes", "1", "64",

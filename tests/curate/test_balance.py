@@ -171,6 +171,7 @@ def test_pair_at_exactly_beta_is_not_joined(index):
 def test_interrupted_run_leaves_no_partial_keep_list(tmp_path, monkeypatch):
     x, _ = planted(n=300, groups=30)
     out = tmp_path / "out"
+    write_lines_atomic(out / "keep.txt", ["from-an-earlier-run"])  # must not survive beside new stats
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -256,6 +257,23 @@ def test_cli_sweep_table_plots_and_errors(tmp_path, capsys):
         load_embeddings(tmp_path / "e.npy")
     with pytest.raises(UserError, match="unknown index"):
         balance(Embeddings(x), BalanceConfig(beta=0.2, search=SearchConfig(index="ivfx")))
+
+
+def test_reads_a_teacher_cache_folder(tmp_path):
+    """View 0 of each sample and the keys, in shard order (layout of clipdistill.data.teacher_cache)."""
+    rng = np.random.default_rng(10)
+    views = [rng.standard_normal((n, 3, 8)).astype(np.float16) for n in (4, 5)]
+    shards = []
+    for s, image in enumerate(views):
+        folder = tmp_path / "cache" / "shards" / f"{s:05d}"
+        folder.mkdir(parents=True)
+        np.save(folder / "image.npy", image)
+        (folder / "keys.json").write_text(json.dumps([f"{s}-{i}" for i in range(len(image))]))
+        shards.append({"name": f"{s}.tar", "dir": f"{s:05d}", "samples": len(image)})
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"shards": shards, "parts": {"augment": {"center_view": True}}}))
+    emb = load_embeddings(tmp_path / "cache")
+    assert emb.key_list() == [f"0-{i}" for i in range(4)] + [f"1-{i}" for i in range(5)]
+    assert np.array_equal(emb.array, np.concatenate([v[:, 0] for v in views]).astype(np.float32))
 
 
 # -- sharded -----------------------------------------------------------------------------------

@@ -12,7 +12,13 @@ import torch
 
 from clipdistill.cli.main import main
 from clipdistill.errors import UserError
-from clipdistill.models.export import export_onnx, export_openclip, onnx_session, resolve_checkpoint
+from clipdistill.models.export import (
+    export_onnx,
+    export_openclip,
+    load_for_export,
+    onnx_session,
+    resolve_checkpoint,
+)
 from clipdistill.models.factory import create_model
 from clipdistill.models.inherit import MaskedClip
 from clipdistill.models.openclip import from_config
@@ -100,6 +106,22 @@ def test_resolve_checkpoint_and_errors(tmp_path):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         resolve_checkpoint(str(tmp_path / "nope"))
+
+
+def test_training_run_checkpoint_exports(tmp_path):
+    model = _model("vit")
+    export_openclip(model, tmp_path / "oc", verify=False)
+    torch.manual_seed(1)
+    trained = create_model(f"openclip:{tmp_path / 'oc'}")  # a "trained" student: same spec, changed weights
+    with torch.no_grad():
+        trained.model.logit_scale.fill_(3.0)
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    torch.save({"step": 5, "student": trained.state_dict(), "config": {"student": {"spec": f"openclip:{tmp_path / 'oc'}",
+               "text": "own"}}}, run / "last.pt")
+    loaded = load_for_export(str(tmp_path / "run"))
+    assert loaded.raw_logit_scale().item() == 3.0
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--format", "openclip", "--out", str(tmp_path / "e")]) == 0
 
 
 def test_cli_export_onnx(tmp_path, capsys):

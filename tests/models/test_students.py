@@ -110,7 +110,7 @@ def test_bench_latency_table_and_pareto(tmp_path, capsys):
     for r in rows:
         assert r["torch_ms_b1"] > 0 and r["onnx_ms_b2"] > 0 and r["onnx_per_s"] > 0 and r["flops"] > 0
     table = latency_table(rows)
-    assert table.count("\n") == 4 and "ORT b2 (ms)" in table
+    assert table.count("\n") == 4 and "ORT b2 ms" in table
     result = {"dataset": "cifar10", "model": spec, "pretrained": "", "task": "zeroshot_classification",
               "metrics": {"acc1": 0.25}}
     (tmp_path / "r.json").write_text(json.dumps(result))

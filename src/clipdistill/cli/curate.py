@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _balance(args: argparse.Namespace) -> int:
     _passive_openmp()
-    from clipdistill.curate.balance import BalanceConfig, balance, init_sharding_from_env
+    from clipdistill.curate.balance import BalanceConfig, balance, init_sharding_from_env, shutdown_sharding
     from clipdistill.curate.io import load_embeddings
     from clipdistill.curate.knn import SearchConfig
 
@@ -77,8 +77,11 @@ def _balance(args: argparse.Namespace) -> int:
     cfg = BalanceConfig(beta=args.beta, target_keep=args.target_keep, sweep=args.sweep, search=search,
                         save_pairs=args.save_pairs, plots=not args.no_plots)
     cfg.validate()
-    rank, world = init_sharding_from_env()
-    result = balance(load_embeddings(args.embeddings, args.keys), cfg, args.out)
+    _, world = init_sharding_from_env()
+    try:
+        result = balance(load_embeddings(args.embeddings, args.keys), cfg, args.out)
+    finally:
+        shutdown_sharding()
     if result is None:
         return 0
     stats = result.stats

@@ -20,6 +20,7 @@ COMMANDS = [
     "students",
     "curate",
     "train",
+    "eval",
 ]
 
 

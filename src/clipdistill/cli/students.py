@@ -16,14 +16,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("export", help="export a model as an open_clip checkpoint folder or ONNX encoders")
     e.add_argument("--checkpoint", required=True,
-                   help="a model spec (student:NAME, openclip:..., teacher:DIR), a model folder, or a weights file")
+                   help="a training run folder or its checkpoints/last.pt, a model spec (student:NAME, openclip:...,"
+                        " teacher:DIR), a model folder, or a weights file (with --arch)")
     e.add_argument("--arch", default=None, help="architecture of a weights file: a student preset or open_clip model")
     e.add_argument("--format", choices=["openclip", "onnx"], required=True)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--no-verify", action="store_true", help="skip reloading and comparing outputs")
     e.set_defaults(handler=_export)
 
-    b = sub.add_parser("bench-latency", help="CPU latency and throughput in PyTorch and ONNX Runtime")
+    b = sub.add_parser(
+        "bench-latency", help="CPU latency and throughput in PyTorch and ONNX Runtime",
+        description="CPU latency (median after warm-up) and throughput in PyTorch and ONNX Runtime. On a CPU "
+        "shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE in the environment: spinning threads inflate "
+        "medians many times over (benchmarks/latency.py sets it).",
+    )
     b.add_argument("--model", action="append", default=[], help="model spec (repeatable)")
     b.add_argument("--students", action="store_true", help="add every student preset")
     b.add_argument("--threads", type=int, default=2)
@@ -59,10 +65,9 @@ def _students(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from clipdistill.models.export import export_onnx, export_openclip, resolve_checkpoint
-    from clipdistill.models.factory import create_model
+    from clipdistill.models.export import export_onnx, export_openclip, load_for_export
 
-    model = create_model(resolve_checkpoint(args.checkpoint, args.arch))
+    model = load_for_export(args.checkpoint, args.arch)
     if args.format == "openclip":
         report = export_openclip(model, args.out, verify=not args.no_verify)
         check = "" if report["max_abs_diff"] is None else f"; reload max |diff| {report['max_abs_diff']}"

@@ -237,6 +237,15 @@ def init_sharding_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_sharding() -> None:
+    """Leave the process group joined by `init_sharding_from_env` (no-op when there is none)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _dist() -> tuple[int, int]:
     if "torch" not in sys.modules:  # no process group can exist; spare the torch import (seconds, ~300 MB)
         return 0, 1
@@ -292,6 +301,10 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
     if world > 1 and out is None:
         raise UserError("sharded balance needs --out DIR on a filesystem shared by every rank")
     n, clock, seconds = len(emb), time.perf_counter(), {}
+    if rank == 0 and out is not None and (out / KEEP_LIST).exists():
+        # A keep-list must come from the run whose stats sit beside it: drop the old one first.
+        log.info("removing the keep-list of an earlier run in %s", out)
+        (out / KEEP_LIST).unlink()
 
     def lap(name: str) -> None:
         nonlocal clock
@@ -313,12 +326,13 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
     else:
         radius = _initial_radius(search, cfg.target_keep) if rank == 0 else None
     radius = _broadcast(radius, world)
-    beta, calib, pairs = cfg.beta, {}, None
+    beta, calib, pairs, searched = cfg.beta, {}, None, radius
     for _ in range(cfg.max_rounds):
         calib = search.calibrate(radius) if rank == 0 else {}
         search.param = _broadcast(search.param, world)
         lap("calibrate")
         pairs = _merge_pairs(n, search.search(np.arange(lo, hi), radius), rank, world, out)
+        searched = radius
         lap("search")
         wider = None
         if rank == 0 and cfg.target_keep is not None:
@@ -338,7 +352,7 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
     if rank != 0:
         _barrier(world)
         return None
-    result = _finish(emb, cfg, out, pairs, beta, radius, search, calib, seconds, lap, world)
+    result = _finish(emb, cfg, out, pairs, beta, searched, search, calib, seconds, lap, world)
     _barrier(world)
     return result
 

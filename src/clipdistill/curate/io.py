@@ -4,9 +4,12 @@ Inputs, one of:
 - an `.npy` array (N x D, float32 or float16), memory-mapped, with sample keys in a text file (one key
   per line, row order): `--keys FILE`, else `<stem>.keys.txt` or `keys.txt` beside the array;
 - an `.npz` with arrays `embeddings` (N x D) and `keys` (N strings), loaded into memory;
-- a directory holding one of the above (`embeddings.npy` / `image_embeddings.npy` + `keys.txt`, or a
-  single `.npz`), e.g. a teacher cache directory.
-Rows are L2-normalised on the fly, chunk by chunk, so N may exceed memory.
+- a teacher cache folder (`clipdistill.data.teacher_cache` layout: `cache.json`, per shard `keys.json`
+  and `image.npy` of n x K views x d): view 0 of every sample (the un-augmented view when the cache
+  was built with `center_view`), gathered into memory;
+- a directory holding one of the first two (`embeddings.npy` / `image_embeddings.npy` + `keys.txt`,
+  or a single `.npz`).
+Rows are L2-normalised on the fly, chunk by chunk, so N may exceed memory (for `.npy` inputs).
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def _npy_keys(array_path: Path, keys: str | Path | None) -> Path | None:
 def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddings:
     """Open embeddings from an `.npy` (+ keys file), an `.npz` (`embeddings`, `keys`) or a directory."""
     path = Path(path)
+    if path.is_dir() and (path / "cache.json").is_file():
+        return load_teacher_cache(path)
     if path.is_dir():
         found = [path / name for name in _DIR_ARRAYS if (path / name).is_file()]
         found = found or sorted(path.glob("*.npz"))
@@ -145,6 +150,26 @@ def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddi
     elif (n_keys := _count_lines(key_path)) != array.shape[0]:
         raise UserError(f"keys file '{key_path}' has {n_keys} lines for {array.shape[0]} embeddings; regenerate it")
     return Embeddings(array, key_path)
+
+
+def load_teacher_cache(root: str | Path, view: int = 0) -> Embeddings:
+    """Image embeddings (view `view` of each sample) and keys of a teacher cache folder, in shard order."""
+    root = Path(root)
+    try:
+        info = json.loads((root / "cache.json").read_text())
+        arrays, keys = [], []
+        for shard in info["shards"]:
+            folder = root / "shards" / shard["dir"]
+            image = np.load(folder / "image.npy", mmap_mode="r")
+            arrays.append(np.asarray(image[:, view] if image.ndim == 3 else image, dtype=np.float32))
+            keys += [str(k) for k in json.loads((folder / "keys.json").read_text())]
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise UserError(f"cannot read image embeddings from teacher cache '{root}' ({err}); rebuild the cache") from err
+    if view == 0 and not info.get("parts", {}).get("augment", {}).get("center_view"):
+        log.warning("teacher cache '%s' was built without center_view: view 0 is a random augmented view", root)
+    if len(set(keys)) != len(keys):
+        log.warning("teacher cache '%s' repeats sample keys across shards; a keep-list filters by key", root)
+    return Embeddings(np.concatenate(arrays), keys)
 
 
 def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> Path:

@@ -212,7 +212,7 @@ class TrainStream(IterableDataset):
             if cfg.pooled:
                 out["teacher_pooled"] = torch.from_numpy(np.array(shard.pooled[row, view], dtype=np.float32))
         else:
-            params = sample_params(cfg.policy, sample.image.width, sample.image.height, 1, rng)[0]
+            params = sample_params(cfg.policy, sample.image.width, sample.image.height, 1, rng, first=False)[0]
         if cfg.text:
             c = int(rng.integers(len(sample.captions)))
             out["caption"] = sample.captions[c]

@@ -189,12 +189,17 @@ class TeacherCache:
         """Refuse (UserError naming the first disagreement) a cache built for another run."""
         fix = "rebuild it with `clipdistill cache-teacher ... --out DIR` or point teacher.cache at a matching cache"
         parts = self.info.parts
-        for key, value in (teacher or {}).items():
+        teacher = dict(teacher or {})
+        spec = teacher.pop("teacher", None)
+        # The weights hash is the teacher's identity; the spec string only names it (a moved folder is fine).
+        for key, value in teacher.items():
             if parts.get(key) != value:
                 raise UserError(
                     f"teacher cache '{self.root}' was built with a different {key} (cache: {_short(parts.get(key))}, "
                     f"run: {_short(value)}); {fix}"
                 )
+        if spec is not None and spec != parts.get("teacher"):
+            log.info("teacher cache %s was built from '%s'; the run names '%s' (same weights)", self.root, parts.get("teacher"), spec)
         if policy is not None and self.info.policy != policy:
             raise UserError(
                 f"teacher cache '{self.root}' was built with augmentation policy {self.info.policy.as_dict()}, the run "

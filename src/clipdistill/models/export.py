@@ -57,6 +57,47 @@ def resolve_checkpoint(checkpoint: str, arch: str | None = None) -> str:
     raise UserError(f"checkpoint '{checkpoint}' not found; pass a file, a folder or a model spec such as 'student:vit-t-32'")
 
 
+def load_for_export(checkpoint: str, arch: str | None = None) -> ClipModel:
+    """The model behind `--checkpoint`: a training run (its folder or `checkpoints/last.pt`), else
+    whatever `resolve_checkpoint` makes of it."""
+    from clipdistill.models.factory import create_model
+
+    path = Path(checkpoint).expanduser()
+    run_file = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if arch is None and run_file.is_file() and run_file.suffix == ".pt":
+        try:  # a training checkpoint holds config dicts and RNG states, not only tensors
+            state = torch.load(run_file, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError) as err:
+            raise UserError(f"cannot read checkpoint '{run_file}' ({str(err)[:200]})") from err
+        if isinstance(state, dict) and "student" in state and "config" in state:
+            return _student_from_run(state, run_file)
+    return create_model(resolve_checkpoint(checkpoint, arch))
+
+
+def _student_from_run(state: dict, path: Path) -> ClipModel:
+    from clipdistill.models.factory import create_model
+
+    cfg = state["config"].get("student", {})
+    spec, text = cfg.get("spec"), cfg.get("text", "own")
+    if not spec:
+        raise UserError(f"'{path}' names no student spec in its config; pass --checkpoint SPEC@weights instead")
+    if text == "own":
+        student = create_model(spec)
+    else:
+        teacher_spec = (state["config"].get("teacher") or {}).get("spec")
+        if not teacher_spec:
+            raise UserError(f"'{path}' is an image-only student trained from a cache; set teacher.spec to export its text side")
+        from clipdistill.train.build import build_student
+
+        teacher = create_model(teacher_spec)
+        student = build_student(spec, text, teacher, teacher.embed_dim)
+    try:
+        student.load_state_dict(state["student"])
+    except RuntimeError as err:
+        raise UserError(f"the weights in '{path}' do not fit {spec} ({str(err)[:160]})") from err
+    return student.eval()
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = atomic_path(path)
     tmp.write_text(json.dumps(data, indent=2, default=list))
@@ -211,12 +252,15 @@ def export_onnx(model: ClipModel, out_dir: str | Path, *, opset: int = 17, verif
     return report
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool = True):
+    """A CPU session; `spinning=False` makes idle workers sleep (fairer on a CPU shared with other jobs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

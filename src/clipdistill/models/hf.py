@@ -18,6 +18,7 @@ from torch import Tensor
 
 from clipdistill.errors import UserError
 from clipdistill.models.base import ClipModel, Features, ImageConfig
+from clipdistill.models.openclip import first_line
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,11 @@ def from_spec(rest: str) -> HFClipModel:
         model = CLIPModel.from_pretrained(source)
     except (OSError, ValueError) as err:
         where = "folder" if looks_local else "hub id (no internet here? pass a local folder)"
-        raise UserError(f"cannot load CLIPModel from {where} '{rest}' ({str(err).splitlines()[0][:160]})") from err
+        raise UserError(f"cannot load CLIPModel from {where} '{rest}' ({first_line(err)})") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"'{rest}' has no loadable tokenizer ({str(err).splitlines()[0][:160]}); save one next to the model") from err
+        raise UserError(f"'{rest}' has no loadable tokenizer ({first_line(err)}); save one next to the model") from err
     try:
         processor = CLIPImageProcessor.from_pretrained(source)
     except (OSError, ValueError):

@@ -4,6 +4,11 @@ For each model and tower: median wall time of one forward at each batch size aft
 thread count fixed for both runtimes, throughput (samples/s) at the largest batch, parameters and
 FLOPs (`count_params_flops`). `pareto_plot` puts zero-shot accuracy from CLIP_benchmark-style result
 JSONs against image latency.
+
+Waiting policy: on a CPU shared with other jobs, spinning worker threads (OpenMP's default, ONNX
+Runtime's default) wait on descheduled siblings at every op and inflate medians by 10-50x. With
+`OMP_WAIT_POLICY=PASSIVE` in the environment (it must be set before torch is imported), ONNX Runtime's
+workers are told not to spin either, so both runtimes run under the same policy.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ log = logging.getLogger(__name__)
 CAPTION = "a photo of a small dog running on the grass."
 
 
-def _median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+def _time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, min) wall time of `fn` in ms after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -36,7 +42,7 @@ def _median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * statistics.median(times), 1000.0 * min(times)
 
 
 def bench_latency(
@@ -50,7 +56,8 @@ def bench_latency(
     onnx: bool = True,
     towers: Iterable[str] = ("image", "text"),
 ) -> list[dict]:
-    """One row per (model, tower): params, flops, `torch_ms_b{B}`, `onnx_ms_b{B}`, `torch_per_s`, `onnx_per_s`.
+    """One row per (model, tower): params, flops, median `torch_ms_b{B}` / `onnx_ms_b{B}` (and the minima
+    `*_min_ms_b{B}`), throughput `torch_per_s` / `onnx_per_s` at the largest batch.
 
     Batches above 1 use `repeats_large` timed runs (they are long on a small CPU) after one warm-up.
     """
@@ -76,33 +83,43 @@ def _bench_model(spec: str, *, batch_sizes: list[int], warmup: int, repeats: int
     from clipdistill.models.students import count_params_flops
 
     model = create_model(spec)
-    rows = []
+    size = model.image_config.size
+    inputs = {
+        (tower, bs): torch.randn(bs, 3, size, size) if tower == "image" else model.tokenize([CAPTION] * bs)
+        for tower in towers for bs in batch_sizes
+    }
     with inference_ready(model), tempfile.TemporaryDirectory(prefix="clipdistill-onnx-") as tmp:
         cost = count_params_flops(model)
-        sessions = {}
+        rows = {tower: {"model": spec, "tower": tower, **cost[tower], "image_size": size} for tower in towers}
+        # PyTorch first: ONNX Runtime's worker threads spin after each run and would steal its cores.
+        with torch.inference_mode():
+            for (tower, bs), x in inputs.items():
+                encode = model.image_features if tower == "image" else model.text_features
+                w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)
+                rows[tower][f"torch_ms_b{bs}"], rows[tower][f"torch_min_ms_b{bs}"] = _time_ms(
+                    functools.partial(encode, x), w, r)
         if onnx:
             export_onnx(model, tmp, verify=False)
-            sessions = {"image": onnx_session(Path(tmp) / IMAGE_ONNX, threads),
-                        "text": onnx_session(Path(tmp) / TEXT_ONNX, threads)}
-        size = model.image_config.size
-        for tower in towers:
-            row = {"model": spec, "tower": tower, **cost[tower], "image_size": size}
-            encode = model.image_features if tower == "image" else model.text_features
-            for bs in batch_sizes:
-                x = torch.randn(bs, 3, size, size) if tower == "image" else model.tokenize([CAPTION] * bs)
-                w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)
-                with torch.inference_mode():
-                    row[f"torch_ms_b{bs}"] = _median_ms(functools.partial(encode, x), w, r)
-                if tower in sessions:
-                    feed = {"image" if tower == "image" else "tokens": x.numpy()}
-                    row[f"onnx_ms_b{bs}"] = _median_ms(functools.partial(sessions[tower].run, None, feed), w, r)
-            top = batch_sizes[-1]
-            row["torch_per_s"] = 1000.0 * top / row[f"torch_ms_b{top}"]
-            if f"onnx_ms_b{top}" in row:
-                row["onnx_per_s"] = 1000.0 * top / row[f"onnx_ms_b{top}"]
-            rows.append(row)
-            log.info("%s %s: %s", spec, tower, {k: round(v, 2) for k, v in row.items() if k.endswith(("_ms_b1", "_per_s"))})
-    return rows
+            for tower in towers:
+                path = Path(tmp) / (IMAGE_ONNX if tower == "image" else TEXT_ONNX)
+                session = onnx_session(path, threads, spinning=not passive_waiting())
+                for bs in batch_sizes:
+                    feed = {"image" if tower == "image" else "tokens": inputs[tower, bs].numpy()}
+                    w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)
+                    rows[tower][f"onnx_ms_b{bs}"], rows[tower][f"onnx_min_ms_b{bs}"] = _time_ms(
+                        functools.partial(session.run, None, feed), w, r)
+                del session
+    top = batch_sizes[-1]
+    for row in rows.values():
+        for runtime in ("torch", "onnx"):
+            if f"{runtime}_ms_b{top}" in row:
+                row[f"{runtime}_per_s"] = 1000.0 * top / row[f"{runtime}_ms_b{top}"]
+        log.info("%s %s: %s", spec, row["tower"], {k: round(v, 2) for k, v in row.items() if k.endswith(("_ms_b1", "_per_s"))})
+    return list(rows.values())
+
+
+def passive_waiting() -> bool:
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 
 
 def environment(threads: int) -> dict:
@@ -110,6 +127,8 @@ def environment(threads: int) -> dict:
 
     return {
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
+        "load_average": os.getloadavg(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -118,16 +137,19 @@ def environment(threads: int) -> dict:
 
 
 def latency_table(rows: list[dict]) -> str:
-    """Markdown table: per model and tower, params (M), GFLOPs, latency per batch size and throughput."""
+    """Markdown table: per model and tower, params (M), GFLOPs, latency "median (min)" per batch size and
+    throughput (from the median) at the largest batch."""
     batches = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r if k.startswith("torch_ms_b")})
     head = ["model", "tower", "params (M)", "GFLOPs"]
     for label in ("PyTorch", "ORT"):
-        head += [f"{label} b{b} (ms)" for b in batches] + [f"{label} /s"]
+        head += [f"{label} b{b} ms" for b in batches] + [f"{label} /s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["tower"], f"{r['params'] / 1e6:.2f}", f"{r['flops'] / 1e9:.2f}"]
         for runtime in ("torch", "onnx"):
-            cells += [f"{r[f'{runtime}_ms_b{b}']:.1f}" if f"{runtime}_ms_b{b}" in r else "-" for b in batches]
+            for b in batches:
+                med, low = r.get(f"{runtime}_ms_b{b}"), r.get(f"{runtime}_min_ms_b{b}")
+                cells.append("-" if med is None else f"{med:.1f}" + ("" if low is None else f" ({low:.1f})"))
             cells.append(f"{r[f'{runtime}_per_s']:.0f}" if f"{runtime}_per_s" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

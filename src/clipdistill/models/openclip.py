@@ -55,6 +55,12 @@ def image_config_from_preprocess(cfg: dict) -> ImageConfig:
     )
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error message (its type name when empty), for one-line UserErrors."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _project(x: Tensor, proj: nn.Module | Tensor | None) -> Tensor:
     if proj is None:
         return x
@@ -244,7 +250,7 @@ def _load_local_dir(path: str | Path) -> OpenClipModel:
             model = oc.create_model(f"local-dir:{path}")
         tokenizer = oc.get_tokenizer(f"local-dir:{path}")
     except LOAD_ERRORS as err:
-        raise UserError(f"cannot load open_clip folder '{path}' ({str(err).splitlines()[0][:200]}); re-export it") from err
+        raise UserError(f"cannot load open_clip folder '{path}' ({first_line(err)}); re-export it") from err
     return OpenClipModel(model.eval(), tokenizer, name=str(path), model_cfg=model_cfg)
 
 
@@ -287,8 +293,7 @@ def _from_spec(rest: str) -> OpenClipModel:
         try:
             model = oc.create_model(arch, pretrained=str(path), **kwargs)
         except LOAD_ERRORS as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load checkpoint '{ckpt}' into {arch} ({first}); check the file and architecture") from err
+            raise UserError(f"cannot load checkpoint '{ckpt}' into {arch} ({first_line(err)}); check the file and architecture") from err
     elif tag is not None:
         tags = oc.list_pretrained_tags_by_model(arch)
         if tag not in tags:

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.models.base import ClipModel, Features
-from clipdistill.models.openclip import LOAD_ERRORS, OpenClipModel, quiet_open_clip
+from clipdistill.models.openclip import LOAD_ERRORS, OpenClipModel, first_line, quiet_open_clip
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 OPENCLIP_PREFIX = "clipdistill-"
@@ -99,8 +99,7 @@ def create_student(name: str, *, embed_dim: int | None = None, checkpoint: str |
         try:
             model = open_clip.create_model(preset.openclip_name, **kwargs)
         except LOAD_ERRORS as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load checkpoint '{checkpoint}' into student {name} ({first})") from err
+            raise UserError(f"cannot load checkpoint '{checkpoint}' into student {name} ({first_line(err)})") from err
         tokenizer = open_clip.get_tokenizer(preset.openclip_name)
     return OpenClipModel(model.eval(), tokenizer, name=f"student:{name}", model_cfg=cfg)
 

@@ -151,6 +151,8 @@ class TrainConfig:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
         if self.student.text == "teacher" and not self.student.spec.startswith("student:"):
             raise UserError("student.text = teacher needs a preset student (student.spec = student:NAME)")
+        if self.student.text == "teacher" and mode == "none":
+            raise UserError("student.text = teacher needs a teacher: set teacher.spec or teacher.cache")
         self.data.policy()  # validates the augmentation options
         self.loss_config()  # validates the losses section
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -75,15 +76,72 @@ def cleanup() -> None:
 
 
 def wrap(module: nn.Module, info: DistInfo, *, fsdp: bool = False) -> nn.Module:
-    """DDP (or FSDP) around `module` when distributed; `module` itself on one process."""
+    """DDP (or FSDP2 `fully_shard`) around `module` when distributed; `module` itself on one process.
+
+    FSDP shards every open_clip residual block, then the rest, over all ranks (FSDP2 runs on CPU with
+    gloo as well as on GPU with NCCL). It modifies `module` in place and returns it.
+    """
     if not info.distributed:
         return module
-    ids = [info.device.index] if info.device.type == "cuda" else None
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from open_clip.transformer import ResidualAttentionBlock
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        return FullyShardedDataParallel(module, device_id=info.device if info.device.type == "cuda" else None, use_orig_params=True)
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        mesh = init_device_mesh(info.device.type, (info.world,))
+        scalars = set(fsdp_ignored(module))
+        for sub in module.modules():
+            if isinstance(sub, ResidualAttentionBlock):
+                fully_shard(sub, mesh=mesh)
+        fully_shard(module, mesh=mesh, ignored_params=scalars)
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def fsdp_ignored(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters FSDP2 cannot shard (0-dim, e.g. the logit scale): they stay replicated and the engine
+    averages their gradients by hand, as it does the Distiller's."""
+    return [p for p in module.parameters() if p.ndim == 0]
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def no_sync_context(module: nn.Module):
+    """A factory of contexts that skip gradient synchronisation (DDP `no_sync`, FSDP2's flag), or None."""
+    if is_fsdp(module):
+
+        @contextmanager
+        def skip():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return skip
+    return getattr(module, "no_sync", None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a mix of plain and sharded (DTensor) gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack([_local(torch.linalg.vector_norm(g.detach(), 2.0)) for g in grads]), 2.0)
+    coef = min(1.0, float(max_norm / (total + 1e-6)))
+    if coef < 1.0:
+        for g in grads:
+            g.detach().mul_(coef)
+    return total
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:

@@ -41,8 +41,13 @@ from clipdistill.losses.distiller import Distiller
 from clipdistill.train import build
 from clipdistill.train.accumulate import cached_backward
 from clipdistill.train.checkpoint import (
+    check_resumable,
     has_checkpoint,
     load_checkpoint,
+    load_model_and_optimizer_state,
+    merge_data_states,
+    model_and_optimizer_state,
+    own_streams,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -54,7 +59,10 @@ from clipdistill.train.distributed import (
     all_reduce_mean_,
     barrier,
     cleanup,
+    clip_grad_norm,
+    fsdp_ignored,
     init_distributed,
+    no_sync_context,
     wrap,
 )
 from clipdistill.train.report import RunLogger, write_summary
@@ -69,9 +77,12 @@ class NonFiniteLoss(UserError):
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or resume) a distillation; returns the summary (also written to output_dir/summary.json)."""
     info = init_distributed(cfg.distributed.backend, cfg.device, cfg.distributed.timeout_s)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         return Run(cfg, info, resume=resume).run()
     finally:
+        torch.set_num_threads(threads)  # process-wide settings go back to what the caller had
+        torch.use_deterministic_algorithms(deterministic)
         cleanup()
 
 
@@ -101,7 +112,6 @@ class Run:
         if resume:
             self._restore(load_checkpoint(self.out))
         self.loader = make_loader(self.stream_cfg, self.cache, self.data_state if resume else None)
-        self.logger = RunLogger(self.out, enabled=info.is_main, total=self.total_steps, initial=self.step)
 
     # --- setup --------------------------------------------------------------------------------------
 
@@ -123,6 +133,8 @@ class Run:
         self.teacher = create_model(cfg.teacher.spec).to(dev).eval() if cfg.teacher.spec else None
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
+            if self.mode == "online" and self.cache is None and getattr(self.teacher, "feature_cache", None) is not None:
+                self.teacher.feature_cache = None  # fresh random views never repeat: storing them only costs disk
         teacher_dim = self.cache.info.embed_dim if self.cache is not None else getattr(self.teacher, "embed_dim", None)
         self.student = build.build_student(cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0).to(dev)
         self.own_text = cfg.student.text == "own"
@@ -155,7 +167,8 @@ class Run:
             tokens="image_tokens" in self.needs,
             mask_ratio=float(mfd.opts["mask_ratio"]) if mfd is not None else None,
         )
-        self.wrapped = wrap(self.forward_module, self.info, fsdp=self.cfg.distributed.fsdp)
+        self.fsdp = bool(cfg.distributed.fsdp and self.info.distributed)
+        self.wrapped = wrap(self.forward_module, self.info, fsdp=self.fsdp)
         self.teacher_scale = self.cache.info.logit_scale if self.cache is not None else None
         policy = cfg.data.policy() or (self.cache.info.policy if self.cache is not None else AugmentPolicy())
         views = {"student": self.student.image_config}
@@ -192,7 +205,10 @@ class Run:
         groups = build.param_groups(self.student, self.distiller, o)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.distiller_params = [p for p in self.distiller.parameters() if p.requires_grad]
+        # Gradients synchronised by hand (identical on every rank; averaged to keep them bit-identical).
+        self.replicated = [p for p in self.distiller.parameters() if p.requires_grad]
+        if self.fsdp:
+            self.replicated += [p for p in fsdp_ignored(self.forward_module) if p.requires_grad]
 
     def _plan_steps(self) -> None:
         cfg = self.cfg
@@ -217,26 +233,20 @@ class Run:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        workers = max(1, self.cfg.data.workers)
-        mine = self.data_state.state_dict()
-        mine["positions"] = {s: p for s, p in mine["positions"].items() if s // workers == self.info.rank}
+    def _checkpoint(self) -> dict:
+        """Save a checkpoint (rank 0 writes; every rank contributes); returns the full student state."""
+        student_state, optim_state = model_and_optimizer_state(
+            self.student, self.forward_module, self.distiller, self.optimizer, fsdp=self.fsdp)
+        mine = own_streams(self.data_state.state_dict(), self.info.rank, max(1, self.cfg.data.workers))
         states = all_gather_object({"rng": rng_state(), "data": mine})
         if not self.info.is_main:
-            return
-        data = dict(states[0]["data"])
-        data["positions"] = {s: p for st in states for s, p in st["data"]["positions"].items()}
-        data["samples"] = sum(st["data"]["samples"] for st in states)
-        skipped: dict[str, int] = {}
-        for st in states:
-            for reason, n in st["data"]["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
-        data["skipped"] = skipped
+            return student_state
+        data = merge_data_states([st["data"] for st in states])
         save_checkpoint(self.out, {
             "step": self.step,
-            "student": self.student.state_dict(),
+            "student": student_state,
             "distiller": self.distiller.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": None,  # bf16 and fp32 need no loss scaling
             "rng": [st["rng"] for st in states],
@@ -246,11 +256,12 @@ class Run:
             "eval": self.last_eval,
         })
         self.last_checkpoint_step = self.step
+        return student_state
 
     def _restore(self, ckpt: dict) -> None:
-        self.student.load_state_dict(ckpt["student"])
+        check_resumable(ckpt.get("config", {}), self.cfg.to_dict())
+        load_model_and_optimizer_state(ckpt, self.student, self.forward_module, self.distiller, self.optimizer, fsdp=self.fsdp)
         self.distiller.load_state_dict(ckpt["distiller"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])
         self.last_eval = ckpt.get("eval", {})
@@ -272,7 +283,9 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _teacher_outputs(self, micro: list[dict]) -> Outputs:
+    def _teacher_outputs(self, micro: list[dict]) -> Outputs | None:
+        if self.mode == "none":
+            return None
         parts = []
         for b in micro:
             if self.mode == "cached":
@@ -311,7 +324,7 @@ class Run:
                 return self.wrapped(b["views"]["student"].to(self.device), tokens[i] if tokens else None, mask_seed)
 
         def loss_fn(s: dict[str, torch.Tensor]):
-            text = s.get("text", teacher.text if not self.own_text else None)
+            text = s.get("text", teacher.text if teacher is not None and not self.own_text else None)
             student = Outputs(image=s["image"], text=text, scale=s["scale"], image_pooled=s.get("image_pooled"),
                               text_pooled=s.get("text_pooled"), image_tokens=s.get("image_tokens"),
                               image_masked=s.get("image_masked"))
@@ -322,12 +335,12 @@ class Run:
         self.student.train()
         _, logs, _ = cached_backward(
             forward, len(micro), loss_fn, batch_grad_scale=float(self.info.world),
-            no_sync=getattr(self.wrapped, "no_sync", None), check=self._check, device=self.device,
+            no_sync=no_sync_context(self.wrapped), check=self._check, device=self.device,
         )
-        all_reduce_mean_([p.grad for p in self.distiller_params if p.grad is not None])
+        all_reduce_mean_([p.grad for p in self.replicated if p.grad is not None])
         out = {k: float(v) for k, v in logs.items() if v.numel() == 1}
         if self.cfg.optim.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+            norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
             if not torch.isfinite(norm):
                 raise NonFiniteLoss(
                     f"gradient norm is {norm.item()} at step {self.step + 1}; the last good checkpoint "
@@ -344,6 +357,7 @@ class Run:
     def run(self) -> dict:
         cfg = self.cfg
         start, step0 = time.time(), self.step
+        self.logger = RunLogger(self.out, enabled=self.info.is_main, total=self.total_steps, initial=self.step)
         it = iter(self.loader)
         logs: dict = {}
         t_last, n_last = time.time(), 0
@@ -367,7 +381,7 @@ class Run:
                     self._checkpoint()
             if cfg.eval.at_end and cfg.eval.datasets:
                 self._evaluate()
-            self._checkpoint()
+            final_state = self._checkpoint()
         finally:
             self.logger.close()
         elapsed = time.time() - start
@@ -385,7 +399,7 @@ class Run:
             "world": self.info.world,
         }
         if self.info.is_main:
-            summary["student_weights"] = str(write_summary(self.out, summary, self.student, cfg))
+            summary["student_weights"] = str(write_summary(self.out, summary, self.student, final_state, cfg))
         return summary
 
     def _epoch(self) -> float | None:
@@ -396,10 +410,14 @@ class Run:
     def _evaluate(self) -> None:
         from clipdistill.train.evaluate import evaluate_student
 
+        if self.fsdp:  # a sharded student cannot run on rank 0 alone: evaluate student.pt afterwards
+            log.warning("evaluation during FSDP training is skipped; evaluate %s after the run", self.out / "student.pt")
+            return
         if self.info.is_main:
             self.student.eval()
             self.last_eval = evaluate_student(self.student, self.cfg, teacher=self.teacher)
-            self.logger.log_eval(self.step, self.last_eval)
+            if getattr(self, "logger", None) is not None:
+                self.logger.log_eval(self.step, self.last_eval)
         barrier()
 
 

@@ -71,22 +71,25 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def student_state(student) -> dict:
-    """The open_clip state dict of the student's open_clip model (loadable as `student:NAME@FILE`)."""
-    inner = getattr(student, "image", student)  # ImageOnlyStudent: the preset's image tower
-    model = getattr(inner, "model", None)
-    return (model if model is not None else student).state_dict()
+def openclip_state(student, state: dict) -> dict:
+    """The part of the student's full state dict that is its open_clip model's (loadable as
+    `student:NAME@FILE`; for an image-only student, the preset whose image tower was trained)."""
+    prefix = "image.model." if hasattr(student, "image") else "model." if hasattr(student, "model") else ""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def write_summary(output_dir: Path, summary: dict, student, cfg) -> Path:
-    """Write `student.pt` (open_clip weights of the student) and `summary.json`; returns the weights path."""
+def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) -> Path:
+    """Write `student.pt` (open_clip weights of the student, from its full `state`) and `summary.json`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / "student.pt"
     tmp = atomic_path(weights)
-    torch.save(student_state(student), tmp)
+    torch.save(openclip_state(student, state), tmp)
     os.replace(tmp, weights)
-    spec = cfg.student.spec.split("@")[0]
-    summary = {**summary, "student_weights": str(weights), "student_reload_spec": f"{spec}@{weights}"}
+    summary = {**summary, "student_weights": str(weights)}
+    if cfg.student.text == "own":
+        summary["student_reload_spec"] = f"{cfg.student.spec.split('@')[0]}@{weights}"
+    else:  # the image tower of a preset built at the teacher's width; text comes from the teacher
+        summary["student_reload"] = f"create_student('{cfg.student.spec.removeprefix('student:').split('@')[0]}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
     _atomic_json(output_dir / "summary.json", summary)
     _atomic_json(output_dir / "config.json", cfg.to_dict())
     return weights

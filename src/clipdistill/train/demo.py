@@ -1,0 +1,183 @@
+"""`clipdistill demo`: offline, end to end, on this CPU (issue 7, item 7; spec sections 7 and 9).
+
+1. build (or reuse) the composed offline teacher (`models.teacher_build.build_teacher`);
+2. cache it on Flickr8k train (`data.teacher_cache.build_cache`; the centre view, whose tower features
+   the teacher build already computed, so this costs only the heads);
+3. distil a small student with the default recipe from the cache (`train.engine.train`);
+4. evaluate teacher and student on the shared evaluation sets (large ones subsampled, and the table
+   says so) and print one side-by-side table: parameters and latency of the image encoder, every
+   zero-shot and retrieval figure, and the student's retention of the teacher's (student / teacher).
+
+Every stage reuses what an earlier run left (teacher folder, cache fingerprint, finished student), so a
+repeat only re-evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from clipdistill.data.augment import AugmentPolicy
+from clipdistill.paths import atomic_path, cache_dir
+
+log = logging.getLogger(__name__)
+
+# CLIP-KD's best combination (spec section 2) without ICL: with the teacher's own text tower ICL's
+# anchors (student image vs teacher text) are the task loss's.
+DEFAULT_RECIPE = {"clip": 1.0, "crd": 1.0, "fd": 2000.0, "groups": {"distiller": {"weight_decay": 0.01}}}
+# dataset -> (split, keep every n-th sample); subsampled sets are marked in the table.
+EVAL_SETS = {
+    "flickr8k": ("test", 1),
+    "cifar10": ("test", 10),
+    "imagenet-1k-sample": ("test", 2),
+    "dtd-10": ("test", 1),
+    "mnist": ("test", 20),
+}
+METRICS = ("acc1", "acc5", "mean_per_class_recall", "text_retrieval_recall@1", "text_retrieval_recall@5",
+           "image_retrieval_recall@1", "image_retrieval_recall@5")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    data_root: str | None = None
+    teacher_dir: str = field(default_factory=lambda: str(cache_dir() / "teacher"))
+    student: str = "student:vit-t-64"
+    student_text: str = "teacher"  # the ComKD-CLIP setting: the teacher's frozen text tower
+    recipe: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
+    epochs: float = 2.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    augmentations: int = 1
+    workers: int = 1
+    quick: bool = False  # smoke run: a few steps, tiny evaluation subsets
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or reuse) every stage; returns {"table", "rows", "seconds", "summary_path"}."""
+    from clipdistill.data.loader import resolve_shards
+    from clipdistill.data.teacher_cache import build_cache
+    from clipdistill.models.composed import load_teacher
+
+    start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = Path(cfg.teacher_dir).expanduser()
+    if not (teacher_dir / "teacher.json").exists():
+        from clipdistill.models.teacher_build import TeacherBuildConfig, build_teacher
+
+        log.info("demo: building the offline teacher in %s", teacher_dir)
+        build_teacher(TeacherBuildConfig(), teacher_dir, cfg.data_root)
+    teacher = load_teacher(teacher_dir)
+    shards, _ = resolve_shards("flickr8k:train", cfg.data_root)
+    cache_path = cache_dir() / "teacher-cache" / f"flickr8k-train-{teacher.fingerprint()}-k{cfg.augmentations}"
+    cache = build_cache(teacher, shards, cache_path, augmentations=cfg.augmentations,
+                        policy=AugmentPolicy(center_view=True))
+    student_dir = out / "student"
+    summary = _distil(cfg, teacher_dir, cache.root, student_dir)
+    student = _trained_student(cfg, summary, teacher)
+    rows = [_describe("teacher", teacher, cfg), _describe("student", student, cfg)]
+    table = format_table(rows)
+    result = {"table": table, "rows": rows, "seconds": round(time.time() - start, 1), "demo": asdict(cfg),
+              "training": {k: summary.get(k) for k in ("steps", "seconds", "images_per_s", "epoch", "skipped")}}
+    path = out / "demo.json"
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+    (out / "demo.md").write_text(table + "\n")
+    result["summary_path"] = str(path)
+    return result
+
+
+def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: Path) -> dict:
+    from clipdistill.train.checkpoint import has_checkpoint
+    from clipdistill.train.config import config_from_dict
+    from clipdistill.train.engine import train
+
+    run = {
+        "student": {"spec": cfg.student, "text": cfg.student_text},
+        "teacher": {"spec": f"teacher:{teacher_dir}", "cache": str(cache_root)},
+        "data": {"train": ["flickr8k:train"], "root": cfg.data_root, "batch_size": cfg.batch_size,
+                 "workers": cfg.workers},
+        "losses": cfg.recipe,
+        "optim": {"lr": cfg.lr, "warmup_steps": 20},
+        "output_dir": str(student_dir),
+        "checkpoint_every": 50,
+        "log_every": 5,
+    }
+    run.update({"steps": 3} if cfg.quick else {"epochs": cfg.epochs})
+    train_cfg = config_from_dict(run)
+    summary_file = student_dir / "summary.json"
+    if summary_file.exists():
+        done = json.loads(summary_file.read_text())
+        previous = json.loads((student_dir / "config.json").read_text()) if (student_dir / "config.json").exists() else None
+        if previous == train_cfg.to_dict() and done.get("steps"):
+            log.info("demo: reusing the distilled student in %s", student_dir)
+            return done
+    return train(train_cfg, resume=has_checkpoint(student_dir))
+
+
+def _trained_student(cfg: DemoConfig, summary: dict, teacher):
+    from clipdistill.models.factory import create_model
+    from clipdistill.models.students import ImageOnlyStudent, create_student
+
+    weights = summary["student_weights"]
+    if cfg.student_text == "teacher":
+        name = cfg.student.removeprefix("student:").split("@")[0]
+        image = create_student(name, embed_dim=teacher.embed_dim, checkpoint=weights)
+        return ImageOnlyStudent(image, teacher).eval()
+    return create_model(f"{cfg.student.split('@')[0]}@{weights}").eval()
+
+
+def image_latency_ms(model, repeats: int = 10) -> float:
+    """Median ms of one image through the image encoder (batch 1, no feature cache)."""
+    from clipdistill.models.export import inference_ready
+
+    size = model.image_config.size
+    x = torch.randn(1, 3, size, size)
+    times = []
+    with inference_ready(model), torch.inference_mode():
+        for i in range(repeats + 2):
+            t = time.perf_counter()
+            model.image_features(x)
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _describe(role: str, model, cfg: DemoConfig) -> dict:
+    from clipdistill.models.students import count_params_flops
+    from clipdistill.train.evaluate import run_eval
+
+    row = {"model": role, "image_params_m": count_params_flops(model)["image"]["params"] / 1e6,
+           "image_latency_ms": image_latency_ms(model), "metrics": {}}
+    for dataset, (split, every) in EVAL_SETS.items():
+        every = max(every, 50) if cfg.quick else every
+        metrics = run_eval(model, dataset, split, data_root=cfg.data_root, every=every)
+        row["metrics"][dataset] = {"every": every, **metrics}
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one line per figure, teacher | student | retention %."""
+    teacher, student = rows
+    lines = ["| | teacher | student | retention % |", "|---|---|---|---|",
+             f"| image encoder params (M) | {teacher['image_params_m']:.1f} | {student['image_params_m']:.1f} | |",
+             f"| image encoder latency, batch 1 (ms) | {teacher['image_latency_ms']:.1f} | {student['image_latency_ms']:.1f} | |"]
+    for dataset, t_metrics in teacher["metrics"].items():
+        s_metrics = student["metrics"].get(dataset, {})
+        every = t_metrics.get("every", 1)
+        label = dataset + (f" (every {every}th sample)" if every > 1 else "")
+        for name in METRICS:
+            if name in t_metrics and name in s_metrics:
+                t, s = 100 * t_metrics[name], 100 * s_metrics[name]
+                ret = f"{100 * s / t:.0f}" if t > 0 else "-"
+                lines.append(f"| {label} {name} | {t:.1f} | {s:.1f} | {ret} |")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Periodic and final evaluation of a student through `clipdistill.eval.runner` (spec section 10).
+
+The evaluation modules belong to issue "Foundation" and are imported lazily, so the engine works (and
+trains) without them. INTEGRATION POINT: `run_eval` is the one place that calls the runner; it expects
+`clipdistill.eval.runner.evaluate(model, dataset, split=..., data_root=..., subsample=..., batch_size=...)`
+returning CLIP_benchmark-style JSON (`{"metrics": {...}, ...}`) and passes only the keyword arguments
+the runner's signature accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from clipdistill.models.base import ClipModel
+
+log = logging.getLogger(__name__)
+
+
+def parse_dataset(spec: str) -> tuple[str, str]:
+    name, _, split = spec.partition(":")
+    return name, split or "test"
+
+
+def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | None = None, every: int = 1,
+             batch_size: int = 64) -> dict:
+    """Metrics of `model` on one dataset split (every `every`-th sample), via the eval runner."""
+    from clipdistill.eval import runner
+
+    fn = runner.evaluate
+    offered = {"split": split, "data_root": data_root, "root": data_root, "subsample": every, "every": every,
+               "batch_size": batch_size}
+    params = inspect.signature(fn).parameters
+    result = fn(model, dataset, **{k: v for k, v in offered.items() if k in params})
+    metrics = result.get("metrics", result) if isinstance(result, dict) else {}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def eval_model(student: ClipModel, teacher: ClipModel | None) -> ClipModel | None:
+    """The student as an evaluable model: an image-only student trained from a cache gets the real
+    teacher's text tower back; None when that teacher is not available."""
+    from clipdistill.models.students import ImageOnlyStudent
+    from clipdistill.train.build import CachedTextStandIn
+
+    if isinstance(student, ImageOnlyStudent) and isinstance(student.text_model, CachedTextStandIn):
+        if teacher is None:
+            return None
+        object.__setattr__(student, "text_model", teacher)
+    return student
+
+
+def evaluate_student(student: ClipModel, cfg, teacher: ClipModel | None = None) -> dict[str, dict]:
+    """{dataset: metrics} for every `cfg.eval.datasets` entry (empty when evaluation is unavailable)."""
+    model = eval_model(student, teacher)
+    if model is None:
+        log.warning("evaluation skipped: this image-only student needs its teacher's text tower; set teacher.spec")
+        return {}
+    try:
+        import clipdistill.eval.runner  # noqa: F401
+    except ImportError:
+        log.warning("evaluation skipped: clipdistill.eval.runner is not available")
+        return {}
+    results = {}
+    for spec in cfg.eval.datasets:
+        name, split = parse_dataset(spec)
+        every = int(cfg.eval.subsample.get(name, 1))
+        results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
+                                              batch_size=cfg.eval.batch_size)
+        log.info("eval %s:%s%s: %s", name, split, f" (every {every}th sample)" if every > 1 else "", results[f"{name}:{split}"])
+    return results
