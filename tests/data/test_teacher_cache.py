@@ -108,11 +108,11 @@ def test_centre_views_use_the_teachers_feature_cache_random_views_bypass_it(shar
     assert teacher.feature_cache is not None
 
 
-def test_cache_teacher_cli(shards, tmp_path, capsys):
+def test_cache_teacher_cli(shards, tmp_path, capsys, monkeypatch):
     from clipdistill.cli.main import main
-    from clipdistill.models.factory import register_adapter
+    from clipdistill.models import factory
 
-    register_adapter("fake", lambda rest: FakeTeacher())
+    monkeypatch.setitem(factory._ADAPTERS, "fake", lambda rest: FakeTeacher())
     data = str(shards[0].parent.parent) + ":train"
     rc = main(["cache-teacher", "--teacher", "fake:24", "--data", data, "--augmentations", "2",
                "--out", str(tmp_path / "c"), "--augment", "flip=0.0"])

@@ -116,3 +116,18 @@ def test_resume_refuses_a_changed_recipe(tiny, caption_root, tmp_path):
     with pytest.raises(UserError, match="--resume: losses"):
         train(config_from_dict(base_config(caption_root, tmp_path / "run", steps=4, losses={"clip": 1.0})), resume=True)
     assert train(config_from_dict(base_config(caption_root, tmp_path / "run", steps=4)), resume=True)["steps"] == 4
+
+
+def test_periodic_evaluation_is_logged(tiny, caption_root, tmp_path):
+    cfg = config_from_dict(base_config(caption_root, tmp_path / "run", **{"eval.datasets": ["caps:train"], "eval.every": 3}))
+    summary = train(cfg)
+    metrics = summary["eval"]["caps:train"]
+    assert set(metrics) >= {"text_retrieval_recall@1", "image_retrieval_recall@10"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/loss", "loss/crd", "lr/student", "speed/images_per_s", "eval/caps:train/text_retrieval_recall@1"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/caps:train/text_retrieval_recall@1")] == [3, 6]

@@ -36,7 +36,8 @@ def _fork_run(cfg: dict, resume: bool = False) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     rng = random.Random(5)
-    changes = {"steps": 12, "checkpoint_every": 2}
+    # evaluation at the end runs on rank 0 alone inside the process group (train/evaluate.py)
+    changes = {"steps": 12, "checkpoint_every": 2, "eval.datasets": ["caps:train"]}
     ref_cfg = base_config(caption_root, tmp_path / "ref", **changes)
     _fork_run(ref_cfg)
     run_cfg = base_config(caption_root, tmp_path / "run", **changes)
@@ -46,4 +47,5 @@ def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     _fork_run(run_cfg, resume=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world"] == 2 and summary["steps_this_session"] == 12 - killed_at
+    assert "text_retrieval_recall@1" in summary["eval"]["caps:train"]
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")

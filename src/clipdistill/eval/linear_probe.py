@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ProbeConfig:
     """val_fraction: share of train held out to choose C. c_grid: the coarse sweep (log-spaced);
-    refine: also try C x 10^-0.5 and C x 10^0.5 around the best grid value."""
+    refine: also try C x 10^-0.5 and C x 10^0.5 around the best grid value. threads: BLAS/OpenMP
+    threads for the fits."""
 
     val_fraction: float = 0.2
     c_grid: tuple[float, ...] = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
     refine: bool = True
     max_iter: int = 1000
     seed: int = 0
+    threads: int = 1
 
 
 @dataclass
@@ -77,13 +79,16 @@ def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(fit), np.sort(val)
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 1000, seed: int = 0):
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 1000, seed: int = 0, threads: int = 1):
     """A fitted multinomial `sklearn.linear_model.LogisticRegression` with inverse regularisation `c`."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
+    # Capped BLAS/OpenMP threads: on a shared CPU, spinning worker threads made each L-BFGS step ~50x
+    # slower (measured: 62 ms vs 1.2 ms per iteration, 400 x 256 features, 2 busy cores).
+    with warnings.catch_warnings(), threadpool_limits(threads):
         # Weakly regularised fits of separable features stop at max_iter; the held-out score judges them.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, y)
@@ -98,12 +103,10 @@ def select_c(x: np.ndarray, y: np.ndarray, config: ProbeConfig = ProbeConfig()) 
         raise UserError("the linear probe's training part holds fewer than 2 classes; evaluate on more train samples")
     scores: dict[float, float] = {}
 
-    def score(c: float) -> float:
-        if c not in scores:
-            clf = fit_probe(x[fit], y[fit], c, max_iter=config.max_iter, seed=config.seed)
-            scores[c] = float((clf.predict(x[val]) == y[val]).mean())
-            log.debug("linear probe C=%g: held-out acc1 %.4f", c, scores[c])
-        return scores[c]
+    def score(c: float) -> None:
+        clf = fit_probe(x[fit], y[fit], c, max_iter=config.max_iter, seed=config.seed, threads=config.threads)
+        scores[c] = float((clf.predict(x[val]) == y[val]).mean())
+        log.debug("linear probe C=%g: held-out acc1 %.4f (%s iterations)", c, scores[c], clf.n_iter_)
 
     for c in config.c_grid:
         score(c)
@@ -137,6 +140,6 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         raise UserError("the linear probe needs train and test samples; check the splits and --every")
     n_classes = n_classes or int(max(ytr.max(), int(yte.max())) + 1)
     c, scores = select_c(xtr, ytr, config)
-    clf = fit_probe(xtr, ytr, c, max_iter=config.max_iter, seed=config.seed)
+    clf = fit_probe(xtr, ytr, c, max_iter=config.max_iter, seed=config.seed, threads=config.threads)
     metrics = classification_metrics(probe_logits(clf, xte, n_classes), yte)
     return ProbeResult(metrics, c, scores[c], n_train=len(ytr), n_test=len(yte), val_scores=scores)

@@ -71,32 +71,36 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 def compare(records: Sequence[dict], *, all_metrics: bool = False) -> str:
     """Markdown table, models x (dataset, metric), values in percent.
 
-    Columns and rows keep the order of first appearance; a later record for the same (model, dataset,
-    split, task) replaces an earlier one. '*' marks subsampled evaluations (`every` > 1).
+    Rows keep the order of first appearance; columns are grouped by dataset (first appearance), then
+    task (zero-shot classification, retrieval, base2novel, linear probe). A later record for the same
+    (model, dataset, split, task) replaces an earlier one. '*' marks subsampled evaluations (`every` > 1).
     """
     cells: dict[tuple[str, str], float] = {}
     rows: list[str] = []
-    columns: list[str] = []
-    subsampled = False
+    columns: dict[str, tuple[int, int, int]] = {}  # label -> sort key
+    datasets: list[str] = []
     for rec in records:
         task = str(rec.get("task", "zeroshot_classification"))
         names = [m for m in rec["metrics"] if isinstance(rec["metrics"][m], (int, float))] if all_metrics \
             else [m for m in HEADLINE.get(task, tuple(rec["metrics"])) if m in rec["metrics"]]
         row, dataset = row_label(rec), _dataset_label(rec)
-        subsampled |= dataset.endswith("*")
         if row not in rows:
             rows.append(row)
-        for metric in names:
+        if dataset not in datasets:
+            datasets.append(dataset)
+        task_rank = list(HEADLINE).index(task) if task in HEADLINE else len(HEADLINE)
+        for i, metric in enumerate(names):
             col = f"{dataset} {metric_label(metric, task)}"
-            if col not in columns:
-                columns.append(col)
+            columns.setdefault(col, (datasets.index(dataset), task_rank, i))
             if (row, col) in cells:
                 log.warning("two records for %s / %s; keeping the later one", row, col)
             cells[row, col] = rec["metrics"][metric]
     if not rows:
         return "(no records)\n"
-    table = _table(["model", *columns], ([r, *(percent(cells.get((r, c))) for c in columns)] for r in rows))
-    return table + ("\n\\* every N-th test sample only (see the record's `clipdistill.every`)\n" if subsampled else "")
+    order = sorted(columns, key=columns.__getitem__)
+    table = _table(["model", *order], ([r, *(percent(cells.get((r, c))) for c in order)] for r in rows))
+    subsampled = any(d.endswith("*") for d in datasets)
+    return table + ("\n\\* 1 in N test samples only (see the record's `clipdistill.every`)\n" if subsampled else "")
 
 
 def format_record(record: dict) -> str:

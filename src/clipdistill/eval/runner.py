@@ -258,9 +258,8 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
     total = expected_samples(info, split, every)
     with evaluating(model):
         if task == "linear_probe":
-            result, n, skipped.reasons = _run_linear_probe(model, info, split, train_split, every, train_every,
-                                                           batch_size, cache, progress, probe_config, extra)
-            metrics = result
+            metrics, n, skipped.reasons = _run_linear_probe(model, info, split, train_split, every, train_every,
+                                                            batch_size, cache, progress, probe_config, extra)
         else:
             samples = _Counted(_samples(shards, every, skipped))
             metrics = _run_zeroshot(task, model, info, samples, batch_size, split_seed, cache, progress, total, extra)

@@ -177,10 +177,13 @@ class ComposedTeacher(ClipModel):
         self.text_head = nn.Linear(self.text_tower.width, self.embed_dim)
         self._logit_scale = nn.Parameter(torch.tensor(self.cfg.init_logit_scale))
         self.image_tower_id = f"{IMAGE_ARCH}-{file_digest(efficientnet_lite2_weights_path())}"
+        self.text_tower_id = f"minilm-l6-{file_digest(minilm_path() / 'model.safetensors')}"
         self.feature_cache: FeatureCache | None = None
+        self.text_cache: FeatureCache | None = None
         if feature_cache:
             path = feature_cache if isinstance(feature_cache, Path) else cache_dir() / "features" / "image_tower.sqlite"
             self.feature_cache = FeatureCache(path, self.image_tower_id)
+            self.text_cache = FeatureCache(path.with_name(path.stem + "-text.sqlite"), self.text_tower_id)
 
     def train(self, mode: bool = True) -> ComposedTeacher:
         super().train(mode)
@@ -211,6 +214,10 @@ class ComposedTeacher(ClipModel):
         return Features(embedding=self.image_head(pooled), pooled=pooled, tokens=tok)
 
     def text_features(self, text: Tensor, *, tokens: bool = False) -> Features:
+        if self.cfg.text_unlocked == 0 and not tokens and self.text_cache is not None:
+            # Locked tower: pooled features depend only on the token ids (ImageNet's 80k prompts).
+            pooled = self.text_cache.cached_apply(lambda ids: self.text_tower(ids)[0], text).to(text.device)
+            return Features(embedding=self.text_head(pooled), pooled=pooled)
         grad = self.cfg.text_unlocked > 0 and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             pooled, tok, mask = self.text_tower(text)

@@ -160,7 +160,7 @@ def _describe(role: str, model, cfg: DemoConfig) -> dict:
            "image_latency_ms": image_latency_ms(model), "metrics": {}}
     for dataset, (split, every) in EVAL_SETS.items():
         every = max(every, 50) if cfg.quick else every
-        metrics = run_eval(model, dataset, split, data_root=cfg.data_root, every=every)
+        metrics = run_eval(model, dataset, split, data_root=cfg.data_root, every=every, cache=role == "teacher")
         row["metrics"][dataset] = {"every": every, **metrics}
     return row
 

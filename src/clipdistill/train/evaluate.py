@@ -1,16 +1,13 @@
 """Periodic and final evaluation of a student through `clipdistill.eval.runner` (spec section 10).
 
-The evaluation modules belong to issue "Foundation" and are imported lazily, so the engine works (and
-trains) without them. INTEGRATION POINT: `run_eval` is the one place that calls the runner; it expects
-`clipdistill.eval.runner.evaluate(model, dataset, split=..., data_root=..., subsample=..., batch_size=...)`
-returning CLIP_benchmark-style JSON (`{"metrics": {...}, ...}`) and passes only the keyword arguments
-the runner's signature accepts.
+`run_eval` is the one place that calls the runner (imported lazily: training never needs it).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
+import os
+from contextlib import contextmanager
 
 from clipdistill.models.base import ClipModel
 
@@ -23,17 +20,35 @@ def parse_dataset(spec: str) -> tuple[str, str]:
 
 
 def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | None = None, every: int = 1,
-             batch_size: int = 64) -> dict:
-    """Metrics of `model` on one dataset split (every `every`-th sample), via the eval runner."""
+             batch_size: int = 64, cache: bool = False) -> dict:
+    """Metrics of `model` on one dataset split (every `every`-th sample) as {name: value}.
+
+    cache: let the runner cache class text embeddings (worth it for a frozen teacher, not for a
+    student whose weights change between evaluations).
+    """
     from clipdistill.eval import runner
 
-    fn = runner.evaluate
-    offered = {"split": split, "data_root": data_root, "root": data_root, "subsample": every, "every": every,
-               "batch_size": batch_size}
-    params = inspect.signature(fn).parameters
-    result = fn(model, dataset, **{k: v for k, v in offered.items() if k in params})
-    metrics = result.get("metrics", result) if isinstance(result, dict) else {}
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    record = runner.evaluate(model, dataset, split, data_root=data_root, every=every, batch_size=batch_size,
+                             cache=cache, progress=False)
+    return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
+
+
+@contextmanager
+def _as_single_process():
+    """Rank 0 evaluates alone inside a DDP run, but the shard reader (data/shards.py) keeps webdataset's
+    default `single_node_only` splitter, which refuses to run when WORLD_SIZE > 1. Webdataset reads the
+    world size from the environment first, so the evaluation sees a one-process world.
+    TODO(data/shards.py): pass `nodesplitter=` to `wds.WebDataset` there and drop this."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def eval_model(student: ClipModel, teacher: ClipModel | None) -> ClipModel | None:
@@ -55,16 +70,12 @@ def evaluate_student(student: ClipModel, cfg, teacher: ClipModel | None = None) 
     if model is None:
         log.warning("evaluation skipped: this image-only student needs its teacher's text tower; set teacher.spec")
         return {}
-    try:
-        import clipdistill.eval.runner  # noqa: F401
-    except ImportError:
-        log.warning("evaluation skipped: clipdistill.eval.runner is not available")
-        return {}
     results = {}
     for spec in cfg.eval.datasets:
         name, split = parse_dataset(spec)
         every = int(cfg.eval.subsample.get(name, 1))
-        results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
-                                              batch_size=cfg.eval.batch_size)
+        with _as_single_process():
+            results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
+                                                  batch_size=cfg.eval.batch_size)
         log.info("eval %s:%s%s: %s", name, split, f" (every {every}th sample)" if every > 1 else "", results[f"{name}:{split}"])
     return results
