@@ -18,6 +18,10 @@ split at the embeddings, which is what lets the engine scale the per-row gradien
 
 0-dim outputs (the logit scale) are shared by all micro-batches: their gradient is applied once, with
 the last micro-batch, which is also the one whose backward synchronises DDP.
+
+Caveat (as in GradCache): a student with batch-norm layers in training mode updates its running
+statistics in both forward passes when k > 1, and normalises each micro-batch with its own statistics.
+The ViT presets have no batch norm.
 """
 
 from __future__ import annotations
