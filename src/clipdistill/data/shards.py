@@ -134,7 +134,15 @@ def _raw_samples(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[dict]
         return True
 
     urls = [str(p) for p in shards]
-    yield from wds.WebDataset(urls, shardshuffle=False, handler=on_error, empty_check=False)
+    # Read exactly the shards given: callers split shards across ranks and workers themselves, and
+    # evaluation on rank 0 of a DDP run must see the whole split.
+    yield from wds.WebDataset(
+        urls, shardshuffle=False, handler=on_error, empty_check=False, nodesplitter=_all, workersplitter=_all
+    )
+
+
+def _all(urls):
+    return urls
 
 
 def iter_samples(

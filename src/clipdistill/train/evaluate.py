@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 
 from clipdistill.models.base import ClipModel
 
@@ -33,24 +31,6 @@ def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | Non
     return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
 
 
-@contextmanager
-def _as_single_process():
-    """Rank 0 evaluates alone inside a DDP run, but the shard reader (data/shards.py) keeps webdataset's
-    default `single_node_only` splitter, which refuses to run when WORLD_SIZE > 1. Webdataset reads the
-    world size from the environment first, so the evaluation sees a one-process world.
-    TODO(data/shards.py): pass `nodesplitter=` to `wds.WebDataset` there and drop this."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-    os.environ.update(RANK="0", WORLD_SIZE="1")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def eval_model(student: ClipModel, teacher: ClipModel | None) -> ClipModel | None:
     """The student as an evaluable model: an image-only student trained from a cache gets the real
     teacher's text tower back; None when that teacher is not available."""
@@ -74,8 +54,7 @@ def evaluate_student(student: ClipModel, cfg, teacher: ClipModel | None = None) 
     for spec in cfg.eval.datasets:
         name, split = parse_dataset(spec)
         every = int(cfg.eval.subsample.get(name, 1))
-        with _as_single_process():
-            results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
-                                                  batch_size=cfg.eval.batch_size)
+        results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
+                                              batch_size=cfg.eval.batch_size)
         log.info("eval %s:%s%s: %s", name, split, f" (every {every}th sample)" if every > 1 else "", results[f"{name}:{split}"])
     return results
