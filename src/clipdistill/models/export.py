@@ -195,17 +195,18 @@ def no_mha_fastpath():
 
 @contextlib.contextmanager
 def inference_ready(model: ClipModel):
-    """Eval mode and no feature cache (the composed teacher's cache is not traceable nor timeable)."""
-    was_training, cache = model.training, getattr(model, "feature_cache", None)
+    """Eval mode and no feature caches (the composed teacher's caches are neither traceable nor timeable)."""
+    was_training = model.training
+    caches = {name: getattr(model, name) for name in ("feature_cache", "text_cache") if getattr(model, name, None)}
     model.eval()
-    if cache is not None:
-        model.feature_cache = None
+    for name in caches:
+        setattr(model, name, None)
     try:
         yield model
     finally:
         model.train(was_training)
-        if cache is not None:
-            model.feature_cache = cache
+        for name, cache in caches.items():
+            setattr(model, name, cache)
 
 
 def tokenizer_info(model: ClipModel) -> dict:

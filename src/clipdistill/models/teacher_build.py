@@ -75,8 +75,8 @@ def text_pooled(model: ComposedTeacher, texts: list[str], batch: int = 256) -> t
             if model.cfg.text_unlocked:
                 hidden = model.text_tower.frozen_prefix(ids).half()
                 out.append(F.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1])))
-            else:
-                out.append(model.text_tower(ids)[0])
+            else:  # through the locked tower's feature cache, which the teacher cache reuses later
+                out.append(model.text_features(ids).pooled)
     return torch.cat(out)
 
 
@@ -131,15 +131,7 @@ class _Pairs:
             os.replace(tmp, split_file)
         self.caps_per_image = [len(c) for c in captions]
         texts = [c for caps in captions for c in caps]
-        text_file = split_file.with_name(split_file.stem + "-text.pt")
-        if model.cfg.text_unlocked == 0 and text_file.exists():
-            self.text = torch.load(text_file)
-        else:
-            self.text = text_pooled(model, texts)
-            if model.cfg.text_unlocked == 0:
-                tmp = atomic_path(text_file)
-                torch.save(self.text, tmp)
-                os.replace(tmp, text_file)
+        self.text = text_pooled(model, texts)
         self.mask = None
         if model.cfg.text_unlocked:
             mask = torch.cat([model.text_tower.mask(model.tokenize(c)) for c in batched(texts, 1024)])
