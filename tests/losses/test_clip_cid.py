@@ -7,32 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from term_context import make_ctx
 from torch.func import functional_call
 
 from clipdistill.errors import UserError
-from clipdistill.losses.base import Outputs, TermContext
+from clipdistill.losses.base import Outputs
 from clipdistill.losses.clip_cid import ClusterDistill, InstanceDistill
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def make_ctx(d_s: int, d_t: int) -> TermContext:
-    shared: dict[str, nn.Module] = {}
-
-    def projector(modality: str, own: bool = False):
-        if d_s == d_t:
-            return None
-        return nn.Linear(d_s, d_t) if own else shared.setdefault(modality, nn.Linear(d_s, d_t))
-
-    return TermContext(d_s, d_t, projector)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_outputs(n: int, d: int, seed: int, labels=None) -> Outputs:

@@ -28,16 +28,6 @@ from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
 from clipdistill.losses.clip_kd import contrastive_gradients, random_masking
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 ops: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WIDTHS = [(5, 5), (3, 5)]
 
 

@@ -8,16 +8,6 @@ from refs_clip import build, clip_loss, kl_mean, logits, make_pair, np_, soft_ce
 
 from clipdistill.losses.base import Outputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 ops: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WIDTHS = [(5, 5), (3, 5)]  # equal widths and a student narrower than the teacher
 
 

@@ -6,23 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from clipdistill.cli.main import main
 from clipdistill.errors import UserError
 from clipdistill.losses import TERMS, Distiller, LossConfig, Term, load_loss_config, parse_loss_config
 from clipdistill.losses.base import NEEDS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 ops: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))

@@ -14,15 +14,6 @@ from clipdistill.losses import Distiller, Outputs, parse_loss_config
 from clipdistill.losses.base import NEEDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 ops: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def distiller(spec: dict, d_s: int = 3, d_t: int = 5) -> Distiller:
     torch.manual_seed(0)
     return Distiller(parse_loss_config(spec), d_s, d_t).double()
