@@ -16,6 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run config or loss recipe; repeat to merge several (later ones win)")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=5e-4 steps=200")
     d.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    d.add_argument("--data-filter", default=None, metavar="classes=base",
+                   help="keep only these classes of the classification sets in data.train (labels never reach a loss): "
+                        "classes=base | classes=novel | classes=NAME,NAME (= data.filter)")
+    d.add_argument("--split-seed", type=int, default=None, help="random base/novel split (= data.split_seed)")
+    d.add_argument("--keep", default=None, metavar="FILE", help="keep-list of sample keys, e.g. from `clipdistill balance` (= data.keep)")
     d.set_defaults(handler=_distill)
 
     c = sub.add_parser(
@@ -55,7 +60,11 @@ def _distill(args: argparse.Namespace) -> int:
     from clipdistill.train.config import load_configs
     from clipdistill.train.engine import train
 
-    cfg = load_configs(args.config, args.overrides)
+    overrides = list(args.overrides)
+    for key, value in (("data.filter", args.data_filter), ("data.split_seed", args.split_seed), ("data.keep", args.keep)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_configs(args.config, overrides)
     summary = train(cfg, resume=args.resume)
     if summary.get("student_weights"):
         final = summary["final"]

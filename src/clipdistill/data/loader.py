@@ -134,9 +134,9 @@ def decode_record(raw: dict, skipped: SkipCounter, *, text: bool = True) -> Samp
     return sample
 
 
-def count_samples(shards: list[Path]) -> int:
-    """Number of records (keys) in `shards`, without decoding images."""
-    return sum(1 for _ in read_raw(shards, SkipCounter()))
+def count_samples(shards: list[Path], labels: frozenset[int] | None = None, keys: frozenset[str] | None = None) -> int:
+    """Number of records (keys) in `shards` that pass the data filter, without decoding images."""
+    return sum(1 for r in read_raw(shards, SkipCounter()) if keep_record(r, labels, keys))
 
 
 # --- the stream -------------------------------------------------------------------------------------
@@ -158,6 +158,24 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     text: bool = True
     pooled: bool = False  # read the cached pre-projection teacher features too
+    labels: frozenset[int] | None = None  # classification records: keep only these classes (labels never reach the loss)
+    keys: frozenset[str] | None = None  # keep only these sample keys (a curation keep-list)
+
+
+def keep_record(raw: dict, labels: frozenset[int] | None, keys: frozenset[str] | None) -> bool:
+    """The data filter, applied to undecoded records before shuffling (cheap: no image decoding).
+
+    `labels` applies to records that carry a class label (`cls`); records without one (image-caption
+    data in a mixed set) pass. `keys` applies to every record.
+    """
+    if keys is not None and raw.get("__key__") not in keys:
+        return False
+    if labels is not None and "cls" in raw:
+        try:
+            return int(raw["cls"].decode("utf-8").strip() if isinstance(raw["cls"], bytes) else raw["cls"]) in labels
+        except ValueError:
+            return False  # an unreadable label cannot be shown to be in the kept set
+    return True
 
 
 class TrainStream(IterableDataset):
@@ -177,7 +195,10 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         order = np.random.default_rng(stable_seed(cfg.seed, "shards", epoch)).permutation(len(cfg.shards))
         total = cfg.world * self.num_workers
-        mine = (r for i, r in enumerate(read_raw([cfg.shards[i] for i in order], skipped)) if i % total == stream)
+        records = read_raw([cfg.shards[i] for i in order], skipped)
+        if cfg.labels is not None or cfg.keys is not None:
+            records = (r for r in records if keep_record(r, cfg.labels, cfg.keys))
+        mine = (r for i, r in enumerate(records) if i % total == stream)
         rng = np.random.default_rng(stable_seed(cfg.seed, "buffer", epoch, stream))
         buf: list[dict] = []
         emitted = 0

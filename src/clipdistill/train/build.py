@@ -9,6 +9,7 @@ so gradient synchronisation sees a single forward per micro-batch.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -194,3 +195,40 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def data_filter(data) -> tuple[frozenset[int] | None, frozenset[str] | None]:
+    """(labels, keys) kept by `data.filter` and `data.keep` (a `DataConfig`); None where unfiltered.
+
+    `filter` (e.g. classes=base) applies to the classification sets of `data.train` (their labels select
+    images and never reach a loss); caption sets in the same run pass unfiltered. `keep` is a keep-list
+    file with one sample key per line (`clipdistill balance` writes one).
+    """
+    from clipdistill.data.shards import dataset_info
+    from clipdistill.eval.base2novel import parse_data_filter
+
+    labels = None
+    if data.filter:
+        sets = []
+        for spec in data.train:
+            name, _, _ = spec.partition(":")
+            folder = Path(name).expanduser()
+            info = dataset_info(folder.name, folder.parent) if (folder / "dataset_type.txt").exists() else None
+            if info is None and "/" not in name and not any(ch in name for ch in "*?["):
+                info = dataset_info(name, data.root)
+            if info is not None and info.kind == "classification":
+                sets.append(frozenset(parse_data_filter(data.filter, info, data.split_seed)))
+        if not sets:
+            raise UserError(f"data.filter = {data.filter!r} needs a classification set in data.train (e.g. cifar10:train); got {data.train}")
+        if len(set(sets)) > 1:
+            raise UserError(f"data.filter = {data.filter!r} selects different classes in {data.train}; filter one classification set per run")
+        labels = sets[0]
+    keys = None
+    if data.keep:
+        path = Path(data.keep).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.keep = '{path}' does not exist; pass a keep-list (e.g. keep.txt from `clipdistill balance`)")
+        keys = frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        if not keys:
+            raise UserError(f"data.keep = '{path}' lists no sample key; rerun `clipdistill balance` or drop data.keep")
+    return labels, keys

@@ -6,7 +6,8 @@ dataclasses, never a raw dict. Every problem is a `UserError` naming the key and
 
     student:   {spec: student:vit-t-32, text: own}          # text: own | teacher (frozen teacher text tower)
     teacher:   {spec: teacher:DIR, cache: DIR, mode: auto}  # mode: auto (cache when given) | online | cached
-    data:      {train: [flickr8k:train], batch_size: 256, workers: 2, augment: {...}}
+    data:      {train: [flickr8k:train], batch_size: 256, workers: 2, augment: {...},
+                filter: classes=base, keep: runs/balance/keep.txt}
     losses:    {clip: 1.0, crd: 1.0, fd: 2000}              # losses.config.parse_loss_config
     optim:     {lr: 1e-3, weight_decay: 0.1, betas: [0.9, 0.98], warmup_steps: 100, accum_steps: 1, ...}
     precision: bf16                                         # fp32 | bf16
@@ -54,6 +55,9 @@ class DataConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     augment: dict | None = None  # AugmentPolicy fields; None: the cache's policy (or the default one)
+    filter: str | None = None  # classification sets only: classes=base | classes=novel | classes=NAME,NAME
+    split_seed: int | None = None  # base/novel split: None = first half of the class order (CoOp), else seeded
+    keep: str | None = None  # a keep-list file (one sample key per line, e.g. `clipdistill balance` keep.txt)
 
     def policy(self) -> AugmentPolicy | None:
         return None if self.augment is None else AugmentPolicy.from_dict(self.augment)

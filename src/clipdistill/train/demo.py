@@ -165,6 +165,11 @@ def _describe(role: str, model, cfg: DemoConfig) -> dict:
     return row
 
 
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown: one line per figure, teacher | student | retention %."""
     teacher, student = rows
@@ -174,7 +179,7 @@ def format_table(rows: list[dict]) -> str:
     for dataset, t_metrics in teacher["metrics"].items():
         s_metrics = student["metrics"].get(dataset, {})
         every = t_metrics.get("every", 1)
-        label = dataset + (f" (every {every}th sample)" if every > 1 else "")
+        label = dataset + (f" (every {_ordinal(every)} sample)" if every > 1 else "")
         for name in METRICS:
             if name in t_metrics and name in s_metrics:
                 t, s = 100 * t_metrics[name], 100 * s_metrics[name]

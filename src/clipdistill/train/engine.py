@@ -124,6 +124,7 @@ class Run:
             kinds.append(kind)
         self.text = all(k != "classification" for k in kinds)
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
+        self.keep_labels, self.keep_keys = build.data_filter(cfg.data)
 
     def _build_models(self) -> None:
         from clipdistill.losses.config import parse_loss_config
@@ -184,6 +185,7 @@ class Run:
             seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
             shuffle_buffer=cfg.data.shuffle_buffer, text=self.text,
             pooled="teacher_pooled" in self.needs and self.mode == "cached",
+            labels=self.keep_labels, keys=self.keep_keys,
         )
 
     def _available(self) -> set[str]:
@@ -224,6 +226,11 @@ class Run:
         )
 
     def _dataset_size(self) -> int:
+        if self.keep_labels is not None or self.keep_keys is not None:
+            size = count_samples(self.shards, self.keep_labels, self.keep_keys)
+            if size == 0:
+                raise UserError(f"the data filter (filter={self.cfg.data.filter!r}, keep={self.cfg.data.keep!r}) keeps no sample of {self.cfg.data.train}")
+            return size
         if self.cache is not None:
             from clipdistill.data.loader import shard_name
 
