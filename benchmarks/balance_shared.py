@@ -26,7 +26,7 @@ from clipdistill.models.teacher_build import pooled_features
 
 RESULTS = Path(__file__).parent / "results"
 SETS = [("flickr8k", "train"), ("cifar10", "train")]
-BETAS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5]
+BETAS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 def main() -> None:

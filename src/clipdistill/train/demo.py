@@ -125,15 +125,9 @@ def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: P
 
 
 def _trained_student(cfg: DemoConfig, summary: dict, teacher):
-    from clipdistill.models.factory import create_model
-    from clipdistill.models.students import ImageOnlyStudent, create_student
+    from clipdistill.train.evaluate import load_trained_student
 
-    weights = summary["student_weights"]
-    if cfg.student_text == "teacher":
-        name = cfg.student.removeprefix("student:").split("@")[0]
-        image = create_student(name, embed_dim=teacher.embed_dim, checkpoint=weights)
-        return ImageOnlyStudent(image, teacher).eval()
-    return create_model(f"{cfg.student.split('@')[0]}@{weights}").eval()
+    return load_trained_student(cfg.student, cfg.student_text, summary["student_weights"], teacher)
 
 
 def image_latency_ms(model, repeats: int = 10) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from clipdistill.errors import UserError
 from clipdistill.models.base import ClipModel
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,21 @@ def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | Non
     record = runner.evaluate(model, dataset, split, data_root=data_root, every=every, batch_size=batch_size,
                              cache=cache, progress=False)
     return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
+
+
+def load_trained_student(spec: str, text: str, weights: str, teacher: ClipModel | None) -> ClipModel:
+    """A distilled student, ready to evaluate, from its preset spec, `student.text` setting and the
+    `student.pt` a run wrote: `text="teacher"` pairs the image tower with `teacher`'s frozen text tower."""
+    from clipdistill.models.factory import create_model
+    from clipdistill.models.students import ImageOnlyStudent, create_student
+
+    if text == "teacher":
+        if teacher is None:
+            raise UserError(f"student {spec} uses its teacher's text tower; pass the teacher to evaluate it")
+        name = spec.removeprefix("student:").split("@")[0]
+        image = create_student(name, embed_dim=teacher.embed_dim, checkpoint=weights)
+        return ImageOnlyStudent(image, teacher).eval()
+    return create_model(f"{spec.split('@')[0]}@{weights}").eval()
 
 
 def eval_model(student: ClipModel, teacher: ClipModel | None) -> ClipModel | None:

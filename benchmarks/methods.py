@@ -1,0 +1,472 @@
+"""Side-by-side benchmark of every distillation method on the offline teacher (issue 6; spec section 11).
+
+    python benchmarks/methods.py                      # run (or resume) the default grid, then render
+    python benchmarks/methods.py --methods relational clip_kd --seeds 0 1 2
+    python benchmarks/methods.py --list               # every cell of the grid and whether it is done
+    python benchmarks/methods.py --render             # tables and plot from the finished cells only
+
+A cell is (method, track, student setting, seed). Every cell trains the same student preset for the
+same steps, batch, image size and views (the teacher cache's centre view of each image, so the teacher
+runs once per image for the whole grid) from the same seed; only the loss recipe changes. The recipes
+are the ones users run, read from `configs/*.yaml`.
+
+Tracks: `A` distils on Flickr8k train (images and captions). Settings: `image` trains the preset's
+image tower with the teacher's frozen text tower; `both` trains the preset's image and text towers.
+
+A finished cell writes `benchmarks/results/methods/<cell>.json` (metrics, wall time, config) and is
+never run again; an interrupted cell resumes from its checkpoint in `runs/methods/<cell>/`. So the grid
+can be spread over sessions and machines. `--render` aggregates every finished cell into
+`benchmarks/results/methods.{json,csv,md,png}` and `docs/benchmark.md`: mean and std over seeds per
+metric, retention % of the teacher, and `relational_margin` (ours against the best published method on
+the benchmark score = mean of the zero-shot top-1 mean and the retrieval recall mean, paired by seed).
+Evaluation: zero-shot top-1 on cifar10 (every 5th test image), imagenet-1k-sample (top-1 and top-5),
+dtd-10, mnist (every 10th); Flickr8k test retrieval R@1/5/10 both ways; plus Flickr8k dev retrieval,
+the only figure used to select options of our method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CELLS = RESULTS / "methods"
+RUNS = REPO / "runs" / "methods"
+DOC = REPO / "docs" / "benchmark.md"
+log = logging.getLogger("methods")
+
+# method -> (recipe file in configs/, or an inline losses section; published? ; description)
+METHODS: dict[str, tuple[str | dict, bool, str]] = {
+    "no_teacher": ("baseline.yaml", False, "CLIP loss only, no distillation"),
+    "hinton_kd": ({"clip": 1.0, "kd": 1.0}, True, "CLIP loss + Hinton KD on the CLIP logits"),
+    "clip_kd": ("clip_kd.yaml", True, "CLIP-KD best: CRD + ICL + FD"),
+    "clip_kd_crd": ("clip_kd_crd.yaml", True, "CLIP-KD: CRD"),
+    "clip_kd_fd": ("clip_kd_fd.yaml", True, "CLIP-KD: FD"),
+    "clip_kd_mfd": ("clip_kd_mfd.yaml", True, "CLIP-KD: MFD"),
+    "clip_kd_gd": ("clip_kd_gd.yaml", True, "CLIP-KD: GD"),
+    "clip_kd_icl": ("clip_kd_icl.yaml", True, "CLIP-KD: ICL"),
+    "clip_kd_afd": ("clip_kd_afd.yaml", True, "CLIP-KD: AFD"),
+    "tinyclip": ("tinyclip.yaml", True, "TinyCLIP affinity mimicking"),
+    "clip_cid": ("clip_cid.yaml", True, "CLIP-CID: semantic balance + cluster + instance"),
+    "comkd": ("comkd.yaml", True, "ComKD-CLIP: IFAlign + EduAttention + KL"),
+    "dclip": ("dclip.yaml", True, "DCLIP"),
+    "mobileclip": ("mobileclip.yaml", True, "MobileCLIP-style KD from the teacher cache"),
+    "relational": ("relational.yaml", False, "ours: relational (cross- and intra-modal, memory bank)"),
+}
+TRACKS = {"A": ["flickr8k:train"]}
+SETTINGS = {"image": "teacher", "both": "own"}
+# dataset -> (split, every n-th sample, task metrics kept)
+EVAL = {
+    "cifar10": ("test", 5), "imagenet-1k-sample": ("test", 1), "dtd-10": ("test", 1), "mnist": ("test", 10),
+    "flickr8k": ("test", 1), "flickr8k-dev": ("dev", 1),
+}
+ZEROSHOT = [("cifar10", "acc1"), ("imagenet-1k-sample", "acc1"), ("imagenet-1k-sample", "acc5"),
+            ("dtd-10", "acc1"), ("mnist", "acc1")]
+RETRIEVAL = [("flickr8k", f"{d}_retrieval_recall@{k}") for d in ("text", "image") for k in (1, 5, 10)]
+# semantic balance radius and k-means clusters for ~6k images (spec 4). beta 0.6 (cosine > 0.82) joins only
+# near-duplicates: it keeps 98.3% of Flickr8k train (benchmarks/results/balance_shared.md); below 0.5 nothing is joined.
+CLIP_CID = {"beta": 0.6, "k": 100}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every cell shares (spec section 11)."""
+
+    student: str = "student:vit-t-32"
+    steps: int = 64
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    track: str
+    setting: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.track}-{self.setting}-s{self.seed}"
+
+
+# --- preparation shared by the grid -----------------------------------------------------------------
+
+
+def prepare(teacher_dir: Path, data_root: str | None) -> dict:
+    """The teacher (built when missing), its cache on every track's data (centre view), and CLIP-CID's
+    keep-list and cluster centres computed from the cached teacher embeddings."""
+    from clipdistill.curate.balance import BalanceConfig, balance
+    from clipdistill.curate.cluster import ClusterConfig, cluster
+    from clipdistill.curate.io import Embeddings, load_teacher_cache
+    from clipdistill.data.augment import AugmentPolicy
+    from clipdistill.data.loader import resolve_shards
+    from clipdistill.data.teacher_cache import build_cache
+    from clipdistill.models.composed import load_teacher
+    from clipdistill.paths import cache_dir
+
+    if not (teacher_dir / "teacher.json").exists():
+        from clipdistill.models.teacher_build import TeacherBuildConfig, build_teacher
+
+        build_teacher(TeacherBuildConfig(), teacher_dir, data_root)
+    teacher = load_teacher(teacher_dir)
+    prep = {"teacher": teacher, "caches": {}, "curation": {}}
+    for track, specs in TRACKS.items():
+        shards = [p for spec in specs for p in resolve_shards(spec, data_root)[0]]
+        name = "+".join(s.replace(":", "-") for s in specs)
+        root = cache_dir() / "teacher-cache" / f"{name}-{teacher.fingerprint()}-k1"
+        cache = build_cache(teacher, shards, root, augmentations=1, policy=AugmentPolicy(center_view=True))
+        prep["caches"][track] = cache.root
+        out = RUNS / "curation" / f"{track}-beta{CLIP_CID['beta']}-k{CLIP_CID['k']}"
+        if not (out / "cluster" / "centres.npy").exists():
+            emb = load_teacher_cache(cache.root)
+            kept = balance(emb, BalanceConfig(beta=CLIP_CID["beta"], plots=False), out / "balance")
+            rows = np.flatnonzero(kept.keep)
+            keys = emb.key_list()
+            sub = Embeddings(array=np.ascontiguousarray(emb.rows(rows)), keys=[keys[i] for i in rows])
+            cluster(sub, ClusterConfig(k=CLIP_CID["k"], plots=False), out / "cluster")
+        prep["curation"][track] = {"keep": str(out / "balance" / "keep.txt"), "centres": str(out / "cluster" / "centres.npy")}
+    return prep
+
+
+def recipe(method: str, curation: dict) -> dict:
+    source = METHODS[method][0]
+    losses = source if isinstance(source, dict) else yaml.safe_load((REPO / "configs" / source).read_text())["losses"]
+    losses = json.loads(json.dumps(losses))
+    if "cluster" in losses:
+        losses["cluster"]["centres"] = curation["centres"]
+    return losses
+
+
+def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
+    curation = prep["curation"][cell.track]
+    cfg = {
+        "student": {"spec": budget.student, "text": SETTINGS[cell.setting]},
+        "teacher": {"spec": f"teacher:{teacher_dir}", "cache": str(prep["caches"][cell.track])},
+        "data": {"train": TRACKS[cell.track], "root": data_root, "batch_size": budget.batch_size, "workers": 1},
+        "losses": recipe(cell.method, curation),
+        "optim": {"lr": budget.lr, "warmup_steps": budget.warmup_steps},
+        "steps": budget.steps,
+        "output_dir": str(RUNS / f"{budget.student.removeprefix('student:')}-{budget.steps}" / cell.name),
+        "seed": cell.seed,
+        "threads": budget.threads,
+        "checkpoint_every": 50,
+        "log_every": 10,
+    }
+    if cell.method == "clip_cid":
+        cfg["data"]["keep"] = curation["keep"]
+    return cfg
+
+
+# --- one cell ---------------------------------------------------------------------------------------
+
+
+def evaluate(model, data_root: str | None, cache: bool = False) -> dict:
+    from clipdistill.train.evaluate import run_eval
+
+    out = {}
+    for key, (split, every) in EVAL.items():
+        dataset = key.removesuffix("-dev")
+        out[key] = {"every": every, **run_eval(model, dataset, split, data_root=data_root, every=every, cache=cache)}
+    return out
+
+
+def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
+    from clipdistill.train.checkpoint import has_checkpoint
+    from clipdistill.train.config import config_from_dict
+    from clipdistill.train.engine import train
+    from clipdistill.train.evaluate import load_trained_student
+
+    start = time.time()
+    cfg = config_from_dict(run_config(cell, budget, teacher_dir, prep, data_root))
+    out = Path(cfg.output_dir)
+    summary_file = out / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    if summary is None or not summary.get("student_weights"):
+        summary = train(cfg, resume=has_checkpoint(out))
+    t_train = time.time() - start
+    student = load_trained_student(cfg.student.spec, cfg.student.text, summary["student_weights"], prep["teacher"])
+    metrics = evaluate(student, data_root)
+    record = {
+        "cell": asdict(cell), "budget": asdict(budget), "losses": cfg.losses, "metrics": metrics,
+        "train_seconds": round(summary.get("seconds", t_train), 1), "eval_seconds": round(time.time() - start - t_train, 1),
+        "images_per_s": summary.get("images_per_s"), "skipped": summary.get("skipped"),
+        "final_loss": summary.get("final", {}).get("loss"), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(CELLS / f"{cell.name}.json", record)
+    return record
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# --- aggregation ------------------------------------------------------------------------------------
+
+
+def metric_value(metrics: dict, dataset: str, name: str) -> float | None:
+    value = metrics.get(dataset, {}).get(name)
+    return None if value is None else 100.0 * value
+
+
+def scores(metrics: dict) -> dict:
+    """Per-cell figures in percent: every tracked metric, the zero-shot mean (top-1 of the 4 sets), the
+    retrieval mean (6 recalls) and the benchmark score (their mean)."""
+    row = {f"{d} {m}": metric_value(metrics, d, m) for d, m in ZEROSHOT + RETRIEVAL}
+    zs = [row[f"{d} acc1"] for d, m in ZEROSHOT if m == "acc1"]
+    rt = [row[f"{d} {m}"] for d, m in RETRIEVAL]
+    row["zero-shot mean"] = sum(zs) / len(zs)
+    row["retrieval mean"] = sum(rt) / len(rt)
+    row["score"] = (row["zero-shot mean"] + row["retrieval mean"]) / 2
+    dev = [metric_value(metrics, "flickr8k-dev", m) for _, m in RETRIEVAL]
+    row["dev retrieval mean"] = sum(dev) / len(dev) if all(v is not None for v in dev) else None
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict], teacher: dict | None) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        c = r["cell"]
+        groups.setdefault((c["track"], c["setting"], c["method"]), []).append(r)
+    teacher_row = scores(teacher) if teacher else None
+    rows = []
+    for (track, setting, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], list(METHODS).index(kv[0][2]))):
+        per_seed = [scores(r["metrics"]) for r in rs]
+        row = {"track": track, "setting": setting, "method": method, "seeds": sorted(r["cell"]["seed"] for r in rs),
+               "train_seconds": statistics.fmean(r["train_seconds"] for r in rs), "metrics": {}}
+        for key in per_seed[0]:
+            vals = [p[key] for p in per_seed if p[key] is not None]
+            if vals:
+                m, s = mean_std(vals)
+                ret = 100 * m / teacher_row[key] if teacher_row and teacher_row.get(key) else None
+                row["metrics"][key] = {"mean": m, "std": s, "retention": ret}
+        rows.append(row)
+    margins = {}
+    for track, setting in {(r["track"], r["setting"]) for r in rows}:
+        margins[f"{track}/{setting}"] = relational_margin([r for r in records if (r["cell"]["track"], r["cell"]["setting"]) == (track, setting)])
+    return {"rows": rows, "teacher": teacher_row, "margins": margins}
+
+
+def relational_margin(records: list[dict], key: str = "score") -> dict | None:
+    """Ours minus the best published method (highest mean `key`), paired by seed: {mean, std, over, seeds}."""
+    by_method: dict[str, dict[int, float]] = {}
+    for r in records:
+        by_method.setdefault(r["cell"]["method"], {})[r["cell"]["seed"]] = scores(r["metrics"])[key]
+    if "relational" not in by_method:
+        return None
+    published = {m: v for m, v in by_method.items() if METHODS[m][1]}
+    if not published:
+        return None
+    best = max(published, key=lambda m: statistics.fmean(published[m].values()))
+    seeds = sorted(set(by_method["relational"]) & set(published[best]))
+    if not seeds:
+        return None
+    diffs = [by_method["relational"][s] - published[best][s] for s in seeds]
+    m, s = mean_std(diffs)
+    return {"mean": round(m, 3), "std": round(s, 3), "over": best, "seeds": seeds, "metric": key,
+            "wins": bool(m - 2 * s >= 1.0)}
+
+
+COLUMNS = ["cifar10 acc1", "imagenet-1k-sample acc1", "imagenet-1k-sample acc5", "dtd-10 acc1", "mnist acc1",
+           "flickr8k text_retrieval_recall@1", "flickr8k text_retrieval_recall@5", "flickr8k text_retrieval_recall@10",
+           "flickr8k image_retrieval_recall@1", "flickr8k image_retrieval_recall@5", "flickr8k image_retrieval_recall@10",
+           "zero-shot mean", "retrieval mean", "score"]
+SHORT = {"cifar10 acc1": "CIFAR-10", "imagenet-1k-sample acc1": "IN top-1", "imagenet-1k-sample acc5": "IN top-5",
+         "dtd-10 acc1": "DTD-10", "mnist acc1": "MNIST", "flickr8k text_retrieval_recall@1": "i2t R@1",
+         "flickr8k text_retrieval_recall@5": "i2t R@5", "flickr8k text_retrieval_recall@10": "i2t R@10",
+         "flickr8k image_retrieval_recall@1": "t2i R@1", "flickr8k image_retrieval_recall@5": "t2i R@5",
+         "flickr8k image_retrieval_recall@10": "t2i R@10", "zero-shot mean": "ZS mean", "retrieval mean": "Ret mean",
+         "score": "score"}
+
+
+def markdown(agg: dict, budget: Budget, latency: dict) -> str:
+    lines = []
+    teacher = agg["teacher"]
+    for track, setting in sorted({(r["track"], r["setting"]) for r in agg["rows"]}):
+        rows = [r for r in agg["rows"] if (r["track"], r["setting"]) == (track, setting)]
+        lines += [f"### Track {track}, student setting `{setting}` ({budget.student}, {budget.steps} steps x batch {budget.batch_size})", "",
+                  "| method | seeds | " + " | ".join(SHORT[c] for c in COLUMNS) + " | train s |",
+                  "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+        if teacher:
+            lines.append("| teacher | - | " + " | ".join(f"{teacher[c]:.1f}" for c in COLUMNS) + " | - |")
+        best = {c: max(r["metrics"][c]["mean"] for r in rows if c in r["metrics"]) for c in COLUMNS}
+        for r in rows:
+            cells = []
+            for c in COLUMNS:
+                v = r["metrics"].get(c)
+                if v is None:
+                    cells.append("-")
+                    continue
+                text = f"{v['mean']:.1f} ± {v['std']:.1f}"
+                cells.append(f"**{text}**" if math.isclose(v["mean"], best[c]) else text)
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+        lines.append("")
+        ret = [f"{r['method']} {r['metrics']['score']['retention']:.0f}%" for r in rows if r["metrics"].get("score", {}).get("retention")]
+        if ret:
+            lines += ["Retention of the teacher's score: " + ", ".join(ret) + ".", ""]
+        margin = agg["margins"].get(f"{track}/{setting}")
+        if margin:
+            verdict = "wins (margin - 2 std >= 1 point)" if margin["wins"] else "does not win (needs margin - 2 std >= 1 point)"
+            lines += [f"Relational margin on the score over the best published method ({margin['over']}): "
+                      f"{margin['mean']:+.2f} ± {margin['std']:.2f} points over seeds {margin['seeds']}: {verdict}.", ""]
+    if latency:
+        lines += [f"Student image-encoder latency ({budget.student}, batch 1, 2 threads, PyTorch / ONNX Runtime): "
+                  f"{latency['torch_ms_b1']:.1f} / {latency['onnx_ms_b1']:.1f} ms (benchmarks/results/latency.json).", ""]
+    return "\n".join(lines)
+
+
+def plot(agg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["track"], r["setting"]) for r in agg["rows"]})
+    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 4.5), squeeze=False)
+    for ax, (track, setting) in zip(axes[0], keys):
+        rows = [r for r in agg["rows"] if (r["track"], r["setting"]) == (track, setting)]
+        for i, metric in enumerate(["zero-shot mean", "retrieval mean"]):
+            xs = [j + (i - 0.5) * 0.38 for j in range(len(rows))]
+            ax.bar(xs, [r["metrics"][metric]["mean"] for r in rows], 0.38,
+                   yerr=[r["metrics"][metric]["std"] for r in rows], label=metric, capsize=2)
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("percent (mean ± std over seeds)")
+        ax.set_title(f"track {track}, setting {setting}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render(budget: Budget, teacher_metrics: dict | None) -> dict:
+    records = [r for r in (json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))) if r["budget"] == asdict(budget)]
+    if not records:
+        raise SystemExit("no finished cell yet; run `python benchmarks/methods.py` first")
+    agg = aggregate(records, teacher_metrics)
+    latency = _latency(budget.student)
+    best_margin = next((m for m in agg["margins"].values() if m), None)
+    out = {"budget": asdict(budget), "teacher": teacher_metrics, "cells": records, "summary": agg["rows"],
+           "margins": agg["margins"], "relational_margin": best_margin}
+    write_json(RESULTS / "methods.json", out)
+    table = markdown(agg, budget, latency)
+    (RESULTS / "methods.md").write_text(table + "\n")
+    with open(RESULTS / ".methods.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["track", "setting", "method", "seeds"] + [f"{c} {s}" for c in COLUMNS for s in ("mean", "std")])
+        for r in agg["rows"]:
+            w.writerow([r["track"], r["setting"], r["method"], len(r["seeds"])] +
+                       [f"{r['metrics'][c][s]:.3f}" if c in r["metrics"] else "" for c in COLUMNS for s in ("mean", "std")])
+    os.replace(RESULTS / ".methods.csv.tmp", RESULTS / "methods.csv")
+    plot(agg, RESULTS / "methods.png")
+    _write_doc(table)
+    return out
+
+
+def _latency(student: str) -> dict:
+    path = RESULTS / "latency.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    rows = data.get("rows", data) if isinstance(data, dict) else data
+    for row in rows if isinstance(rows, list) else []:
+        if row.get("model") == student and row.get("tower") == "image":
+            return row
+    return {}
+
+
+def _write_doc(table: str) -> None:
+    head = DOC.read_text().split("<!-- methods table -->")[0] if DOC.exists() else "# Benchmark\n\n"
+    DOC.parent.mkdir(exist_ok=True)
+    tmp = DOC.with_name(".benchmark.md.tmp")
+    tmp.write_text(head + "<!-- methods table -->\n\n" + table + "\n")
+    os.replace(tmp, DOC)
+
+
+def teacher_metrics(prep: dict, data_root: str | None) -> dict:
+    path = RESULTS / "methods_teacher.json"
+    fp = prep["teacher"].fingerprint()
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") == fp and set(data["metrics"]) == set(EVAL):
+            return data["metrics"]
+    metrics = evaluate(prep["teacher"], data_root, cache=True)
+    write_json(path, {"fingerprint": fp, "metrics": metrics})
+    return metrics
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    global CELLS
+    from clipdistill.paths import cache_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tracks", nargs="+", default=["A"], choices=list(TRACKS))
+    parser.add_argument("--settings", nargs="+", default=["image"], choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--teacher", type=Path, default=None, help="built teacher folder (default: the cache dir's, built if missing)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--render", action="store_true", help="only aggregate the finished cells")
+    parser.add_argument("--list", action="store_true", help="print the cells and whether each is done")
+    parser.add_argument("--steps", type=int, default=Budget.steps, help="training steps per cell (every cell of a table shares them)")
+    parser.add_argument("--student", default=Budget.student)
+    parser.add_argument("--cells", type=Path, default=CELLS, help="folder of finished cell records")
+    parser.add_argument("--seed-major", action="store_true", help="run every method at seed 0 first, then seed 1, ...")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    budget = Budget(student=args.student, steps=args.steps)
+    CELLS = args.cells
+    torch.set_num_threads(budget.threads)
+    cells = [Cell(m, t, s, seed) for t in args.tracks for s in args.settings for m in args.methods for seed in args.seeds]
+    if args.seed_major:
+        cells.sort(key=lambda c: (c.track, c.setting, c.seed))
+    if args.list:
+        for c in cells:
+            print(f"{'done ' if (CELLS / f'{c.name}.json').exists() else 'todo '} {c.name}")
+        return 0
+    teacher_dir = (args.teacher or cache_dir() / "teacher").expanduser()
+    prep = prepare(teacher_dir, args.data_root)
+    t_metrics = teacher_metrics(prep, args.data_root)
+    if not args.render:
+        for c in cells:
+            if (CELLS / f"{c.name}.json").exists():
+                continue
+            log.info("cell %s", c.name)
+            record = run_cell(c, budget, teacher_dir, prep, args.data_root)
+            log.info("cell %s done: score %.2f (train %.0f s)", c.name, scores(record["metrics"])["score"], record["train_seconds"])
+            render(budget, t_metrics)
+    out = render(budget, t_metrics)
+    print((RESULTS / "methods.md").read_text())
+    return 0 if out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
