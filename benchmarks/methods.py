@@ -67,6 +67,18 @@ METHODS: dict[str, tuple[str | dict, bool, str]] = {
     "mobileclip": ("mobileclip.yaml", True, "MobileCLIP-style KD from the teacher cache"),
     "relational": ("relational.yaml", False, "ours: relational (cross- and intra-modal, memory bank)"),
 }
+GRID = list(METHODS)  # the default grid: every published method, the no-teacher baseline and ours
+# Iteration on our method (issue 6): option variants of `configs/relational.yaml`, run at seed 0 and
+# ranked on Flickr8k dev retrieval only; the best one (if not the default) then runs the other seeds.
+VARIANTS: dict[str, dict] = {
+    "nobank": {"bank_size": 0},
+    "cross": {"relations": ["i2t", "t2i"]},
+    "intra1": {"w_i2i": 1.0},
+    "w2": {"weight": 2.0},
+    "tau10": {"tau_intra_t": 0.1, "tau_intra_s": 0.1},
+}
+for _name, _opts in VARIANTS.items():
+    METHODS[f"relational_{_name}"] = ({"relational": _opts}, False, f"ours, variant: {_opts}")
 TRACKS = {"A": ["flickr8k:train"]}
 SETTINGS = {"image": "teacher", "both": "own"}
 # dataset -> (split, every n-th sample, task metrics kept)
@@ -79,6 +91,12 @@ ZEROSHOT = [("cifar10", "acc1"), ("imagenet-1k-sample", "acc1"), ("imagenet-1k-s
 RETRIEVAL = [("flickr8k", f"{d}_retrieval_recall@{k}") for d in ("text", "image") for k in (1, 5, 10)]
 # semantic balance radius and k-means clusters for ~6k images (spec 4). beta 0.6 (cosine > 0.82) joins only
 # near-duplicates: it keeps 98.3% of Flickr8k train (benchmarks/results/balance_shared.md); below 0.5 nothing is joined.
+# CIFAR-10 linear probe of the frozen image embeddings (issue 9): fitted on every 4th train image (5,000),
+# tested on every 5th test image (2,000, the zero-shot subset); a pass of its own (`--probe`).
+PROBE = {"dataset": "cifar10", "split": "test", "every": 5, "train_split": "train", "train_every": 4}
+PROBE_KEY = "cifar10-linear-probe"
+# the founding study (issue 9): TinyCLIP-style vs CLIP-KD's best vs ours, same teacher and budget
+FOUNDING = ["tinyclip", "clip_kd", "relational"]
 CLIP_CID = {"beta": 0.6, "k": 100}
 
 
@@ -147,6 +165,10 @@ def prepare(teacher_dir: Path, data_root: str | None) -> dict:
 
 def recipe(method: str, curation: dict) -> dict:
     source = METHODS[method][0]
+    if method.startswith("relational_"):
+        losses = json.loads(json.dumps(yaml.safe_load((REPO / "configs" / "relational.yaml").read_text())["losses"]))
+        losses["relational"].update(source["relational"])
+        return losses
     losses = source if isinstance(source, dict) else yaml.safe_load((REPO / "configs" / source).read_text())["losses"]
     losses = json.loads(json.dumps(losses))
     if "cluster" in losses:
@@ -185,6 +207,35 @@ def evaluate(model, data_root: str | None, cache: bool = False) -> dict:
         dataset = key.removesuffix("-dev")
         out[key] = {"every": every, **run_eval(model, dataset, split, data_root=data_root, every=every, cache=cache)}
     return out
+
+
+def probe(model, data_root: str | None, cache: bool = False) -> dict:
+    """CIFAR-10 linear-probe metrics of `model`'s frozen image embeddings (PROBE's subsets)."""
+    from clipdistill.eval import runner
+
+    record = runner.evaluate(model, PROBE["dataset"], PROBE["split"], "linear_probe", data_root=data_root,
+                             every=PROBE["every"], train_split=PROBE["train_split"], train_every=PROBE["train_every"],
+                             cache=cache, progress=False)
+    return {"every": PROBE["every"], "train_every": PROBE["train_every"],
+            **{k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}}
+
+
+def probe_cell(path: Path, teacher, data_root: str | None) -> bool:
+    """Add the linear probe to a finished cell's record; False when it already has one."""
+    from clipdistill.train.evaluate import load_trained_student
+
+    record = json.loads(path.read_text())
+    if PROBE_KEY in record["metrics"]:
+        return False
+    budget, cell = Budget(**record["budget"]), Cell(**record["cell"])
+    out = RUNS / f"{budget.student.removeprefix('student:')}-{budget.steps}" / cell.name
+    summary = json.loads((out / "summary.json").read_text())
+    student = load_trained_student(budget.student, SETTINGS[cell.setting], summary["student_weights"], teacher)
+    start = time.time()
+    record["metrics"][PROBE_KEY] = probe(student, data_root)
+    record["probe_seconds"] = round(time.time() - start, 1)
+    write_json(path, record)
+    return True
 
 
 def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
@@ -239,6 +290,7 @@ def scores(metrics: dict) -> dict:
     row["score"] = (row["zero-shot mean"] + row["retrieval mean"]) / 2
     dev = [metric_value(metrics, "flickr8k-dev", m) for _, m in RETRIEVAL]
     row["dev retrieval mean"] = sum(dev) / len(dev) if all(v is not None for v in dev) else None
+    row["linear probe"] = metric_value(metrics, PROBE_KEY, "acc1")
     return row
 
 
@@ -262,31 +314,51 @@ def aggregate(records: list[dict], teacher: dict | None) -> dict:
             if vals:
                 m, s = mean_std(vals)
                 ret = 100 * m / teacher_row[key] if teacher_row and teacher_row.get(key) else None
-                row["metrics"][key] = {"mean": m, "std": s, "retention": ret}
+                row["metrics"][key] = {"mean": m, "std": s, "retention": ret, "n": len(vals)}
         rows.append(row)
-    margins = {}
+    margins, by_metric, iteration = {}, {}, {}
     for track, setting in {(r["track"], r["setting"]) for r in rows}:
-        margins[f"{track}/{setting}"] = relational_margin([r for r in records if (r["cell"]["track"], r["cell"]["setting"]) == (track, setting)])
-    return {"rows": rows, "teacher": teacher_row, "margins": margins}
+        mine = [r for r in records if (r["cell"]["track"], r["cell"]["setting"]) == (track, setting)]
+        key = f"{track}/{setting}"
+        margins[key] = relational_margin(mine)
+        ours = margins[key]["ours"] if margins[key] else None
+        by_metric[key] = {k: relational_margin(mine, k, ours) for k in ("zero-shot mean", "retrieval mean")} if ours else {}
+        iteration[key] = {"selected": select_relational(mine), "seed0": [
+            {"method": r["cell"]["method"], "options": r["losses"].get("relational") if isinstance(r["losses"], dict) else None,
+             **{k: scores(r["metrics"])[k] for k in ("dev retrieval mean", "zero-shot mean", "retrieval mean", "score")}}
+            for r in mine if r["cell"]["method"].startswith("relational") and r["cell"]["seed"] == 0]}
+    return {"rows": rows, "teacher": teacher_row, "margins": margins, "margins_by_metric": by_metric, "iteration": iteration}
 
 
-def relational_margin(records: list[dict], key: str = "score") -> dict | None:
-    """Ours minus the best published method (highest mean `key`), paired by seed: {mean, std, over, seeds}."""
+def select_relational(records: list[dict]) -> str | None:
+    """Our variant with the best Flickr8k dev retrieval mean at seed 0 (dev is the only selection figure)."""
+    dev = {r["cell"]["method"]: scores(r["metrics"])["dev retrieval mean"] for r in records
+           if r["cell"]["method"].startswith("relational") and r["cell"]["seed"] == 0}
+    dev = {m: v for m, v in dev.items() if v is not None}
+    return max(sorted(dev), key=lambda m: dev[m]) if dev else None
+
+
+def relational_margin(records: list[dict], key: str = "score", ours: str | None = None) -> dict | None:
+    """Ours (default: the dev-selected variant with the most seeds) minus the best published method
+    (highest mean `key`), paired by seed: {mean, std, over, ours, seeds, wins}."""
     by_method: dict[str, dict[int, float]] = {}
     for r in records:
         by_method.setdefault(r["cell"]["method"], {})[r["cell"]["seed"]] = scores(r["metrics"])[key]
-    if "relational" not in by_method:
+    if ours is None:
+        selected = select_relational(records)
+        ours = selected if selected and len(by_method.get(selected, {})) >= len(by_method.get("relational", {})) else "relational"
+    if ours not in by_method:
         return None
     published = {m: v for m, v in by_method.items() if METHODS[m][1]}
     if not published:
         return None
     best = max(published, key=lambda m: statistics.fmean(published[m].values()))
-    seeds = sorted(set(by_method["relational"]) & set(published[best]))
+    seeds = sorted(set(by_method[ours]) & set(published[best]))
     if not seeds:
         return None
-    diffs = [by_method["relational"][s] - published[best][s] for s in seeds]
+    diffs = [by_method[ours][s] - published[best][s] for s in seeds]
     m, s = mean_std(diffs)
-    return {"mean": round(m, 3), "std": round(s, 3), "over": best, "seeds": seeds, "metric": key,
+    return {"mean": round(m, 3), "std": round(s, 3), "over": best, "ours": ours, "seeds": seeds, "metric": key,
             "wins": bool(m - 2 * s >= 1.0)}
 
 
@@ -306,7 +378,9 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
     lines = []
     teacher = agg["teacher"]
     for track, setting in sorted({(r["track"], r["setting"]) for r in agg["rows"]}):
-        rows = [r for r in agg["rows"] if (r["track"], r["setting"]) == (track, setting)]
+        key = f"{track}/{setting}"
+        ours = (agg["margins"].get(key) or {}).get("ours")
+        rows = [r for r in agg["rows"] if (r["track"], r["setting"]) == (track, setting) and (r["method"] in GRID or r["method"] == ours)]
         lines += [f"### Track {track}, student setting `{setting}` ({budget.student}, {budget.steps} steps x batch {budget.batch_size})", "",
                   "| method | seeds | " + " | ".join(SHORT[c] for c in COLUMNS) + " | train s |",
                   "|---|---|" + "---|" * (len(COLUMNS) + 1)]
@@ -324,18 +398,77 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
                 cells.append(f"**{text}**" if math.isclose(v["mean"], best[c]) else text)
             lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
         lines.append("")
+        winners = [f"{SHORT[c]} {', '.join(r['method'] for r in rows if c in r['metrics'] and math.isclose(r['metrics'][c]['mean'], best[c]))}"
+                   for c in COLUMNS]
+        lines += ["Best mean per metric: " + "; ".join(winners) + ".", ""]
         ret = [f"{r['method']} {r['metrics']['score']['retention']:.0f}%" for r in rows if r["metrics"].get("score", {}).get("retention")]
         if ret:
             lines += ["Retention of the teacher's score: " + ", ".join(ret) + ".", ""]
         margin = agg["margins"].get(f"{track}/{setting}")
         if margin:
             verdict = "wins (margin - 2 std >= 1 point)" if margin["wins"] else "does not win (needs margin - 2 std >= 1 point)"
-            lines += [f"Relational margin on the score over the best published method ({margin['over']}): "
-                      f"{margin['mean']:+.2f} ± {margin['std']:.2f} points over seeds {margin['seeds']}: {verdict}.", ""]
+            lines += [f"Relational margin ({margin['ours']}) on the score over the best published method ({margin['over']}): "
+                      f"{margin['mean']:+.2f} ± {margin['std']:.2f} points over seeds {margin['seeds']}: {verdict}."]
+            for k, m in agg["margins_by_metric"].get(key, {}).items():
+                if m:
+                    lines.append(f"On the {k} alone, against its best published method ({m['over']}): {m['mean']:+.2f} ± {m['std']:.2f} points.")
+            lines.append("")
+        lines += iteration_table(agg["iteration"].get(key))
+        lines += founding_table(rows, teacher) + probe_table(rows, teacher)
     if latency:
         lines += [f"Student image-encoder latency ({budget.student}, batch 1, 2 threads, PyTorch / ONNX Runtime): "
                   f"{latency['torch_ms_b1']:.1f} / {latency['onnx_ms_b1']:.1f} ms (benchmarks/results/latency.json).", ""]
     return "\n".join(lines)
+
+
+def _pm(row: dict, key: str) -> str:
+    v = row["metrics"].get(key)
+    return "-" if v is None else f"{v['mean']:.1f} ± {v['std']:.1f}"
+
+
+def iteration_table(it: dict | None) -> list[str]:
+    """Our method's option variants at seed 0, ranked on Flickr8k dev (the selection figure)."""
+    if not it or len(it["seed0"]) < 2:
+        return []
+    lines = ["#### Iterating on the relational method (seed 0; selected on Flickr8k dev retrieval only)", "",
+             "| variant | options changed | dev Ret mean | test ZS mean | test Ret mean | test score |", "|---|---|---|---|---|---|"]
+    for r in sorted(it["seed0"], key=lambda r: -(r["dev retrieval mean"] or 0)):
+        opts = "default (configs/relational.yaml)" if r["method"] == "relational" else json.dumps(VARIANTS.get(r["method"].removeprefix("relational_"), {}))
+        mark = " (selected)" if r["method"] == it["selected"] else ""
+        lines.append(f"| {r['method']}{mark} | {opts} | {r['dev retrieval mean']:.2f} | {r['zero-shot mean']:.2f} | {r['retrieval mean']:.2f} | {r['score']:.2f} |")
+    return lines + [""]
+
+
+def founding_table(rows: list[dict], teacher: dict | None) -> list[str]:
+    """The founding study: TinyCLIP-style vs CLIP-KD (CRD + ICL + FD) vs ours, zero-shot CIFAR-10 first."""
+    rows = [r for m in FOUNDING for r in rows if r["method"] == m]
+    if not rows:
+        return []
+    cols = ["cifar10 acc1", "imagenet-1k-sample acc1", "dtd-10 acc1", "mnist acc1", "zero-shot mean", "retrieval mean", "score"]
+    lines = ["#### Founding study: TinyCLIP-style vs CLIP-KD vs relational", "",
+             "TinyCLIP-style here is affinity mimicking only: weight inheritance needs a student cut from the teacher's own "
+             "architecture, and this teacher (EfficientNet-Lite2 + MiniLM) shares none with the ViT student.", "",
+             "| method | seeds | " + " | ".join(SHORT[c] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    if teacher:
+        lines.append("| teacher | - | " + " | ".join(f"{teacher[c]:.1f}" for c in cols) + " |")
+    for r in rows:
+        lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(_pm(r, c) for c in cols) + " |")
+    return lines + [""]
+
+
+def probe_table(rows: list[dict], teacher: dict | None) -> list[str]:
+    """CIFAR-10 linear-probe top-1 per method (cells that ran the `--probe` pass)."""
+    rows = [r for r in rows if "linear probe" in r["metrics"]]
+    if not rows:
+        return []
+    lines = ["#### CIFAR-10 linear probe (frozen image embeddings; fitted on every 4th train image, tested on every 5th test image)", "",
+             "| method | seeds | linear-probe top-1 | zero-shot top-1 |", "|---|---|---|---|"]
+    if teacher and teacher.get("linear probe") is not None:
+        lines.append(f"| teacher | - | {teacher['linear probe']:.1f} | {teacher['cifar10 acc1']:.1f} |")
+    for r in rows:
+        seeds = r["metrics"]["linear probe"].get("n", len(r["seeds"]))
+        lines.append(f"| {r['method']} | {seeds} | {_pm(r, 'linear probe')} | {_pm(r, 'cifar10 acc1')} |")
+    return lines + [""]
 
 
 def plot(agg: dict, path: Path) -> None:
@@ -408,14 +541,19 @@ def _write_doc(table: str) -> None:
 
 
 def teacher_metrics(prep: dict, data_root: str | None) -> dict:
+    """The teacher's figures on EVAL and PROBE, cached in benchmarks/results/methods_teacher.json."""
     path = RESULTS / "methods_teacher.json"
     fp = prep["teacher"].fingerprint()
-    if path.exists():
-        data = json.loads(path.read_text())
-        if data.get("fingerprint") == fp and set(data["metrics"]) == set(EVAL):
-            return data["metrics"]
-    metrics = evaluate(prep["teacher"], data_root, cache=True)
-    write_json(path, {"fingerprint": fp, "metrics": metrics})
+    data = json.loads(path.read_text()) if path.exists() else {}
+    metrics = data.get("metrics") if data.get("fingerprint") == fp else None
+    changed = not metrics or not set(EVAL) <= set(metrics)
+    if changed:
+        metrics = evaluate(prep["teacher"], data_root, cache=True)
+    if metrics.get(PROBE_KEY, {}).get("train_every") != PROBE["train_every"]:
+        metrics[PROBE_KEY] = probe(prep["teacher"], data_root, cache=True)
+        changed = True
+    if changed:
+        write_json(path, {"fingerprint": fp, "metrics": metrics})
     return metrics
 
 
@@ -427,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     from clipdistill.paths import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=GRID, choices=list(METHODS),
+                        help=f"default: the grid; our variants: {', '.join(m for m in METHODS if m not in GRID)}")
     parser.add_argument("--tracks", nargs="+", default=["A"], choices=list(TRACKS))
     parser.add_argument("--settings", nargs="+", default=["image"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -438,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=Budget.steps, help="training steps per cell (every cell of a table shares them)")
     parser.add_argument("--student", default=Budget.student)
     parser.add_argument("--cells", type=Path, default=CELLS, help="folder of finished cell records")
+    parser.add_argument("--probe", action="store_true", help="add the CIFAR-10 linear probe to the finished cells (of --methods and --seeds)")
     parser.add_argument("--seed-major", action="store_true", help="run every method at seed 0 first, then seed 1, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -455,7 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = (args.teacher or cache_dir() / "teacher").expanduser()
     prep = prepare(teacher_dir, args.data_root)
     t_metrics = teacher_metrics(prep, args.data_root)
-    if not args.render:
+    if args.probe:
+        for c in cells:
+            path = CELLS / f"{c.name}.json"
+            if path.exists() and probe_cell(path, prep["teacher"], args.data_root):
+                log.info("cell %s: linear probe done", c.name)
+    elif not args.render:
         for c in cells:
             if (CELLS / f"{c.name}.json").exists():
                 continue
