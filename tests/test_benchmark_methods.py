@@ -1,0 +1,85 @@
+"""The side-by-side benchmark's aggregation (benchmarks/methods.py): scores, the paired relational
+margin, dev-only selection of our variant, and the rendered table, on synthetic cell records."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+
+
+@pytest.fixture(scope="module")
+def methods():
+    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_methods"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_methods", None)
+
+
+def metrics(zs: float, ret: float, dev: float) -> dict:
+    """Cell metrics (fractions) whose zero-shot top-1s all equal `zs`, test recalls `ret`, dev recalls `dev`."""
+    out = {d: {"acc1": zs, "acc5": zs} for d in ("cifar10", "imagenet-1k-sample", "dtd-10", "mnist")}
+    recalls = [f"{d}_retrieval_recall@{k}" for d in ("text", "image") for k in (1, 5, 10)]
+    out["flickr8k"] = {r: ret for r in recalls}
+    out["flickr8k-dev"] = {r: dev for r in recalls}
+    return out
+
+
+def record(method: str, seed: int, zs: float, ret: float, dev: float = 0.1) -> dict:
+    return {"cell": {"method": method, "track": "A", "setting": "image", "seed": seed}, "budget": {},
+            "losses": {}, "metrics": metrics(zs, ret, dev), "train_seconds": 1.0}
+
+
+def test_scores_average_the_four_sets_and_six_recalls(methods):
+    m = metrics(0.2, 0.1, 0.05)
+    m["mnist"]["acc1"] = 0.6  # zero-shot mean = (20 + 20 + 20 + 60) / 4
+    row = methods.scores(m)
+    assert row["zero-shot mean"] == pytest.approx(30.0)
+    assert row["retrieval mean"] == pytest.approx(10.0)
+    assert row["score"] == pytest.approx(20.0)
+    assert row["dev retrieval mean"] == pytest.approx(5.0)
+    assert row["linear probe"] is None
+
+
+def test_margin_is_paired_by_seed_against_the_best_published_method(methods):
+    ours = [(0.30, 0.10), (0.32, 0.10), (0.31, 0.12)]
+    kd = [(0.28, 0.10), (0.28, 0.11), (0.29, 0.10)]  # the better published method by mean score
+    crd = [(0.20, 0.10)] * 3
+    recs = [record("relational", s, *v) for s, v in enumerate(ours)]
+    recs += [record("clip_kd", s, *v) for s, v in enumerate(kd)] + [record("clip_kd_crd", s, *v) for s, v in enumerate(crd)]
+    recs += [record("no_teacher", s, 0.9, 0.9) for s in range(3)]  # not published: never the reference
+    margin = methods.relational_margin(recs)
+    diffs = [100 * ((o[0] + o[1]) - (k[0] + k[1])) / 2 for o, k in zip(ours, kd)]
+    assert margin["over"] == "clip_kd" and margin["ours"] == "relational" and margin["seeds"] == [0, 1, 2]
+    assert margin["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-3)
+    assert margin["std"] == pytest.approx(statistics.stdev(diffs), abs=1e-3)
+    assert margin["wins"] == (statistics.fmean(diffs) - 2 * statistics.stdev(diffs) >= 1.0)
+
+
+def test_variant_selection_reads_dev_only(methods):
+    recs = [record("relational", 0, 0.30, 0.30, dev=0.10), record("relational_w2", 0, 0.10, 0.10, dev=0.20),
+            record("relational_nobank", 0, 0.90, 0.90, dev=0.05), record("clip_kd", 0, 0.2, 0.2, dev=0.9)]
+    assert methods.select_relational(recs) == "relational_w2"
+    # the selected variant is compared only once it has as many seeds as the default
+    margin = methods.relational_margin(recs)
+    assert margin["ours"] == "relational_w2"
+    assert margin["mean"] == pytest.approx(100 * (0.10 - 0.20), abs=1e-3)
+
+
+def test_markdown_marks_the_best_and_keeps_variants_out_of_the_main_table(methods):
+    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [record("clip_kd", s, 0.2, 0.2) for s in range(2)]
+    recs.append(record("relational_cross", 0, 0.1, 0.1, dev=0.01))
+    agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
+    text = methods.markdown(agg, methods.Budget(), latency={})
+    main = text.split("#### ")[0]
+    assert "| relational | 2 | **30.0 ± 0.0**" in main and "| clip_kd | 2 | 20.0 ± 0.0" in main
+    assert "relational_cross" not in main
+    assert "| relational_cross |" in text  # in the iteration table
+    assert "Relational margin (relational)" in text and "+10.00 ± 0.00" in text
