@@ -102,6 +102,10 @@ class Term(nn.Module):
     # Option names this term accepts, with defaults; unknown options are refused at config load.
     options: ClassVar[dict[str, object]] = {}
     required_options: ClassVar[tuple[str, ...]] = ()
+    # Caption-less images in a mixed batch (data.unpaired): "none" = the term sees only the image-caption
+    # pairs; "images" = the term is defined on images alone and also runs on the unpaired images (with
+    # text None); a term may instead override `unpaired_loss` (e.g. relational: unpaired images as queries).
+    unpaired: ClassVar[str] = "none"
 
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__()
@@ -119,12 +123,26 @@ class Term(nn.Module):
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def unpaired_loss(
+        self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None
+    ) -> dict[str, Tensor] | None:
+        """The term on the caption-less images of a mixed batch (`student_u`, `teacher_u`: image-only
+        `Outputs`, text None), given the image-caption part (`student`, `teacher`) for candidates.
+        Returns a dict like `forward` (its own name's entry is weighted) or None when the term does not
+        use unpaired images. Default: `forward(student_u, teacher_u)` when `unpaired == "images"`."""
+        if self.unpaired != "images":
+            return None
+        return self(student_u, teacher_u)
+
     @property
     def faithful(self) -> bool:
         return bool(self.opts.get("faithful", False))
 
     def update(self, student: Outputs, teacher: Outputs | None) -> None:
         """Called after the optimiser step's loss (no grad); e.g. to enqueue a memory bank."""
+
+    def update_unpaired(self, student_u: Outputs, teacher_u: Outputs | None) -> None:
+        """Like `update`, for the caption-less images of a mixed batch (after `update`)."""
 
     def param_group(self) -> str:
         """Name of the optimiser parameter group for this term's own parameters."""

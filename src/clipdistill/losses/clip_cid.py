@@ -90,6 +90,7 @@ class ClusterDistill(Term):
     """
 
     name = "cluster"
+    unpaired = "images"
     needs = frozenset({"teacher", "cluster_centres"})
     default_weight = 1.0
     source = "CLIP-CID (Yang, Gu et al., AAAI 2025); spec 4.2"
@@ -175,6 +176,7 @@ class InstanceDistill(Term):
     """
 
     name = "instance"
+    unpaired = "images"
     needs = frozenset({"teacher"})
     default_weight = 0.5
     source = "CLIP-CID (Yang, Gu et al., AAAI 2025); spec 4.3"

@@ -118,6 +118,7 @@ class FeatureDistill(_Projected):
 
     name = "fd"
     needs = frozenset({"teacher", "teacher_text"})
+    unpaired = "images"  # the image side is defined on images alone
     default_weight = 2000.0
     source = f"{CLIP_KD}; spec 2"
     options = {"form": "mse", "reference_dim": 512}

@@ -121,6 +121,7 @@ class IFAlign(Term):
 
     name = "ifalign"
     needs = frozenset({"teacher"})
+    unpaired = "images"
     default_weight = 1.0
     source = "ComKD-CLIP (Chen et al., 2024); spec 5"
 

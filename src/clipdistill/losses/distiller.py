@@ -64,7 +64,7 @@ def gather_outputs(out: Outputs, *, grad: bool) -> Outputs:
 
 
 def _overrides_update(term: Term) -> bool:
-    return type(term).update is not Term.update
+    return type(term).update is not Term.update or type(term).update_unpaired is not Term.update_unpaired
 
 
 class Distiller(nn.Module):
@@ -83,8 +83,12 @@ class Distiller(nn.Module):
         *,
         student_pooled_dim: int | None = None,
         teacher_pooled_dim: int | None = None,
+        unpaired_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if not unpaired_weight >= 0:
+            raise UserError(f"data.unpaired_weight = {unpaired_weight} must be >= 0")
+        self.unpaired_weight = float(unpaired_weight)
         if not cfg.weights:
             raise UserError("losses: names no term; add at least one, e.g. losses: {clip: 1.0}")
         self.cfg = cfg
@@ -142,14 +146,22 @@ class Distiller(nn.Module):
                     f"provide it or remove losses.{name}"
                 )
 
-    def forward(self, student: Outputs, teacher: Outputs | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, logs). Logs hold every term's entries detached and "loss" (the total).
 
         student, teacher: local-batch `Outputs`; gathered over ranks once here. A zero-weight term is
-        evaluated without gradient, for its logs only.
+        evaluated without gradient, for its logs only. `unpaired`: (student, teacher) image-only
+        `Outputs` of the caption-less images of a mixed batch; each term that uses them
+        (`Term.unpaired_loss`) adds `unpaired_weight` x its value there, logged as `<term>/unpaired`.
         """
         s = gather_outputs(student, grad=True)
         t = gather_outputs(teacher, grad=False) if teacher is not None else None
+        su = tu = None
+        if unpaired is not None:
+            su = gather_outputs(unpaired[0], grad=True)
+            tu = gather_outputs(unpaired[1], grad=False) if unpaired[1] is not None else None
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
         for name, term in self.terms.items():
@@ -158,18 +170,26 @@ class Distiller(nn.Module):
             weight = self.weights[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
                 out = term(s, t)
-            if name not in out:
-                raise RuntimeError(f"term '{name}' returned {sorted(out)} without its own entry '{name}'")
+                if name not in out:
+                    raise RuntimeError(f"term '{name}' returned {sorted(out)} without its own entry '{name}'")
+                value = out[name]
+                out_u = term.unpaired_loss(su, tu, s, t) if su is not None else None
+                if out_u is not None:
+                    value = value + self.unpaired_weight * out_u[name]
+                    logs[f"{name}/unpaired"] = torch.as_tensor(out_u[name]).detach()
+                    logs.update({k: torch.as_tensor(v).detach() for k, v in out_u.items() if k != name})
             if weight > 0:
-                total = weight * out[name] if total is None else total + weight * out[name]
+                total = weight * value if total is None else total + weight * value
             logs.update({k: torch.as_tensor(v).detach() for k, v in out.items()})
+            if out_u is not None:
+                logs[name] = torch.as_tensor(value).detach()
         if total is None:  # every weight is 0: a zero that still connects to the graph
             total = s.image.sum() * 0.0
         logs["loss"] = total.detach()
         return total, logs
 
     @torch.no_grad()
-    def update(self, student: Outputs, teacher: Outputs | None) -> None:
+    def update(self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None) -> None:
         """After the optimiser step: lets terms update their state (memory banks, step counters)."""
         terms = [term for term in self.terms.values() if _overrides_update(term)]
         if not terms:
@@ -178,6 +198,11 @@ class Distiller(nn.Module):
         t = gather_outputs(teacher, grad=False) if teacher is not None else None
         for term in terms:
             term.update(s, t)
+        if unpaired is not None:
+            su = gather_outputs(unpaired[0], grad=False)
+            tu = gather_outputs(unpaired[1], grad=False) if unpaired[1] is not None else None
+            for term in self.terms.values():
+                term.update_unpaired(su, tu)
 
     def group_names(self) -> list[str]:
         """Every parameter-group name this Distiller can produce (some may be empty)."""

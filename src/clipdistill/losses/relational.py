@@ -24,7 +24,11 @@ Temperatures. Cross-modal rows are scaled by each model's own logit scale (`s_t`
 Bank. Gathered teacher embeddings (the Distiller passes full-batch outputs) are enqueued in
 `update()`, after the loss, so the current batch is never its own candidate; the bank is a set of
 registered buffers (saved in the Distiller's state_dict) and only its filled rows are candidates.
-Because the teacher is frozen, a bank filled from a teacher cache is exact, not stale. Prior art:
+Because the teacher is frozen, a bank filled from a teacher cache is exact, not stale.
+
+Unpaired images (a mixed batch, `data.unpaired`): caption-less images join as extra queries of the
+image-query relations (`i2t` over the batch's texts and the text bank, `i2i` over the other unpaired
+images and the image bank; `unpaired_loss`), and their teacher embeddings enter the image bank. Prior art:
 CompRess (UMBCvision/CompRess), SEED (jacobswan1/SEED), ConaCLIP, CLIP-RD; see spec 8.
 """
 
@@ -201,10 +205,36 @@ class RelationalDistill(Term):
             total = total + float(self.opts[f"w_{rel}"]) * value
         return {self.name: total, **logs}
 
+    def unpaired_loss(self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor] | None:
+        """Caption-less images as extra queries of the image-query relations: `i2t` rows over the
+        batch's texts (and the text bank), `i2i` rows over the other unpaired images (self removed) and
+        the image bank, weighted like their paired counterparts (DIME-FM's unpaired-image distributions)."""
+        logs: dict[str, Tensor] = {}
+        total = 0.0
+        for rel in self.relations:
+            if RELATIONS[rel][0] != "image":
+                continue
+            if rel == "i2t":
+                s_mix = student_u.replace(text=student.text)
+                t_mix = teacher_u.replace(text=teacher.text)
+                value = self.relation(rel, s_mix, t_mix)
+            else:
+                value = self.relation(rel, student_u, teacher_u)
+            logs[f"{self.name}/{rel}_unpaired"] = value
+            total = total + float(self.opts[f"w_{rel}"]) * value
+        if not logs:
+            return None
+        return {self.name: total, **logs}
+
     @torch.no_grad()
     def update(self, student: Outputs, teacher: Outputs | None) -> None:
         for modality, bank in self.banks.items():
             bank.enqueue(F.normalize(getattr(teacher, modality), dim=-1))
+
+    @torch.no_grad()
+    def update_unpaired(self, student_u: Outputs, teacher_u: Outputs | None) -> None:
+        if "image" in self.banks:
+            self.banks["image"].enqueue(F.normalize(teacher_u.image, dim=-1))
 
     def extra_repr(self) -> str:
         size = next(iter(self.banks.values())).size if self.banks else 0

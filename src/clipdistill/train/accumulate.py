@@ -123,7 +123,7 @@ def cached_backward(
         for i in range(n_micro):
             states.append(_rng_state(device))
             parts.append(forward(i))
-    sizes = [next(v.shape[0] for v in p.values() if v.ndim > 0) for p in parts]
+    sizes = [{k: v.shape[0] for k, v in p.items() if v.ndim > 0} for p in parts]  # per key: mixed batches
     full = _concat(parts)
     leaves = {k: v.detach().float().requires_grad_(True) for k, v in full.items()}
     loss, logs = loss_fn(leaves)
@@ -131,11 +131,11 @@ def cached_backward(
         check(loss, logs)
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items()}
-    start = 0
+    start = dict.fromkeys(sizes[0], 0)
     for i in range(n_micro):
-        stop = start + sizes[i]
+        stop = {k: start[k] + n for k, n in sizes[i].items()}
         last = i == n_micro - 1
-        micro_grads = {k: (g if g is None or g.ndim == 0 else g[start:stop]) for k, g in grads.items()}
+        micro_grads = {k: (g if g is None or g.ndim == 0 else g[start[k]:stop[k]]) for k, g in grads.items()}
         # DDP decides in forward whether the following backward all-reduces: both go inside no_sync.
         with nullcontext() if last or no_sync is None else no_sync():
             with _Replay(states[i], device):

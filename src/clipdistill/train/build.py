@@ -200,7 +200,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 def data_filter(data) -> tuple[frozenset[int] | None, frozenset[str] | None]:
     """(labels, keys) kept by `data.filter` and `data.keep` (a `DataConfig`); None where unfiltered.
 
-    `filter` (e.g. classes=base) applies to the classification sets of `data.train` (their labels select
+    `filter` (e.g. classes=base) applies to the classification sets of `data.train` and `data.unpaired` (their labels select
     images and never reach a loss); caption sets in the same run pass unfiltered. `keep` is a keep-list
     file with one sample key per line (`clipdistill balance` writes one).
     """
@@ -210,7 +210,7 @@ def data_filter(data) -> tuple[frozenset[int] | None, frozenset[str] | None]:
     labels = None
     if data.filter:
         sets = []
-        for spec in data.train:
+        for spec in [*data.train, *data.unpaired]:
             name, _, _ = spec.partition(":")
             folder = Path(name).expanduser()
             info = dataset_info(folder.name, folder.parent) if (folder / "dataset_type.txt").exists() else None
@@ -219,9 +219,9 @@ def data_filter(data) -> tuple[frozenset[int] | None, frozenset[str] | None]:
             if info is not None and info.kind == "classification":
                 sets.append(frozenset(parse_data_filter(data.filter, info, data.split_seed)))
         if not sets:
-            raise UserError(f"data.filter = {data.filter!r} needs a classification set in data.train (e.g. cifar10:train); got {data.train}")
+            raise UserError(f"data.filter = {data.filter!r} needs a classification set in data.train or data.unpaired (e.g. cifar10:train); got {data.train + data.unpaired}")
         if len(set(sets)) > 1:
-            raise UserError(f"data.filter = {data.filter!r} selects different classes in {data.train}; filter one classification set per run")
+            raise UserError(f"data.filter = {data.filter!r} selects different classes in {data.train + data.unpaired}; filter one classification set per run")
         labels = sets[0]
     keys = None
     if data.keep:

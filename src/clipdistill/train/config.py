@@ -44,6 +44,7 @@ class StudentConfig:
 class TeacherConfig:
     spec: str | None = None  # model spec (online teacher; also verifies a cache's teacher when both are given)
     cache: str | None = None  # a folder written by `clipdistill cache-teacher`
+    unpaired_cache: str | None = None  # the teacher cache of data.unpaired (cached mode)
     mode: str = "auto"  # auto: cached when `cache` is set, else online
 
 
@@ -57,7 +58,12 @@ class DataConfig:
     augment: dict | None = None  # AugmentPolicy fields; None: the cache's policy (or the default one)
     filter: str | None = None  # classification sets only: classes=base | classes=novel | classes=NAME,NAME
     split_seed: int | None = None  # base/novel split: None = first half of the class order (CoOp), else seeded
-    keep: str | None = None  # a keep-list file (one sample key per line, e.g. `clipdistill balance` keep.txt)
+    keep: str | None = None  # a keep-list file (one sample key per line, e.g. `clipdistill balance` keep.txt); data.train only
+    # Mixed batches: caption-less images (e.g. cifar10:train used unlabeled) drawn beside every batch of
+    # data.train; the terms defined on images alone (and relational's image queries) also run on them.
+    unpaired: list[str] = field(default_factory=list)
+    unpaired_batch_size: int = 0  # global, like batch_size; 0 = the same as batch_size
+    unpaired_weight: float = 1.0  # multiplies each term's value on the unpaired images
 
     def policy(self) -> AugmentPolicy | None:
         return None if self.augment is None else AugmentPolicy.from_dict(self.augment)
@@ -138,6 +144,8 @@ class TrainConfig:
             (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1"),
             (self.eval.every >= 0, f"eval.every = {self.eval.every} must be >= 0"),
             (bool(self.data.train), "data.train names no dataset; give e.g. [flickr8k:train]"),
+            (self.data.unpaired_batch_size >= 0, f"data.unpaired_batch_size = {self.data.unpaired_batch_size} must be >= 0"),
+            (self.data.unpaired_weight >= 0, f"data.unpaired_weight = {self.data.unpaired_weight} must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,6 +159,11 @@ class TrainConfig:
         mode = self.teacher_mode
         if mode == "cached" and not self.teacher.cache:
             raise UserError("teacher.mode = cached needs teacher.cache (a folder from `clipdistill cache-teacher`)")
+        if self.data.unpaired and mode == "cached" and not self.teacher.unpaired_cache:
+            raise UserError(
+                "data.unpaired with a cached teacher needs teacher.unpaired_cache: build it with "
+                "`clipdistill cache-teacher --teacher SPEC --data " + " ".join(self.data.unpaired) + " --out DIR`"
+            )
         if mode == "online" and not self.teacher.spec:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
         if self.student.text == "teacher" and not self.student.spec.startswith("student:"):

@@ -108,10 +108,14 @@ class Run:
         self._plan_steps()
         self.step = 0
         self.data_state = DataState(streams=info.world * max(1, cfg.data.workers))
+        self.data_state_u = DataState(streams=info.world * max(1, cfg.data.workers))
         self.last_eval: dict = {}
         if resume:
             self._restore(load_checkpoint(self.out))
         self.loader = make_loader(self.stream_cfg, self.cache, self.data_state if resume else None)
+        self.loader_u = None
+        if self.stream_cfg_u is not None:
+            self.loader_u = make_loader(self.stream_cfg_u, self.cache_u, self.data_state_u if resume else None)
 
     # --- setup --------------------------------------------------------------------------------------
 
@@ -125,6 +129,11 @@ class Run:
         self.text = all(k != "classification" for k in kinds)
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
         self.keep_labels, self.keep_keys = build.data_filter(cfg.data)
+        # mixed batches: caption-less images beside every batch (data.unpaired)
+        self.unpaired_shards = [p for spec in cfg.data.unpaired for p in resolve_shards(spec, cfg.data.root)[0]]
+        self.cache_u = None
+        if self.unpaired_shards and cfg.teacher.unpaired_cache:
+            self.cache_u = TeacherCache(cfg.teacher.unpaired_cache)
 
     def _build_models(self) -> None:
         from clipdistill.losses.config import parse_loss_config
@@ -147,7 +156,8 @@ class Run:
         else:
             t_pooled = None
         self.distiller = Distiller(loss_cfg, self.student.embed_dim, teacher_dim or self.student.embed_dim,
-                                   student_pooled_dim=s_pooled, teacher_pooled_dim=t_pooled).to(dev)
+                                   student_pooled_dim=s_pooled, teacher_pooled_dim=t_pooled,
+                                   unpaired_weight=cfg.data.unpaired_weight).to(dev)
         self.needs = self.distiller.needs
         self.distiller.check(self.mode, self._available())
         if self.cache is not None:
@@ -158,6 +168,16 @@ class Run:
                 pooled="teacher_pooled" in self.needs and self.mode == "cached",
                 text=self.text,
             )
+        if self.cache_u is not None:
+            self.cache_u.check(
+                shards=self.unpaired_shards,
+                teacher=teacher_parts(self.teacher) if self.teacher is not None else None,
+                policy=cfg.data.policy(),
+                pooled="teacher_pooled" in self.needs,
+            )
+            if self.cache is not None and self.cache_u.info.embed_dim != self.cache.info.embed_dim:
+                raise UserError(f"teacher.unpaired_cache '{self.cache_u.root}' holds {self.cache_u.info.embed_dim}-wide "
+                                f"embeddings, teacher.cache {self.cache.info.embed_dim}-wide: build both from one teacher")
         if not self.text and self.own_text and "clip" in self.distiller.terms:
             raise UserError("the training data has no captions (classification shards): drop losses.clip or train on image-caption data")
         mfd = self.distiller.terms["mfd"] if "mfd" in self.distiller.terms else None
@@ -187,6 +207,21 @@ class Run:
             pooled="teacher_pooled" in self.needs and self.mode == "cached",
             labels=self.keep_labels, keys=self.keep_keys,
         )
+        self.stream_cfg_u = None
+        if self.unpaired_shards:
+            ub = cfg.data.unpaired_batch_size or cfg.data.batch_size
+            if ub % (world * accum):
+                raise UserError(
+                    f"data.unpaired_batch_size {ub} is not divisible by ranks x accum_steps = {world} x {accum}; change one"
+                )
+            policy_u = cfg.data.policy() or (self.cache_u.info.policy if self.cache_u is not None else AugmentPolicy())
+            self.stream_cfg_u = StreamConfig(
+                shards=self.unpaired_shards, batch_size=ub // (world * accum), views=views, policy=policy_u,
+                seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
+                shuffle_buffer=cfg.data.shuffle_buffer, text=False,
+                pooled="teacher_pooled" in self.needs and self.mode == "cached",
+                labels=self.keep_labels,  # the keep-list names data.train samples; the class filter applies to both
+            )
 
     def _available(self) -> set[str]:
         have = {"cluster_centres", "student_pooled"}
@@ -244,8 +279,10 @@ class Run:
         """Save a checkpoint (rank 0 writes; every rank contributes); returns the full student state."""
         student_state, optim_state = model_and_optimizer_state(
             self.student, self.forward_module, self.distiller, self.optimizer, fsdp=self.fsdp)
-        mine = own_streams(self.data_state.state_dict(), self.info.rank, max(1, self.cfg.data.workers))
-        states = all_gather_object({"rng": rng_state(), "data": mine})
+        workers = max(1, self.cfg.data.workers)
+        mine = own_streams(self.data_state.state_dict(), self.info.rank, workers)
+        mine_u = own_streams(self.data_state_u.state_dict(), self.info.rank, workers)
+        states = all_gather_object({"rng": rng_state(), "data": mine, "data_unpaired": mine_u})
         if not self.info.is_main:
             return student_state
         data = merge_data_states([st["data"] for st in states])
@@ -258,6 +295,7 @@ class Run:
             "scaler": None,  # bf16 and fp32 need no loss scaling
             "rng": [st["rng"] for st in states],
             "data": data,
+            "data_unpaired": merge_data_states([st["data_unpaired"] for st in states]),
             "world": self.info.world,
             "config": self.cfg.to_dict(),
             "eval": self.last_eval,
@@ -278,6 +316,11 @@ class Run:
         if not self.info.is_main:  # totals live on rank 0 and are summed again at the next checkpoint
             state.samples, state.skipped.reasons = 0, {}
         self.data_state = state
+        if ckpt.get("data_unpaired") is not None:
+            state_u = DataState.from_state(ckpt["data_unpaired"])
+            if not self.info.is_main:
+                state_u.samples, state_u.skipped.reasons = 0, {}
+            self.data_state_u = state_u
         if ckpt.get("world") != self.info.world:
             log.warning("resuming a %s-process run on %d processes: the data order changes", ckpt.get("world"), self.info.world)
         self.last_checkpoint_step = self.step
@@ -290,7 +333,7 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _teacher_outputs(self, micro: list[dict]) -> Outputs | None:
+    def _teacher_outputs(self, micro: list[dict], *, unpaired: bool = False) -> Outputs | None:
         if self.mode == "none":
             return None
         parts = []
@@ -300,10 +343,10 @@ class Run:
             else:
                 with self._autocast():
                     parts.append(build.online_teacher_outputs(
-                        self.teacher, b["views"]["teacher"].to(self.device), b["captions"],
+                        self.teacher, b["views"]["teacher"].to(self.device), None if unpaired else b["captions"],
                         pooled="teacher_pooled" in self.needs,
-                        image_tokens=bool(self.needs & {"image_tokens", "teacher_image_tokens"}),
-                        text_tokens="text_tokens" in self.needs,
+                        image_tokens=not unpaired and bool(self.needs & {"image_tokens", "teacher_image_tokens"}),
+                        text_tokens=not unpaired and "text_tokens" in self.needs,
                     ))
         return build.concat_outputs(parts)
 
@@ -317,9 +360,11 @@ class Run:
             f"(step {getattr(self, 'last_checkpoint_step', 0)}) is kept in {self.out / 'checkpoints'}; lower optim.lr or check the data"
         )
 
-    def train_step(self, micro: list[dict]) -> dict:
-        """One optimiser step on `micro` (this rank's micro-batches); returns the logs (floats)."""
+    def train_step(self, micro: list[dict], micro_u: list[dict] | None = None) -> dict:
+        """One optimiser step on `micro` (this rank's micro-batches) and, in a mixed run, `micro_u`
+        (as many micro-batches of caption-less images); returns the logs (floats)."""
         teacher = self._teacher_outputs(micro)
+        teacher_u = self._teacher_outputs(micro_u, unpaired=True) if micro_u else None
         tokens = None
         if self.forward_module.own_text:
             tokens = [self.student.tokenize(b["captions"]).to(self.device) for b in micro]
@@ -327,8 +372,16 @@ class Run:
         def forward(i: int) -> dict[str, torch.Tensor]:
             b = micro[i]
             mask_seed = stable_seed(self.cfg.seed, "mask", self.step, i, self.info.rank)
+            images = b["views"]["student"]
+            if micro_u:  # one forward over both parts (one DDP forward per backward), split afterwards
+                images = torch.cat([images, micro_u[i]["views"]["student"]])
             with self._autocast():
-                return self.wrapped(b["views"]["student"].to(self.device), tokens[i] if tokens else None, mask_seed)
+                out = self.wrapped(images.to(self.device), tokens[i] if tokens else None, mask_seed)
+            if micro_u:
+                n = len(b["keys"])
+                for key in [k for k in ("image", "image_pooled", "image_tokens", "image_masked") if k in out]:
+                    out[f"u_{key}"], out[key] = out[key][n:], out[key][:n]
+            return out
 
         def loss_fn(s: dict[str, torch.Tensor]):
             text = s.get("text", teacher.text if teacher is not None and not self.own_text else None)
@@ -336,7 +389,12 @@ class Run:
                               text_pooled=s.get("text_pooled"), image_tokens=s.get("image_tokens"),
                               image_masked=s.get("image_masked"))
             self._student_full = student
-            return self.distiller(student, teacher)
+            unpaired = None
+            if micro_u:
+                self._student_u = Outputs(image=s["u_image"], text=None, scale=s["scale"], image_pooled=s.get("u_image_pooled"),
+                                          image_masked=s.get("u_image_masked"))
+                unpaired = (self._student_u, teacher_u)
+            return self.distiller(student, teacher, unpaired)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
@@ -356,7 +414,7 @@ class Run:
             out["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.distiller.update(self._student_full.detach(), teacher)
+        self.distiller.update(self._student_full.detach(), teacher, (self._student_u.detach(), teacher_u) if micro_u else None)
         return out
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -366,6 +424,7 @@ class Run:
         start, step0 = time.time(), self.step
         self.logger = RunLogger(self.out, enabled=self.info.is_main, total=self.total_steps, initial=self.step)
         it = iter(self.loader)
+        it_u = iter(self.loader_u) if self.loader_u is not None else None
         logs: dict = {}
         t_last, n_last = time.time(), 0
         try:
@@ -373,9 +432,14 @@ class Run:
                 micro = [next(it) for _ in range(cfg.optim.accum_steps)]
                 for b in micro:
                     self.data_state.update(b)
-                logs = self.train_step(micro)
+                micro_u = None
+                if it_u is not None:
+                    micro_u = [next(it_u) for _ in range(cfg.optim.accum_steps)]
+                    for b in micro_u:
+                        self.data_state_u.update(b)
+                logs = self.train_step(micro, micro_u)
                 self.step += 1
-                n_last += cfg.data.batch_size
+                n_last += cfg.data.batch_size + (sum(len(b["keys"]) for b in micro_u) * self.info.world if micro_u else 0)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     now = time.time()
                     logs["images_per_s"] = n_last / max(now - t_last, 1e-9)
@@ -400,6 +464,8 @@ class Run:
             "final": logs,
             "epoch": self._epoch(),
             "skipped": dict(self.data_state.skipped.reasons),
+            "unpaired_samples": self.data_state_u.samples if self.loader_u is not None else None,
+            "unpaired_skipped": dict(self.data_state_u.skipped.reasons) if self.loader_u is not None else None,
             "teacher_mode": self.mode,
             "student_spec": cfg.student.spec,
             "eval": self.last_eval,
