@@ -92,6 +92,10 @@ TRACKS: dict[str, dict] = {
 }
 # caption-less images per step in tracks B and b2n (beside the budget's batch of image-caption pairs)
 UNPAIRED_BATCH = 64
+# setting `both`: generic unpaired texts per step for the student's text tower (WordNet 3.0 glosses, Debian's
+# wordnet-base: `apt-get install wordnet-base`), never a list built from evaluation class names
+TEXT_CORPUS = ["wordnet"]
+TEXT_BATCH = 64
 SETTINGS = {"image": "teacher", "both": "own"}
 # dataset -> (split, every n-th sample, task metrics kept)
 EVAL = {
@@ -246,6 +250,8 @@ def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_r
         cfg["teacher"]["unpaired_cache"] = str(prep["unpaired_caches"][cell.track])
     if track.get("filter"):
         cfg["data"]["filter"] = track["filter"]
+    if cell.setting == "both":  # the student's own text tower also learns from text alone
+        cfg["data"].update(texts=TEXT_CORPUS, text_batch_size=TEXT_BATCH)
     return cfg
 
 
@@ -322,7 +328,8 @@ def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_roo
         "train_seconds": round(summary.get("seconds", t_train), 1), "eval_seconds": round(time.time() - start - t_train, 1),
         "images_per_s": summary.get("images_per_s"), "skipped": summary.get("skipped"),
         "final_loss": summary.get("final", {}).get("loss"), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": {k: v for k, v in cfg.to_dict()["data"].items() if k in ("train", "unpaired", "unpaired_batch_size", "filter")},
+        "data": {k: v for k, v in cfg.to_dict()["data"].items()
+                 if k in ("train", "unpaired", "unpaired_batch_size", "filter", "texts", "text_batch_size")},
         "teacher": prep["teacher"].fingerprint(),
         "unpaired_samples": summary.get("unpaired_samples"),
     }

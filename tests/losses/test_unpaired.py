@@ -106,3 +106,29 @@ def test_negative_unpaired_weight_is_refused():
 
     with pytest.raises(UserError, match="unpaired_weight"):
         Distiller(parse_loss_config({"clip": 1.0}), 4, 4, unpaired_weight=-1.0)
+
+
+def _text_only(n: int, d: int, scale: float, seed: int) -> Outputs:
+    g = torch.Generator().manual_seed(seed)
+    return Outputs(image=None, text=torch.randn(n, d, generator=g), scale=torch.tensor(scale))
+
+
+def test_corpus_texts_reach_fd_text_side_and_relational_text_queries(float64):
+    dist = Distiller(parse_loss_config({"clip": 1.0, "fd": 2.0, "relational": {"bank_size": 0}}), 5, 5, text_weight=0.25)
+    s, t = make_outputs(4, 5, 20.0, 1), make_outputs(4, 5, 50.0, 2)
+    st, tt = _text_only(3, 5, 20.0, 3), _text_only(3, 5, 50.0, 4)
+    st.text.requires_grad_(True)
+    total, logs = dist(s, t, texts=(st, tt))
+    base_total, base = dist(s, t)
+    fd_t = _mse_ref(st.text.detach().numpy(), tt.text.numpy())
+    assert logs["fd/texts"].item() == pytest.approx(fd_t, rel=1e-10)
+    npst, nptt = st.text.detach().numpy(), tt.text.numpy()
+    t2i = ref_relation(npst, s.image.numpy(), nptt, t.image.numpy(), 50.0, 20.0, False)
+    t2t = ref_relation(npst, npst, nptt, nptt, 25.0, 25.0, True)
+    assert logs["relational/t2i_texts"].item() == pytest.approx(t2i, rel=1e-10)
+    assert logs["relational/t2t_texts"].item() == pytest.approx(t2t, rel=1e-10)
+    expected = base_total.item() + 0.25 * (2.0 * fd_t + t2i + 0.5 * t2t)
+    assert total.item() == pytest.approx(expected, rel=1e-10)
+    assert "clip/texts" not in logs
+    total.backward()
+    assert st.text.grad.abs().sum() > 0

@@ -37,6 +37,13 @@ def _cfg(root, out, **changes):
     return base_config(root, out, **{**base, **changes})
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "glosses.txt"
+    path.write_text("\n".join(f"gloss number {i} about thing {i % 7}" for i in range(50)))
+    return str(path)
+
+
 def _first_step(cfg_dict: dict):
     run = Run(config_from_dict(cfg_dict), DistInfo())
     micro_u = [next(iter(run.loader_u))]
@@ -67,6 +74,7 @@ def test_cached_and_online_agree_on_a_mixed_first_step(tiny, mixed_root, tmp_pat
     common = {"teacher.cache": str(tmp_path / "cache"), "teacher.unpaired_cache": str(tmp_path / "cache_u"),
               "optim.grad_clip": None}
     c_logs, cached, c_micro = _first_step(_cfg(mixed_root, tmp_path / "a", **common, **{"teacher.mode": "cached"}))
+    assert "relational/i2t_unpaired" in c_logs
     o_logs, online, o_micro = _first_step(_cfg(mixed_root, tmp_path / "b", **common, **{"teacher.mode": "online"}))
     assert c_micro[0]["keys"] == o_micro[0]["keys"]
     assert c_logs.keys() == o_logs.keys() and "fd/unpaired" in c_logs
@@ -108,9 +116,23 @@ def test_cached_mode_without_unpaired_cache_is_refused(tiny, mixed_root, tmp_pat
         config_from_dict(_cfg(mixed_root, tmp_path / "x", **{"teacher.cache": str(tmp_path / "cache")}))
 
 
-def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, tmp_path):
+def test_corpus_texts_reach_the_text_terms(tiny, mixed_root, corpus, tmp_path):
+    summary = train(config_from_dict(_cfg(mixed_root, tmp_path / "run", **{"data.texts": [corpus], "data.text_batch_size": 6})))
+    for key in ("fd/texts", "relational/texts", "relational/t2i_texts", "relational/t2t_texts", "fd/unpaired"):
+        assert key in summary["final"], key
+    assert "clip/texts" not in summary["final"] and "crd/texts" not in summary["final"]
+
+
+def test_corpus_texts_need_the_students_own_text_tower(tiny, mixed_root, corpus, tmp_path):
+    with pytest.raises(UserError, match="student.text = own"):
+        config_from_dict(_cfg(mixed_root, tmp_path / "x", **{"data.texts": [corpus], "student.text": "teacher"}))
+    with pytest.raises(UserError, match="neither 'wordnet' nor a text file"):
+        train(config_from_dict(_cfg(mixed_root, tmp_path / "y", **{"data.texts": [str(tmp_path / "missing.txt")]})))
+
+
+def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
     rng = random.Random(5)
-    changes = {"steps": 12, "checkpoint_every": 3, "data.workers": 2}
+    changes = {"steps": 12, "checkpoint_every": 3, "data.workers": 2, "data.texts": [corpus], "data.text_batch_size": 4}
     train(config_from_dict(_cfg(mixed_root, tmp_path / "ref", **changes)))
     run_cfg = _cfg(mixed_root, tmp_path / "run", **changes)
     killed_at = _run_and_kill(_command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 6), rng.uniform(0, 0.2))

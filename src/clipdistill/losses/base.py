@@ -46,7 +46,7 @@ class Outputs:
     `image_masked` (embedding of a masked view), `labels` (pseudo-labels, N), `index` (sample ids).
     """
 
-    image: Tensor
+    image: Tensor | None  # None only for the text-only part of a batch (a text corpus)
     text: Tensor | None
     scale: Tensor
     image_pooled: Tensor | None = None
@@ -126,11 +126,12 @@ class Term(nn.Module):
     def unpaired_loss(
         self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None
     ) -> dict[str, Tensor] | None:
-        """The term on the caption-less images of a mixed batch (`student_u`, `teacher_u`: image-only
-        `Outputs`, text None), given the image-caption part (`student`, `teacher`) for candidates.
-        Returns a dict like `forward` (its own name's entry is weighted) or None when the term does not
-        use unpaired images. Default: `forward(student_u, teacher_u)` when `unpaired == "images"`."""
-        if self.unpaired != "images":
+        """The term on the unpaired part of a mixed batch, given the image-caption part (`student`,
+        `teacher`) for candidates: caption-less images (`student_u.text` None) or corpus texts without
+        images (`student_u.image` None). Returns a dict like `forward` (its own name's entry is weighted)
+        or None when the term does not use that part. Default: `forward(student_u, teacher_u)` for
+        images when `unpaired == "images"`; texts only where a term says how (fd, relational)."""
+        if self.unpaired != "images" or student_u.image is None:
             return None
         return self(student_u, teacher_u)
 
@@ -142,7 +143,7 @@ class Term(nn.Module):
         """Called after the optimiser step's loss (no grad); e.g. to enqueue a memory bank."""
 
     def update_unpaired(self, student_u: Outputs, teacher_u: Outputs | None) -> None:
-        """Like `update`, for the caption-less images of a mixed batch (after `update`)."""
+        """Like `update`, for the unpaired part of a mixed batch (images or texts; after `update`)."""
 
     def param_group(self) -> str:
         """Name of the optimiser parameter group for this term's own parameters."""

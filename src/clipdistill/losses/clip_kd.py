@@ -147,6 +147,13 @@ class FeatureDistill(_Projected):
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         return self.modality_losses(student.image, student, teacher)
 
+    def unpaired_loss(self, student_u, teacher_u, student, teacher):
+        """Unpaired images: the image side (masked view for mfd); corpus texts: the text side."""
+        if student_u.image is not None:
+            return self(student_u, teacher_u)
+        l_txt = self.distance(self.project("text", student_u.text), teacher_u.text)
+        return {self.name: l_txt, f"{self.name}/text": l_txt}
+
 
 @register_term
 class MaskedFeatureDistill(FeatureDistill):

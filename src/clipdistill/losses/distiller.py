@@ -52,7 +52,7 @@ def gather_outputs(out: Outputs, *, grad: bool) -> Outputs:
     """
     if not is_distributed():
         return out if grad else out.detach()
-    n = out.image.shape[0]
+    n = (out.image if out.image is not None else out.text).shape[0]
     changes = {name: _gather_tensor(x, grad) for name, x in out.tensors().items() if x.ndim > 0}
     if not grad:
         changes["scale"] = out.scale.detach()
@@ -84,11 +84,14 @@ class Distiller(nn.Module):
         student_pooled_dim: int | None = None,
         teacher_pooled_dim: int | None = None,
         unpaired_weight: float = 1.0,
+        text_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not unpaired_weight >= 0:
             raise UserError(f"data.unpaired_weight = {unpaired_weight} must be >= 0")
-        self.unpaired_weight = float(unpaired_weight)
+        if not text_weight >= 0:
+            raise UserError(f"data.text_weight = {text_weight} must be >= 0")
+        self.unpaired_weight, self.text_weight = float(unpaired_weight), float(text_weight)
         if not cfg.weights:
             raise UserError("losses: names no term; add at least one, e.g. losses: {clip: 1.0}")
         self.cfg = cfg
@@ -147,7 +150,8 @@ class Distiller(nn.Module):
                 )
 
     def forward(
-        self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None
+        self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None,
+        texts: tuple[Outputs, Outputs | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, logs). Logs hold every term's entries detached and "loss" (the total).
 
@@ -155,13 +159,16 @@ class Distiller(nn.Module):
         evaluated without gradient, for its logs only. `unpaired`: (student, teacher) image-only
         `Outputs` of the caption-less images of a mixed batch; each term that uses them
         (`Term.unpaired_loss`) adds `unpaired_weight` x its value there, logged as `<term>/unpaired`.
+        `texts`: the same for corpus texts without images (text-only `Outputs`): `text_weight` x the
+        value, logged as `<term>/texts`.
         """
         s = gather_outputs(student, grad=True)
         t = gather_outputs(teacher, grad=False) if teacher is not None else None
-        su = tu = None
-        if unpaired is not None:
-            su = gather_outputs(unpaired[0], grad=True)
-            tu = gather_outputs(unpaired[1], grad=False) if unpaired[1] is not None else None
+        extra_parts = []  # (log suffix, weight, student, teacher)
+        for suffix, weight_u, part in (("unpaired", self.unpaired_weight, unpaired), ("texts", self.text_weight, texts)):
+            if part is not None:
+                extra_parts.append((suffix, weight_u, gather_outputs(part[0], grad=True),
+                                    gather_outputs(part[1], grad=False) if part[1] is not None else None))
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
         for name, term in self.terms.items():
@@ -173,23 +180,28 @@ class Distiller(nn.Module):
                 if name not in out:
                     raise RuntimeError(f"term '{name}' returned {sorted(out)} without its own entry '{name}'")
                 value = out[name]
-                out_u = term.unpaired_loss(su, tu, s, t) if su is not None else None
-                if out_u is not None:
-                    value = value + self.unpaired_weight * out_u[name]
-                    logs[f"{name}/unpaired"] = torch.as_tensor(out_u[name]).detach()
+                used = False
+                for suffix, weight_u, su, tu in extra_parts:
+                    out_u = term.unpaired_loss(su, tu, s, t)
+                    if out_u is None:
+                        continue
+                    used = True
+                    value = value + weight_u * out_u[name]
+                    logs[f"{name}/{suffix}"] = torch.as_tensor(out_u[name]).detach()
                     logs.update({k: torch.as_tensor(v).detach() for k, v in out_u.items() if k != name})
             if weight > 0:
                 total = weight * value if total is None else total + weight * value
             logs.update({k: torch.as_tensor(v).detach() for k, v in out.items()})
-            if out_u is not None:
+            if used:
                 logs[name] = torch.as_tensor(value).detach()
         if total is None:  # every weight is 0: a zero that still connects to the graph
-            total = s.image.sum() * 0.0
+            total = (s.image if s.image is not None else s.text).sum() * 0.0
         logs["loss"] = total.detach()
         return total, logs
 
     @torch.no_grad()
-    def update(self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None) -> None:
+    def update(self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None,
+               texts: tuple[Outputs, Outputs | None] | None = None) -> None:
         """After the optimiser step: lets terms update their state (memory banks, step counters)."""
         terms = [term for term in self.terms.values() if _overrides_update(term)]
         if not terms:
@@ -198,9 +210,11 @@ class Distiller(nn.Module):
         t = gather_outputs(teacher, grad=False) if teacher is not None else None
         for term in terms:
             term.update(s, t)
-        if unpaired is not None:
-            su = gather_outputs(unpaired[0], grad=False)
-            tu = gather_outputs(unpaired[1], grad=False) if unpaired[1] is not None else None
+        for part in (unpaired, texts):
+            if part is None:
+                continue
+            su = gather_outputs(part[0], grad=False)
+            tu = gather_outputs(part[1], grad=False) if part[1] is not None else None
             for term in self.terms.values():
                 term.update_unpaired(su, tu)
 

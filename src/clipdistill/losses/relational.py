@@ -208,19 +208,24 @@ class RelationalDistill(Term):
     def unpaired_loss(self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor] | None:
         """Caption-less images as extra queries of the image-query relations: `i2t` rows over the
         batch's texts (and the text bank), `i2i` rows over the other unpaired images (self removed) and
-        the image bank, weighted like their paired counterparts (DIME-FM's unpaired-image distributions)."""
+        the image bank, weighted like their paired counterparts (DIME-FM's unpaired-image distributions).
+        Corpus texts without images likewise: `t2i` rows over the batch's images, `t2t` among themselves."""
         logs: dict[str, Tensor] = {}
         total = 0.0
+        modality = "image" if student_u.image is not None else "text"
+        other = "text" if modality == "image" else "image"
+        suffix = "unpaired" if modality == "image" else "texts"
         for rel in self.relations:
-            if RELATIONS[rel][0] != "image":
+            query, cand = RELATIONS[rel]
+            if query != modality:
                 continue
-            if rel == "i2t":
-                s_mix = student_u.replace(text=student.text)
-                t_mix = teacher_u.replace(text=teacher.text)
+            if cand != query:  # cross-modal rows over the batch's candidates of the other modality
+                s_mix = student_u.replace(**{other: getattr(student, other)})
+                t_mix = teacher_u.replace(**{other: getattr(teacher, other)})
                 value = self.relation(rel, s_mix, t_mix)
             else:
                 value = self.relation(rel, student_u, teacher_u)
-            logs[f"{self.name}/{rel}_unpaired"] = value
+            logs[f"{self.name}/{rel}_{suffix}"] = value
             total = total + float(self.opts[f"w_{rel}"]) * value
         if not logs:
             return None
@@ -233,8 +238,9 @@ class RelationalDistill(Term):
 
     @torch.no_grad()
     def update_unpaired(self, student_u: Outputs, teacher_u: Outputs | None) -> None:
-        if "image" in self.banks:
-            self.banks["image"].enqueue(F.normalize(teacher_u.image, dim=-1))
+        for modality, bank in self.banks.items():
+            if getattr(teacher_u, modality) is not None:
+                bank.enqueue(F.normalize(getattr(teacher_u, modality), dim=-1))
 
     def extra_repr(self) -> str:
         size = next(iter(self.banks.values())).size if self.banks else 0

@@ -64,6 +64,11 @@ class DataConfig:
     unpaired: list[str] = field(default_factory=list)
     unpaired_batch_size: int = 0  # global, like batch_size; 0 = the same as batch_size
     unpaired_weight: float = 1.0  # multiplies each term's value on the unpaired images
+    # Text alone for a student text tower (student.text: own): texts drawn from corpora ("wordnet", or a
+    # file with one text per line) beside every batch; the teacher's text tower embeds them online.
+    texts: list[str] = field(default_factory=list)
+    text_batch_size: int = 0  # global; 0 = the same as batch_size
+    text_weight: float = 1.0  # multiplies each term's value on the corpus texts
 
     def policy(self) -> AugmentPolicy | None:
         return None if self.augment is None else AugmentPolicy.from_dict(self.augment)
@@ -146,6 +151,8 @@ class TrainConfig:
             (bool(self.data.train), "data.train names no dataset; give e.g. [flickr8k:train]"),
             (self.data.unpaired_batch_size >= 0, f"data.unpaired_batch_size = {self.data.unpaired_batch_size} must be >= 0"),
             (self.data.unpaired_weight >= 0, f"data.unpaired_weight = {self.data.unpaired_weight} must be >= 0"),
+            (self.data.text_batch_size >= 0, f"data.text_batch_size = {self.data.text_batch_size} must be >= 0"),
+            (self.data.text_weight >= 0, f"data.text_weight = {self.data.text_weight} must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -164,6 +171,11 @@ class TrainConfig:
                 "data.unpaired with a cached teacher needs teacher.unpaired_cache: build it with "
                 "`clipdistill cache-teacher --teacher SPEC --data " + " ".join(self.data.unpaired) + " --out DIR`"
             )
+        if self.data.texts and self.student.text != "own":
+            raise UserError("data.texts trains the student's own text tower: set student.text = own, or drop data.texts")
+        if self.data.texts and not self.teacher.spec:
+            raise UserError("data.texts needs the teacher's text tower online (teacher.spec, e.g. teacher:DIR; it is cheap "
+                            "beside the image tower), also with a cached teacher")
         if mode == "online" and not self.teacher.spec:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
         if self.student.text == "teacher" and not self.student.spec.startswith("student:"):

@@ -157,7 +157,7 @@ class Run:
             t_pooled = None
         self.distiller = Distiller(loss_cfg, self.student.embed_dim, teacher_dim or self.student.embed_dim,
                                    student_pooled_dim=s_pooled, teacher_pooled_dim=t_pooled,
-                                   unpaired_weight=cfg.data.unpaired_weight).to(dev)
+                                   unpaired_weight=cfg.data.unpaired_weight, text_weight=cfg.data.text_weight).to(dev)
         self.needs = self.distiller.needs
         self.distiller.check(self.mode, self._available())
         if self.cache is not None:
@@ -207,6 +207,17 @@ class Run:
             pooled="teacher_pooled" in self.needs and self.mode == "cached",
             labels=self.keep_labels, keys=self.keep_keys,
         )
+        self.corpus: list[str] = []
+        if cfg.data.texts:
+            from clipdistill.data.texts import load_corpora
+
+            tb = cfg.data.text_batch_size or cfg.data.batch_size
+            if tb % (world * accum):
+                raise UserError(f"data.text_batch_size {tb} is not divisible by ranks x accum_steps = {world} x {accum}; change one")
+            if not self.text:
+                raise UserError("data.texts needs image-caption data in data.train (the texts' relations use the batch's images)")
+            self.corpus = load_corpora(cfg.data.texts)
+            self.text_micro = tb // (world * accum)
         self.stream_cfg_u = None
         if self.unpaired_shards:
             ub = cfg.data.unpaired_batch_size or cfg.data.batch_size
@@ -350,6 +361,23 @@ class Run:
                     ))
         return build.concat_outputs(parts)
 
+    def _corpus_texts(self, n_micro: int) -> list[list[str]] | None:
+        """This step's corpus texts per micro-batch: a pure function of (seed, step, rank, micro)."""
+        if not self.corpus:
+            return None
+        from clipdistill.data.texts import sample_texts
+
+        return [sample_texts(self.corpus, self.text_micro, self.cfg.seed, self.step, self.info.rank, i) for i in range(n_micro)]
+
+    @torch.no_grad()
+    def _teacher_texts(self, corpus: list[list[str]], teacher: Outputs | None) -> Outputs:
+        """The teacher's text embeddings of the corpus texts (its text tower online, also in cached mode)."""
+        texts = [t for part in corpus for t in part]
+        with self._autocast():
+            emb = self.teacher.text_features(self.teacher.tokenize(texts).to(self.device)).embedding.float()
+        scale = teacher.scale if teacher is not None else self.teacher.logit_scale().detach().float()
+        return Outputs(image=None, text=emb, scale=scale)
+
     def _check(self, loss: torch.Tensor, logs: dict) -> None:
         if torch.isfinite(loss):
             return
@@ -365,9 +393,12 @@ class Run:
         (as many micro-batches of caption-less images); returns the logs (floats)."""
         teacher = self._teacher_outputs(micro)
         teacher_u = self._teacher_outputs(micro_u, unpaired=True) if micro_u else None
+        corpus = self._corpus_texts(len(micro))
+        teacher_t = self._teacher_texts(corpus, teacher) if corpus else None
         tokens = None
         if self.forward_module.own_text:
-            tokens = [self.student.tokenize(b["captions"]).to(self.device) for b in micro]
+            tokens = [self.student.tokenize(b["captions"] + (corpus[i] if corpus else [])).to(self.device)
+                      for i, b in enumerate(micro)]
 
         def forward(i: int) -> dict[str, torch.Tensor]:
             b = micro[i]
@@ -381,6 +412,10 @@ class Run:
                 n = len(b["keys"])
                 for key in [k for k in ("image", "image_pooled", "image_tokens", "image_masked") if k in out]:
                     out[f"u_{key}"], out[key] = out[key][n:], out[key][:n]
+            if corpus:  # the corpus texts rode along the captions through the text tower
+                n = len(b["keys"])
+                for key in [k for k in ("text", "text_pooled") if k in out]:
+                    out[f"t_{key}"], out[key] = out[key][n:], out[key][:n]
             return out
 
         def loss_fn(s: dict[str, torch.Tensor]):
@@ -394,7 +429,11 @@ class Run:
                 self._student_u = Outputs(image=s["u_image"], text=None, scale=s["scale"], image_pooled=s.get("u_image_pooled"),
                                           image_masked=s.get("u_image_masked"))
                 unpaired = (self._student_u, teacher_u)
-            return self.distiller(student, teacher, unpaired)
+            texts = None
+            if corpus:
+                self._student_t = Outputs(image=None, text=s["t_text"], scale=s["scale"])
+                texts = (self._student_t, teacher_t)
+            return self.distiller(student, teacher, unpaired, texts)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
@@ -414,7 +453,8 @@ class Run:
             out["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.distiller.update(self._student_full.detach(), teacher, (self._student_u.detach(), teacher_u) if micro_u else None)
+        self.distiller.update(self._student_full.detach(), teacher, (self._student_u.detach(), teacher_u) if micro_u else None,
+                              (self._student_t.detach(), teacher_t) if corpus else None)
         return out
 
     # --- the loop -------------------------------------------------------------------------------------
