@@ -140,3 +140,13 @@ def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 12 and summary["unpaired_samples"] == 12 * 4
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
+
+
+def test_caches_of_two_teachers_are_refused(tiny, mixed_root, tmp_path):
+    build_cache(create_model("fake:24"), resolve_shards("caps:train", mixed_root)[0], tmp_path / "cache", augmentations=1)
+    build_cache(create_model("fake:24/1"), resolve_shards("toy10:train", mixed_root)[0], tmp_path / "cache_u",
+                augmentations=1, text=False)
+    cfg = _cfg(mixed_root, tmp_path / "x", **{"teacher.cache": str(tmp_path / "cache"), "teacher.spec": None,
+                                               "teacher.unpaired_cache": str(tmp_path / "cache_u"), "student.text": "own"})
+    with pytest.raises(UserError, match="different teachers"):
+        train(config_from_dict(cfg))

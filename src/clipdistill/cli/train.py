@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--augment", action="append", default=[], metavar="KEY=VALUE",
                    help="augmentation policy option, e.g. scale=[0.3,1.0] or center_view=true; repeatable")
     c.add_argument("--pooled", action="store_true", help="also store the teacher's pre-projection pooled features")
+    c.add_argument("--dclip", action="store_true",
+                   help="also train DCLIP's meta-teacher head on the teacher's tokens and store its enriched embeddings "
+                        "(needs --augmentations 1; the `dclip` term then trains from the cache)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=64, help="views per teacher forward pass")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
@@ -99,6 +102,11 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         dtype=args.dtype, overwrite=args.overwrite,
     )
     info = cache.info
+    if args.dclip:
+        from clipdistill.models.dclip_teacher import build_dclip_extras
+
+        head = build_dclip_extras(teacher, shards, args.out, overwrite=args.overwrite)
+        print(f"DCLIP meta-teacher head {head}; enriched embeddings stored in {args.out}")
     skipped = sum(sum(s["skipped"].values()) for s in info.shards)
     print(
         f"teacher cache {args.out}: {info.samples} samples x {info.augmentations} views, {len(info.shards)} shards, "

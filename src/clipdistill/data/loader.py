@@ -160,6 +160,7 @@ class StreamConfig:
     pooled: bool = False  # read the cached pre-projection teacher features too
     labels: frozenset[int] | None = None  # classification records: keep only these classes (labels never reach the loss)
     keys: frozenset[str] | None = None  # keep only these sample keys (a curation keep-list)
+    extras: dict[str, str] | None = None  # per-caption cache extras to read: Outputs.extra name -> array name
 
 
 def keep_record(raw: dict, labels: frozenset[int] | None, keys: frozenset[str] | None) -> bool:
@@ -238,7 +239,11 @@ class TrainStream(IterableDataset):
             c = int(rng.integers(len(sample.captions)))
             out["caption"] = sample.captions[c]
             if self.cache is not None:
-                out["teacher_text"] = torch.from_numpy(np.array(shard.text_row(row, c), dtype=np.float32))
+                j = shard.text_index(row, c)
+                out["teacher_text"] = torch.from_numpy(np.array(shard.text[j], dtype=np.float32))
+                if cfg.extras:
+                    out["teacher_extra"] = {k: torch.from_numpy(np.array(shard.extra(v)[j], dtype=np.float32))
+                                            for k, v in cfg.extras.items()}
         try:
             out["views"] = {name: replay(sample.image, params, icfg) for name, icfg in cfg.views.items()}
         except ValueError as exn:  # a cached crop box that does not fit this image: the data changed
@@ -284,6 +289,8 @@ def collate(items: list[dict], *, stream: int, pos: tuple[int, int], skipped: di
     for name in ("teacher_image", "teacher_text", "teacher_pooled"):
         if name in items[0]:
             batch[name] = torch.stack([it[name] for it in items])
+    if "teacher_extra" in items[0]:
+        batch["teacher_extra"] = {k: torch.stack([it["teacher_extra"][k] for it in items]) for k in items[0]["teacher_extra"]}
     return batch
 
 

@@ -118,11 +118,22 @@ class CacheShard:
             self._rows = {k: i for i, k in enumerate(keys)}
         return self._rows.get(key)
 
-    def text_row(self, row: int, caption: int) -> np.ndarray:
+    def text_index(self, row: int, caption: int) -> int:
+        """Index into the per-caption arrays (`text.npy` and extras) of caption `caption` of sample `row`."""
         start, end = int(self.text_offsets[row]), int(self.text_offsets[row + 1])
         if not 0 <= caption < end - start:
             raise IndexError(f"caption {caption} of row {row} out of range ({end - start} cached)")
-        return self.text[start + caption]
+        return start + caption
+
+    def text_row(self, row: int, caption: int) -> np.ndarray:
+        return self.text[self.text_index(row, caption)]
+
+    def extra(self, name: str) -> np.ndarray:
+        """An extra per-caption array stored beside the cache (e.g. DCLIP's `dclip_image`)."""
+        return self._array(name)
+
+    def keys(self) -> list[str]:
+        return json.loads((self.folder / "keys.json").read_text())
 
 
 @dataclass
@@ -169,6 +180,10 @@ class TeacherCache:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"cannot read teacher cache '{info_file}' ({err}); rebuild it with `clipdistill cache-teacher`") from err
         self._shards = {s["name"]: CacheShard(self.root / "shards" / s["dir"], s) for s in self.info.shards}
+
+    def shard(self, name: str) -> CacheShard | None:
+        """The cache shard of data shard `name` (`dataset/split/file`), or None."""
+        return self._shards.get(name)
 
     def lookup(self, name: str, key: str) -> tuple[CacheShard, int] | None:
         shard = self._shards.get(name)

@@ -141,8 +141,9 @@ def online_teacher_outputs(teacher: ClipModel, images: Tensor, captions: list[st
 
 def cached_teacher_outputs(batch: dict, scale: float, device: torch.device) -> Outputs:
     get = (lambda k: batch[k].to(device) if k in batch else None)  # noqa: E731
+    extra = {k: v.to(device) for k, v in batch.get("teacher_extra", {}).items()}
     return Outputs(image=get("teacher_image"), text=get("teacher_text"), scale=torch.tensor(float(scale), device=device),
-                   image_pooled=get("teacher_pooled"))
+                   image_pooled=get("teacher_pooled"), extra=extra)
 
 
 def concat_outputs(parts: list[Outputs]) -> Outputs:
@@ -151,7 +152,9 @@ def concat_outputs(parts: list[Outputs]) -> Outputs:
         return parts[0]
     first = parts[0]
     changes = {name: torch.cat([getattr(p, name) for p in parts]) for name, v in first.tensors().items() if v.ndim > 0}
-    return first.replace(**changes)
+    extra = {k: torch.cat([p.extra[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+             for k, v in first.extra.items()}
+    return first.replace(**changes, extra=extra)
 
 
 # --- optimiser --------------------------------------------------------------------------------------

@@ -168,6 +168,18 @@ class Run:
                 pooled="teacher_pooled" in self.needs and self.mode == "cached",
                 text=self.text,
             )
+        extras = None
+        dclip = self.distiller.terms["dclip"] if "dclip" in self.distiller.terms else None
+        if dclip is not None and self.mode == "cached" and dclip.head is None:
+            from clipdistill.models.dclip_teacher import EXTRAS, has_dclip_extras
+
+            if not has_dclip_extras(self.cache):
+                raise UserError(
+                    f"term 'dclip' trains from a teacher cache only with the meta-teacher's enriched embeddings; build them with "
+                    f"`clipdistill cache-teacher --teacher SPEC --data ... --augmentations 1 --dclip --out {self.cache.root}`, "
+                    "or run the teacher online with losses.dclip.head"
+                )
+            extras = dict(EXTRAS)
         if self.cache_u is not None:
             self.cache_u.check(
                 shards=self.unpaired_shards,
@@ -175,9 +187,9 @@ class Run:
                 policy=cfg.data.policy(),
                 pooled="teacher_pooled" in self.needs,
             )
-            if self.cache is not None and self.cache_u.info.embed_dim != self.cache.info.embed_dim:
-                raise UserError(f"teacher.unpaired_cache '{self.cache_u.root}' holds {self.cache_u.info.embed_dim}-wide "
-                                f"embeddings, teacher.cache {self.cache.info.embed_dim}-wide: build both from one teacher")
+            if self.cache is not None and self.cache_u.info.parts.get("weights") != self.cache.info.parts.get("weights"):
+                raise UserError(f"teacher.unpaired_cache '{self.cache_u.root}' and teacher.cache '{self.cache.root}' were "
+                                "built from different teachers; build both with the same --teacher")
         if not self.text and self.own_text and "clip" in self.distiller.terms:
             raise UserError("the training data has no captions (classification shards): drop losses.clip or train on image-caption data")
         mfd = self.distiller.terms["mfd"] if "mfd" in self.distiller.terms else None
@@ -205,7 +217,7 @@ class Run:
             seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
             shuffle_buffer=cfg.data.shuffle_buffer, text=self.text,
             pooled="teacher_pooled" in self.needs and self.mode == "cached",
-            labels=self.keep_labels, keys=self.keep_keys,
+            labels=self.keep_labels, keys=self.keep_keys, extras=extras,
         )
         self.corpus: list[str] = []
         if cfg.data.texts:
