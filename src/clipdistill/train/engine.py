@@ -15,6 +15,13 @@ One optimisation step:
    concatenated batch.
 4. Gradient clipping, AdamW step, warmup + cosine schedule, then `Distiller.update` (memory banks).
 
+Mixed batches: with `data.unpaired` every step also draws as many micro-batches of caption-less images
+(their own stream, data position and teacher cache; the class filter applies to them too), which go
+through the student's image tower in the same forward as the pairs and reach the terms that use them
+(`Term.unpaired_loss`); with `data.texts` the step's corpus texts (a pure function of seed, step, rank
+and micro-batch) ride along the captions through the student's text tower, the teacher's text tower
+embedding them online.
+
 Rank 0 alone logs (TensorBoard: every term, lr per group, images/s, epoch, skipped samples, eval
 metrics), shows the progress bar, writes checkpoints (atomic, with every rank's RNG and data position)
 and the JSON summary.
@@ -207,13 +214,9 @@ class Run:
         views = {"student": self.student.image_config}
         if self.mode == "online":
             views["teacher"] = self.teacher.image_config
-        accum, world = cfg.optim.accum_steps, self.info.world
-        if cfg.data.batch_size % (world * accum):
-            raise UserError(
-                f"data.batch_size {cfg.data.batch_size} is not divisible by ranks x accum_steps = {world} x {accum}; change one"
-            )
+        world = self.info.world
         self.stream_cfg = StreamConfig(
-            shards=self.shards, batch_size=cfg.data.batch_size // (world * accum), views=views, policy=policy,
+            shards=self.shards, batch_size=self._micro(cfg.data.batch_size, "data.batch_size"), views=views, policy=policy,
             seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
             shuffle_buffer=cfg.data.shuffle_buffer, text=self.text,
             pooled="teacher_pooled" in self.needs and self.mode == "cached",
@@ -223,28 +226,28 @@ class Run:
         if cfg.data.texts:
             from clipdistill.data.texts import load_corpora
 
-            tb = cfg.data.text_batch_size or cfg.data.batch_size
-            if tb % (world * accum):
-                raise UserError(f"data.text_batch_size {tb} is not divisible by ranks x accum_steps = {world} x {accum}; change one")
             if not self.text:
                 raise UserError("data.texts needs image-caption data in data.train (the texts' relations use the batch's images)")
             self.corpus = load_corpora(cfg.data.texts)
-            self.text_micro = tb // (world * accum)
+            self.text_micro = self._micro(cfg.data.text_batch_size or cfg.data.batch_size, "data.text_batch_size")
         self.stream_cfg_u = None
         if self.unpaired_shards:
-            ub = cfg.data.unpaired_batch_size or cfg.data.batch_size
-            if ub % (world * accum):
-                raise UserError(
-                    f"data.unpaired_batch_size {ub} is not divisible by ranks x accum_steps = {world} x {accum}; change one"
-                )
             policy_u = cfg.data.policy() or (self.cache_u.info.policy if self.cache_u is not None else AugmentPolicy())
             self.stream_cfg_u = StreamConfig(
-                shards=self.unpaired_shards, batch_size=ub // (world * accum), views=views, policy=policy_u,
+                shards=self.unpaired_shards, batch_size=self._micro(cfg.data.unpaired_batch_size or cfg.data.batch_size,
+                                                                    "data.unpaired_batch_size"), views=views, policy=policy_u,
                 seed=cfg.seed, rank=self.info.rank, world=world, workers=cfg.data.workers,
                 shuffle_buffer=cfg.data.shuffle_buffer, text=False,
                 pooled="teacher_pooled" in self.needs and self.mode == "cached",
                 labels=self.keep_labels,  # the keep-list names data.train samples; the class filter applies to both
             )
+
+    def _micro(self, size: int, what: str) -> int:
+        """One rank's micro-batch of a global batch `size` (refused unless ranks x accum_steps divides it)."""
+        world, accum = self.info.world, self.cfg.optim.accum_steps
+        if size % (world * accum):
+            raise UserError(f"{what} {size} is not divisible by ranks x accum_steps = {world} x {accum}; change one")
+        return size // (world * accum)
 
     def _available(self) -> set[str]:
         have = {"cluster_centres", "student_pooled"}
