@@ -28,7 +28,9 @@ Because the teacher is frozen, a bank filled from a teacher cache is exact, not 
 
 Unpaired images (a mixed batch, `data.unpaired`): caption-less images join as extra queries of the
 image-query relations (`i2t` over the batch's texts and the text bank, `i2i` over the other unpaired
-images and the image bank; `unpaired_loss`), and their teacher embeddings enter the image bank. Prior art:
+images and the image bank; `unpaired_loss`), and their teacher embeddings enter the image bank. Corpus
+texts without images (`data.texts`) likewise: `t2i` rows over the batch's images and the image bank,
+`t2t` among themselves and the text bank. Prior art:
 CompRess (UMBCvision/CompRess), SEED (jacobswan1/SEED), ConaCLIP, CLIP-RD; see spec 8.
 """
 
