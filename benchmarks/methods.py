@@ -516,6 +516,29 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(agg: dict) -> str:
+    """The compact table for the README: per track, each method's zero-shot mean, retrieval mean, score
+    and (where measured) CIFAR-10 base-to-novel HM, mean ± std over seeds; the relational margin below."""
+    lines = []
+    for key in sorted({f"{r['track']}/{r['setting']}" for r in agg["rows"]}, key=lambda k: (list(TRACKS).index(k.split("/")[0]), k)):
+        ours = (agg["margins"].get(key) or {}).get("ours")
+        rows = [r for r in agg["rows"] if f"{r['track']}/{r['setting']}" == key and (r["method"] in GRID or r["method"] == ours)]
+        teacher = agg.get("teachers", {}).get(key, agg["teacher"])
+        cols = ["zero-shot mean", "retrieval mean", "score"] + (["b2n hm"] if any("b2n hm" in r["metrics"] for r in rows) else [])
+        names = {"zero-shot mean": "ZS mean", "retrieval mean": "Ret mean", "score": "score", "b2n hm": "CIFAR-10 b2n HM"}
+        lines += [f"Track {key.replace('/', ', setting ')}:", "", "| method | seeds | " + " | ".join(names[c] for c in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        if teacher:
+            lines.append("| teacher | - | " + " | ".join(f"{teacher[c]:.1f}" if teacher.get(c) is not None else "-" for c in cols) + " |")
+        lines += [f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(_pm(r, c) for c in cols) + " |" for r in rows]
+        margin = agg["margins"].get(key)
+        if margin:
+            lines += ["", f"Relational margin ({margin['ours']} vs {margin['over']}, score): {margin['mean']:+.2f} ± {margin['std']:.2f} "
+                          f"over seeds {margin['seeds']} ({'wins' if margin['wins'] else 'does not win'})."]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _pm(row: dict, key: str) -> str:
     v = row["metrics"].get(key)
     return "-" if v is None else f"{v['mean']:.1f} ± {v['std']:.1f}"
@@ -628,6 +651,9 @@ def render(budget: Budget, teacher_metrics: dict | None = None) -> dict:
     write_json(RESULTS / "methods.json", out)
     table = markdown(agg, budget, latency)
     (RESULTS / "methods.md").write_text(table + "\n")
+    summary = summary_table(agg)
+    (RESULTS / "methods_summary.md").write_text(summary)
+    _splice(REPO / "README.md", "benchmark summary", summary)
     with open(RESULTS / ".methods.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["track", "setting", "method", "seeds"] + [f"{c} {s}" for c in COLUMNS for s in ("mean", "std")])
@@ -650,6 +676,21 @@ def _latency(student: str) -> dict:
         if row.get("model") == student and row.get("tower") == "image":
             return row
     return {}
+
+
+def _splice(path: Path, marker: str, text: str) -> None:
+    """Replace what stands between `<!-- marker -->` and `<!-- /marker -->` in `path` (atomically); no markers, no change."""
+    if not path.exists():
+        return
+    content = path.read_text()
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in content or end not in content:
+        return
+    head, rest = content.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    os.replace(tmp, path)
 
 
 def _write_doc(table: str) -> None:
