@@ -83,3 +83,33 @@ def test_markdown_marks_the_best_and_keeps_variants_out_of_the_main_table(method
     assert "relational_cross" not in main
     assert "| relational_cross |" in text  # in the iteration table
     assert "Relational margin (relational)" in text and "+10.00 ± 0.00" in text
+
+
+def test_summary_is_spliced_between_markers_only(methods, tmp_path):
+    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [record("clip_kd", s, 0.2, 0.2) for s in range(2)]
+    agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
+    text = methods.summary_table(agg)
+    assert "| relational | 2 | 30.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 |" in text and "+10.00 ± 0.00" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmark summary -->\nold\n<!-- /benchmark summary -->\noutro\n")
+    methods._splice(readme, "benchmark summary", text)
+    methods._splice(readme, "benchmark summary", text)  # idempotent
+    content = readme.read_text()
+    assert content.startswith("intro\n") and content.endswith("outro\n") and "old" not in content
+    assert content.count("| relational | 2 |") == 1
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    methods._splice(plain, "benchmark summary", text)
+    assert plain.read_text() == "no markers\n"
+
+
+def test_teacher_row_follows_each_tracks_teacher(methods):
+    a = [record("relational", 0, 0.3, 0.3), record("clip_kd", 0, 0.2, 0.2)]
+    b = [dict(record("relational", 0, 0.3, 0.3), teacher="new"), dict(record("clip_kd", 0, 0.2, 0.2), teacher="new")]
+    for r in b:
+        r["cell"] = {**r["cell"], "track": "b2n"}
+    agg = methods.aggregate(a + b, teachers={methods.LEGACY_TEACHER: metrics(0.4, 0.5, 0.5), "new": metrics(0.6, 0.5, 0.5)})
+    assert agg["teachers"]["A/image"]["zero-shot mean"] == pytest.approx(40.0)
+    assert agg["teachers"]["b2n/image"]["zero-shot mean"] == pytest.approx(60.0)
+    relational_b2n = next(r for r in agg["rows"] if r["track"] == "b2n" and r["method"] == "relational")
+    assert relational_b2n["metrics"]["zero-shot mean"]["retention"] == pytest.approx(50.0)
