@@ -471,7 +471,7 @@ SHORT = {"cifar10 acc1": "CIFAR-10", "imagenet-1k-sample acc1": "IN top-1", "ima
 
 def markdown(agg: dict, budget: Budget, latency: dict) -> str:
     lines = []
-    for track, setting in sorted({(r["track"], r["setting"]) for r in agg["rows"]}, key=lambda k: (list(TRACKS).index(k[0]), k[1])):
+    for track, setting in _tracks_in(agg):
         key = f"{track}/{setting}"
         teacher = agg.get("teachers", {}).get(key, agg["teacher"])
         ours = (agg["margins"].get(key) or {}).get("ours")
@@ -516,11 +516,16 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
     return "\n".join(lines)
 
 
+def _tracks_in(agg: dict) -> list[tuple[str, str]]:
+    """The (track, setting) pairs with finished cells, tracks in TRACKS order."""
+    return sorted({(r["track"], r["setting"]) for r in agg["rows"]}, key=lambda k: (list(TRACKS).index(k[0]), k[1]))
+
+
 def summary_table(agg: dict) -> str:
     """The compact table for the README: per track, each method's zero-shot mean, retrieval mean, score
     and (where measured) CIFAR-10 base-to-novel HM, mean ± std over seeds; the relational margin below."""
     lines = []
-    for key in sorted({f"{r['track']}/{r['setting']}" for r in agg["rows"]}, key=lambda k: (list(TRACKS).index(k.split("/")[0]), k)):
+    for key in (f"{track}/{setting}" for track, setting in _tracks_in(agg)):
         ours = (agg["margins"].get(key) or {}).get("ours")
         rows = [r for r in agg["rows"] if f"{r['track']}/{r['setting']}" == key and (r["method"] in GRID or r["method"] == ours)]
         teacher = agg.get("teachers", {}).get(key, agg["teacher"])

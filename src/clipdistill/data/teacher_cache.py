@@ -132,9 +132,6 @@ class CacheShard:
         """An extra per-caption array stored beside the cache (e.g. DCLIP's `dclip_image`)."""
         return self._array(name)
 
-    def keys(self) -> list[str]:
-        return json.loads((self.folder / "keys.json").read_text())
-
 
 @dataclass
 class CacheInfo:

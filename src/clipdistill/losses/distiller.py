@@ -215,7 +215,7 @@ class Distiller(nn.Module):
                 continue
             su = gather_outputs(part[0], grad=False)
             tu = gather_outputs(part[1], grad=False) if part[1] is not None else None
-            for term in self.terms.values():
+            for term in terms:
                 term.update_unpaired(su, tu)
 
     def group_names(self) -> list[str]:

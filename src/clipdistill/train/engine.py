@@ -338,19 +338,19 @@ class Run:
         self.last_eval = ckpt.get("eval", {})
         rngs = ckpt["rng"]
         set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
-        state = DataState.from_state(ckpt["data"])
-        if not self.info.is_main:  # totals live on rank 0 and are summed again at the next checkpoint
-            state.samples, state.skipped.reasons = 0, {}
-        self.data_state = state
+        self.data_state = self._restored_data(ckpt["data"])
         if ckpt.get("data_unpaired") is not None:
-            state_u = DataState.from_state(ckpt["data_unpaired"])
-            if not self.info.is_main:
-                state_u.samples, state_u.skipped.reasons = 0, {}
-            self.data_state_u = state_u
+            self.data_state_u = self._restored_data(ckpt["data_unpaired"])
         if ckpt.get("world") != self.info.world:
             log.warning("resuming a %s-process run on %d processes: the data order changes", ckpt.get("world"), self.info.world)
         self.last_checkpoint_step = self.step
         log.info("resumed from step %d", self.step)
+
+    def _restored_data(self, raw: dict) -> DataState:
+        state = DataState.from_state(raw)
+        if not self.info.is_main:  # totals live on rank 0 and are summed again at the next checkpoint
+            state.samples, state.skipped.reasons = 0, {}
+        return state
 
     # --- one step -------------------------------------------------------------------------------------
 
@@ -424,13 +424,9 @@ class Run:
             with self._autocast():
                 out = self.wrapped(images.to(self.device), tokens[i] if tokens else None, mask_seed)
             if micro_u:
-                n = len(b["keys"])
-                for key in [k for k in ("image", "image_pooled", "image_tokens", "image_masked") if k in out]:
-                    out[f"u_{key}"], out[key] = out[key][n:], out[key][:n]
+                _split_rows(out, ("image", "image_pooled", "image_tokens", "image_masked"), len(b["keys"]), "u_")
             if corpus:  # the corpus texts rode along the captions through the text tower
-                n = len(b["keys"])
-                for key in [k for k in ("text", "text_pooled") if k in out]:
-                    out[f"t_{key}"], out[key] = out[key][n:], out[key][:n]
+                _split_rows(out, ("text", "text_pooled"), len(b["keys"]), "t_")
             return out
 
         def loss_fn(s: dict[str, torch.Tensor]):
@@ -547,6 +543,12 @@ class Run:
             if getattr(self, "logger", None) is not None:
                 self.logger.log_eval(self.step, self.last_eval)
         barrier()
+
+
+def _split_rows(out: dict, keys: tuple[str, ...], n: int, prefix: str) -> None:
+    """Move rows n: of each of `keys` in `out` to `prefix + key` (the unpaired part of a joint forward)."""
+    for key in [k for k in keys if k in out]:
+        out[f"{prefix}{key}"], out[key] = out[key][n:], out[key][:n]
 
 
 def _needs_of(loss_cfg) -> set[str]:
