@@ -82,7 +82,8 @@ def _run_and_kill(cmd: list[str], out: Path, after_step: int, delay: float) -> i
             if sidecar.exists() and json.loads(sidecar.read_text())["step"] >= after_step:
                 time.sleep(delay)
                 _kill_tree(proc)
-                return json.loads(sidecar.read_text())["step"]
+                # the step resume starts from: last.pt's own (the kill may land between last.pt and its sidecar)
+                return int(torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"])
             time.sleep(0.005)
         raise AssertionError("no checkpoint appeared in time")
     finally:
