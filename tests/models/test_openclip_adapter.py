@@ -11,7 +11,7 @@ from PIL import Image
 
 from clipdistill.errors import UserError
 from clipdistill.models.factory import create_model
-from clipdistill.models.openclip import OpenClipModel, from_config
+from clipdistill.models.openclip import OpenClipModel, from_config, trim_padding
 
 TINY = {
     "embed_dim": 24,
@@ -55,6 +55,24 @@ def test_text_features_and_tokens(tiny):
     assert f.mask.tolist()[0] == [True] * 4 + [False] * 12  # sot, a, cat, eot
     assert f.mask.sum(1).tolist() == [4, 7, 2]
     assert torch.allclose(tiny.encode_text(ids, normalize=True).norm(dim=-1), torch.ones(3), atol=1e-6)
+
+
+def test_trailing_padding_is_dropped_exactly(tiny):
+    """Causal attention pooled at the end token: encoding without the padding columns gives open_clip's values
+    and gradients (float64, so the comparison is tight), and a batch is cut at its longest text."""
+    ids = tiny.tokenize(["a cat", "a dog on the grass"])
+    assert trim_padding(ids).shape == (2, 7) and trim_padding(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 1)
+    model = from_config(TINY, name="tiny64").double()
+    emb = model.encode_text(ids)
+    ref = model.model.encode_text(ids)  # open_clip: the full context of 16
+    assert torch.allclose(emb, ref, atol=1e-12, rtol=0)
+    weight = model.model.token_embedding.weight
+    (g,) = torch.autograd.grad(emb.square().sum(), weight)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), weight)
+    assert torch.allclose(g, g_ref, atol=1e-12, rtol=0)
+    no_causal = from_config({**TINY, "text_cfg": {**TINY["text_cfg"], "no_causal_mask": True}}, name="nc").double()
+    # without the causal mask the padding is attended to, so nothing may be dropped
+    assert torch.allclose(no_causal.encode_text(ids), no_causal.model.encode_text(ids), atol=1e-12, rtol=0)
 
 
 def test_logit_scale_and_clamp(tiny):

@@ -69,6 +69,12 @@ def _project(x: Tensor, proj: nn.Module | Tensor | None) -> Tensor:
     return x @ proj
 
 
+def trim_padding(text: Tensor, pad_id: int = 0) -> Tensor:
+    """`text` without the columns after its last non-pad token (at least one column is kept)."""
+    used = (text != pad_id).any(0).nonzero()
+    return text[:, : int(used.max()) + 1] if len(used) else text[:, :1]
+
+
 class OpenClipModel(ClipModel):
     """Wraps an open_clip `CLIP` / `CustomTextCLIP` (`self.model`), its tokenizer and model config."""
 
@@ -140,9 +146,13 @@ class OpenClipModel(ClipModel):
         elif text_tower is not None:  # e.g. an HF text tower: embedding only
             return Features(embedding=text_tower(text))
         else:
-            cast = m.transformer.get_cast_dtype()
-            x = m.token_embedding(text).to(cast) + m.positional_embedding.to(cast)
-            tok = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+            cast, mask = m.transformer.get_cast_dtype(), m.attn_mask
+            if not tokens and mask is not None and m.text_pool_type in ("argmax", "eos"):
+                # causal attention pooled at the end token: the trailing padding changes nothing, so drop it
+                text = trim_padding(text)
+                mask = mask[: text.shape[1], : text.shape[1]]
+            x = m.token_embedding(text).to(cast) + m.positional_embedding[: text.shape[1]].to(cast)
+            tok = m.ln_final(m.transformer(x, attn_mask=mask))
             pooled = text_global_pool(tok, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
             emb, pad_id = _project(pooled, m.text_projection), 0
         if not tokens:
