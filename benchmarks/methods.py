@@ -45,6 +45,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CELLS = RESULTS / "methods"
+# cells of other budgets (`--steps`, `--student`): one folder per budget, never mixed into the main tables
+BUDGETS = RESULTS / "budgets"
 RUNS = REPO / "runs" / "methods"
 DOC = REPO / "docs" / "benchmark.md"
 log = logging.getLogger("methods")
@@ -131,6 +133,19 @@ class Budget:
     lr: float = 1e-3
     warmup_steps: int = 10
     threads: int = 2
+
+
+def budget_name(budget: Budget) -> str:
+    return f"{budget.student.removeprefix('student:')}-{budget.steps}"
+
+
+def cells_dir(budget: Budget) -> Path:
+    """Where a budget's finished cells live: the main grid's in CELLS, any other budget's in BUDGETS/<name>."""
+    return CELLS if budget == Budget() else BUDGETS / budget_name(budget)
+
+
+def report_path(budget: Budget) -> Path:
+    return RESULTS / "methods.md" if budget == Budget() else BUDGETS / f"{budget_name(budget)}.md"
 
 
 @dataclass(frozen=True)
@@ -242,7 +257,7 @@ def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_r
         "losses": recipe(cell.method, curation),
         "optim": {"lr": budget.lr, "warmup_steps": budget.warmup_steps},
         "steps": budget.steps,
-        "output_dir": str(RUNS / f"{budget.student.removeprefix('student:')}-{budget.steps}" / cell.name),
+        "output_dir": str(RUNS / budget_name(budget) / cell.name),
         "seed": cell.seed,
         "threads": budget.threads,
         "checkpoint_every": 50,
@@ -303,7 +318,7 @@ def probe_cell(path: Path, teacher, data_root: str | None) -> bool:
     if PROBE_KEY in record["metrics"]:
         return False
     budget, cell = Budget(**record["budget"]), Cell(**record["cell"])
-    out = RUNS / f"{budget.student.removeprefix('student:')}-{budget.steps}" / cell.name
+    out = RUNS / budget_name(budget) / cell.name
     summary = json.loads((out / "summary.json").read_text())
     student = load_trained_student(budget.student, SETTINGS[cell.setting], summary["student_weights"], teacher)
     start = time.time()
@@ -339,7 +354,7 @@ def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_roo
         "teacher": prep["teacher"].fingerprint(),
         "unpaired_samples": summary.get("unpaired_samples"),
     }
-    write_json(CELLS / f"{cell.name}.json", record)
+    write_json(cells_dir(budget) / f"{cell.name}.json", record)
     return record
 
 
@@ -642,19 +657,26 @@ def plot(agg: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_cells(folder: Path, budget: Budget) -> list[dict]:
+    return [r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if r["budget"] == asdict(budget)]
+
+
 def render(budget: Budget, teacher_metrics: dict | None = None) -> dict:
-    records = [r for r in (json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))) if r["budget"] == asdict(budget)]
+    if budget != Budget():
+        return render_budget(budget, teacher_metrics)
+    records = load_cells(CELLS, budget)
     if not records:
         raise SystemExit("no finished cell yet; run `python benchmarks/methods.py` first")
     teachers = load_teachers()
     agg = aggregate(records, teacher_metrics, teachers)
+    agg["budgets"] = budget_study(records)
     latency = _latency(budget.student)
     # the headline margin: track A (the published setting) when measured; every track's is under "margins"
     best_margin = agg["margins"].get("A/image") or next((m for m in agg["margins"].values() if m), None)
     out = {"budget": asdict(budget), "teacher": teacher_metrics, "teachers": teachers, "cells": records, "summary": agg["rows"],
-           "margins": agg["margins"], "relational_margin": best_margin}
+           "margins": agg["margins"], "relational_margin": best_margin, "budget_study": agg["budgets"]}
     write_json(RESULTS / "methods.json", out)
-    table = markdown(agg, budget, latency)
+    table = "\n".join([markdown(agg, budget, latency)] + budget_table(agg["budgets"]))
     (RESULTS / "methods.md").write_text(table + "\n")
     summary = summary_table(agg)
     (RESULTS / "methods_summary.md").write_text(summary)
@@ -669,6 +691,67 @@ def render(budget: Budget, teacher_metrics: dict | None = None) -> dict:
     plot(agg, RESULTS / "methods.png")
     _write_doc(table)
     return out
+
+
+def render_budget(budget: Budget, teacher_metrics: dict | None = None) -> dict:
+    """A non-default budget's own report (BUDGETS/<name>.{json,md}); the main tables are left alone."""
+    records = load_cells(cells_dir(budget), budget)
+    if not records:
+        raise SystemExit(f"no finished cell of budget {budget_name(budget)} yet")
+    agg = aggregate(records, teacher_metrics, load_teachers())
+    name = budget_name(budget)
+    out = {"budget": asdict(budget), "cells": records, "summary": agg["rows"], "margins": agg["margins"]}
+    write_json(BUDGETS / f"{name}.json", out)
+    (BUDGETS / f"{name}.md").write_text(markdown(agg, budget, {}) + "\n")
+    return out
+
+
+def budget_study(main: list[dict]) -> list[dict]:
+    """Every other budget's cells beside the main grid's cells of the same (method, track, setting, seed):
+    per budget and track, each method's score, zero-shot and retrieval means at both budgets (those seeds
+    only) and our margin over the best published method at each budget."""
+    base = {Cell(**r["cell"]): r for r in main}
+    out = []
+    for folder in sorted(p for p in BUDGETS.glob("*") if p.is_dir()):
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        by_budget: dict[tuple, list[dict]] = {}
+        for r in records:
+            if Cell(**r["cell"]) in base:
+                by_budget.setdefault((json.dumps(r["budget"], sort_keys=True), r["cell"]["track"], r["cell"]["setting"]), []).append(r)
+        for (b, track, setting), rs in sorted(by_budget.items()):
+            pairs = [(base[Cell(**r["cell"])], r) for r in rs]
+            rows = []
+            for method in sorted({r["cell"]["method"] for r in rs}, key=list(METHODS).index):
+                mine = [(a, r) for a, r in pairs if r["cell"]["method"] == method]
+                row = {"method": method, "seeds": sorted(r["cell"]["seed"] for _, r in mine)}
+                for key in ("zero-shot mean", "retrieval mean", "score"):
+                    for tag, side in (("base", 0), ("long", 1)):
+                        row[f"{key} {tag}"] = mean_std([scores(p[side]["metrics"])[key] for p in mine])
+                rows.append(row)
+            out.append({"budget": json.loads(b), "track": track, "setting": setting, "rows": rows,
+                        "margin_base": relational_margin([a for a, _ in pairs]), "margin_long": relational_margin([r for _, r in pairs])})
+    return out
+
+
+def budget_table(study: list[dict]) -> list[str]:
+    lines = []
+    for s in study:
+        b = s["budget"]
+        lines += [f"### Budget study: track {s['track']}, setting `{s['setting']}`, {Budget().steps} vs {b['steps']} steps "
+                  f"({b['student']}, batch {b['batch_size']}; the same seeds at both budgets)", "",
+                  f"| method | seeds | score @{Budget().steps} | score @{b['steps']} | ZS mean @{Budget().steps} | ZS mean @{b['steps']} "
+                  f"| Ret mean @{Budget().steps} | Ret mean @{b['steps']} |", "|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            cells = [f"{r[f'{k} {t}'][0]:.1f} ± {r[f'{k} {t}'][1]:.1f}" for k in ("score", "zero-shot mean", "retrieval mean") for t in ("base", "long")]
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for tag, steps in (("base", Budget().steps), ("long", b["steps"])):
+            m = s[f"margin_{tag}"]
+            if m:
+                lines.append(f"Relational margin at {steps} steps ({m['ours']} vs {m['over']}, score, seeds {m['seeds']}): "
+                             f"{m['mean']:+.2f} ± {m['std']:.2f}.")
+        lines.append("")
+    return lines
 
 
 def _latency(student: str) -> dict:
@@ -756,44 +839,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the cells and whether each is done")
     parser.add_argument("--steps", type=int, default=Budget.steps, help="training steps per cell (every cell of a table shares them)")
     parser.add_argument("--student", default=Budget.student)
-    parser.add_argument("--cells", type=Path, default=CELLS, help="folder of finished cell records")
+    parser.add_argument("--cells", type=Path, default=None, help="folder of finished cell records of the default budget "
+                        "(default: benchmarks/results/methods; other budgets: benchmarks/results/budgets/<student>-<steps>)")
     parser.add_argument("--probe", action="store_true", help="add the CIFAR-10 linear probe to the finished cells (of --methods and --seeds)")
     parser.add_argument("--seed-major", action="store_true", help="run every method at seed 0 first, then seed 1, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     budget = Budget(student=args.student, steps=args.steps)
-    CELLS = args.cells
+    if args.cells is not None:
+        CELLS = args.cells
     torch.set_num_threads(budget.threads)
     cells = [Cell(m, t, s, seed) for t in args.tracks for s in args.settings for m in args.methods for seed in args.seeds]
     if args.seed_major:
         cells.sort(key=lambda c: (c.seed, args.tracks.index(c.track), c.setting))
     if args.list:
         for c in cells:
-            print(f"{'done ' if (CELLS / f'{c.name}.json').exists() else 'todo '} {c.name}")
+            print(f"{'done ' if (cells_dir(budget) / f'{c.name}.json').exists() else 'todo '} {c.name}")
         return 0
     if args.render:  # the finished cells and the recorded teacher figures are all it needs
         render(budget)
-        print((RESULTS / "methods.md").read_text())
+        print(report_path(budget).read_text())
         return 0
     teacher_dir = (args.teacher or cache_dir() / "teacher").expanduser()
     prep = prepare(teacher_dir, args.data_root, args.tracks, dclip="dclip" in args.methods)
     t_metrics = teacher_metrics(prep, args.data_root)
     if args.probe:
         for c in cells:
-            path = CELLS / f"{c.name}.json"
+            path = cells_dir(budget) / f"{c.name}.json"
             if path.exists() and probe_cell(path, prep["teacher"], args.data_root):
                 log.info("cell %s: linear probe done", c.name)
     else:
         for c in cells:
-            if (CELLS / f"{c.name}.json").exists():
+            if (cells_dir(budget) / f"{c.name}.json").exists():
                 continue
             log.info("cell %s", c.name)
             record = run_cell(c, budget, teacher_dir, prep, args.data_root)
             log.info("cell %s done: score %.2f (train %.0f s)", c.name, scores(record["metrics"])["score"], record["train_seconds"])
             render(budget, t_metrics)
     out = render(budget, t_metrics)
-    print((RESULTS / "methods.md").read_text())
+    print(report_path(budget).read_text())
     return 0 if out else 1
 
 

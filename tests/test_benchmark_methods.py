@@ -113,3 +113,29 @@ def test_teacher_row_follows_each_tracks_teacher(methods):
     assert agg["teachers"]["b2n/image"]["zero-shot mean"] == pytest.approx(60.0)
     relational_b2n = next(r for r in agg["rows"] if r["track"] == "b2n" and r["method"] == "relational")
     assert relational_b2n["metrics"]["zero-shot mean"]["retention"] == pytest.approx(50.0)
+
+
+def test_other_budgets_stay_out_of_the_main_grid_and_pair_by_cell(methods, tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    monkeypatch.setattr(methods, "CELLS", tmp_path / "methods")
+    monkeypatch.setattr(methods, "BUDGETS", tmp_path / "budgets")
+    base, long = methods.Budget(), methods.Budget(steps=256)
+    assert methods.cells_dir(base) == tmp_path / "methods"
+    assert methods.cells_dir(long) == tmp_path / "budgets" / "vit-t-32-256"
+    main = [dict(record(m, s, zs, 0.1), budget=asdict(base)) for m, zs in (("relational", 0.3), ("clip_kd", 0.2)) for s in range(2)]
+    folder = methods.cells_dir(long)
+    for m, zs in (("relational", 0.5), ("clip_kd", 0.2), ("tinyclip", 0.9)):  # tinyclip: no main-grid partner
+        for s in range(2):
+            methods.write_json(folder / f"{m}-A-image-s{s}.json", dict(record(m, s, zs, 0.1), budget=asdict(long)))
+    (study,) = methods.budget_study(main)
+    assert study["budget"]["steps"] == 256 and [r["method"] for r in study["rows"]] == ["clip_kd", "relational"]
+    rel = next(r for r in study["rows"] if r["method"] == "relational")
+    assert rel["score base"][0] == pytest.approx(20.0) and rel["score long"][0] == pytest.approx(30.0)
+    assert study["margin_base"]["mean"] == pytest.approx(5.0) and study["margin_long"]["mean"] == pytest.approx(15.0)
+    text = "\n".join(methods.budget_table([study]))
+    assert "64 vs 256 steps" in text and "| relational | 2 | 20.0 ± 0.0 | 30.0 ± 0.0 |" in text
+    # a long budget's own report never touches the main grid's files
+    monkeypatch.setattr(methods, "RESULTS", tmp_path)
+    methods.render_budget(long)
+    assert (tmp_path / "budgets" / "vit-t-32-256.md").exists() and not (tmp_path / "methods.json").exists()
