@@ -54,7 +54,9 @@ def test_openclip_round_trip(kind, tmp_path):
     assert torch.equal(tokenizer(["a cat", "a dog on a mat", "red", "the end of the line"]), ids)
     with torch.no_grad():
         assert torch.equal(reloaded.encode_image(x), model.encode_image(x))
-        assert torch.equal(reloaded.encode_text(ids), model.encode_text(ids))
+        assert torch.equal(reloaded.encode_text(ids), model.model.encode_text(ids))
+        # the adapter drops trailing padding (models/openclip.py): the same values up to float32 rounding
+        assert torch.allclose(reloaded.encode_text(ids), model.encode_text(ids), atol=1e-5)
     assert reloaded.visual.preprocess_cfg["mean"] == list(model.image_config.mean)
     again = create_model(f"openclip:{tmp_path}")  # and through the adapter
     assert again.image_config == model.image_config

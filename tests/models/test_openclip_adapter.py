@@ -57,6 +57,15 @@ def test_text_features_and_tokens(tiny):
     assert torch.allclose(tiny.encode_text(ids, normalize=True).norm(dim=-1), torch.ones(3), atol=1e-6)
 
 
+class TextTower(torch.nn.Module):
+    def __init__(self, model: OpenClipModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(text)
+
+
 def test_trailing_padding_is_dropped_exactly(tiny):
     """Causal attention pooled at the end token: encoding without the padding columns gives open_clip's values
     and gradients (float64, so the comparison is tight), and a batch is cut at its longest text."""
@@ -70,6 +79,11 @@ def test_trailing_padding_is_dropped_exactly(tiny):
     (g,) = torch.autograd.grad(emb.square().sum(), weight)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), weight)
     assert torch.allclose(g, g_ref, atol=1e-12, rtol=0)
+    # tracing (ONNX export) keeps the whole context: a graph traced on short texts still encodes long ones
+    longer = model.tokenize(["a dog on the grass next to a red ball and a small white cat"])
+    with torch.no_grad():
+        traced = torch.jit.trace(TextTower(model), ids[:1])
+        assert torch.allclose(traced(longer), model.model.encode_text(longer), atol=1e-12, rtol=0)
     no_causal = from_config({**TINY, "text_cfg": {**TINY["text_cfg"], "no_causal_mask": True}}, name="nc").double()
     # without the causal mask the padding is attended to, so nothing may be dropped
     assert torch.allclose(no_causal.encode_text(ids), no_causal.model.encode_text(ids), atol=1e-12, rtol=0)

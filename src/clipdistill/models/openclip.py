@@ -147,8 +147,9 @@ class OpenClipModel(ClipModel):
             return Features(embedding=text_tower(text))
         else:
             cast, mask = m.transformer.get_cast_dtype(), m.attn_mask
-            if not tokens and mask is not None and m.text_pool_type in ("argmax", "eos"):
+            if not tokens and mask is not None and m.text_pool_type in ("argmax", "eos") and not torch.jit.is_tracing():
                 # causal attention pooled at the end token: the trailing padding changes nothing, so drop it
+                # (never while tracing, e.g. ONNX export: a traced graph would keep the example's length)
                 text = trim_padding(text)
                 mask = mask[: text.shape[1], : text.shape[1]]
             x = m.token_embedding(text).to(cast) + m.positional_embedding[: text.shape[1]].to(cast)

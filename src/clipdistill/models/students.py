@@ -218,7 +218,8 @@ def count_params_flops(model: ClipModel, image_size: int | None = None, context:
             tokens = torch.nn.functional.pad(tokens, (0, max(0, context - tokens.shape[1])))[:, :context]
         return {
             "image": _measure(model, lambda: model.image_features(images)),
-            "text": _measure(model, lambda: model.text_features(tokens)),
+            # tokens=True keeps the padded context (open_clip's cost; the adapter's plain encode drops the padding)
+            "text": _measure(model, lambda: model.text_features(tokens, tokens=True)),
         }
     finally:
         model.train(was_training)
