@@ -139,3 +139,14 @@ def test_other_budgets_stay_out_of_the_main_grid_and_pair_by_cell(methods, tmp_p
     monkeypatch.setattr(methods, "RESULTS", tmp_path)
     methods.render_budget(long)
     assert (tmp_path / "budgets" / "vit-t-32-256.md").exists() and not (tmp_path / "methods.json").exists()
+
+
+def test_a_track_with_only_our_variant_still_renders(methods):
+    recs = [record("relational", 0, 0.3, 0.3), record("clip_kd", 0, 0.2, 0.2)]
+    lone = record("relational_tau10", 0, 0.1, 0.1)
+    lone["cell"] = {**lone["cell"], "setting": "both"}
+    agg = methods.aggregate(recs + [lone], teacher=metrics(0.4, 0.5, 0.5))
+    assert agg["margins"]["A/both"] is None
+    text = methods.markdown(agg, methods.Budget(), latency={})
+    assert "### Track A, student setting `both`" in text and "| relational_tau10 | 1 | **10.0 ± 0.0**" in text
+    assert "| relational_tau10 | 1 | 10.0 ± 0.0" in methods.summary_table(agg)
