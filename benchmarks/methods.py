@@ -725,13 +725,14 @@ def budget_study(main: list[dict]) -> list[dict]:
                 by_budget.setdefault((json.dumps(r["budget"], sort_keys=True), r["cell"]["track"], r["cell"]["setting"]), []).append(r)
         for (b, track, setting), rs in sorted(by_budget.items()):
             pairs = [(base[Cell(**r["cell"])], r) for r in rs]
+            figures = [(scores(a["metrics"]), scores(r["metrics"])) for a, r in pairs]
             rows = []
             for method in sorted({r["cell"]["method"] for r in rs}, key=list(METHODS).index):
-                mine = [(a, r) for a, r in pairs if r["cell"]["method"] == method]
-                row = {"method": method, "seeds": sorted(r["cell"]["seed"] for _, r in mine)}
+                mine = [(f, r["cell"]["seed"]) for f, (_, r) in zip(figures, pairs) if r["cell"]["method"] == method]
+                row = {"method": method, "seeds": sorted(seed for _, seed in mine)}
                 for key in ("zero-shot mean", "retrieval mean", "score"):
                     for tag, side in (("base", 0), ("long", 1)):
-                        row[f"{key} {tag}"] = mean_std([scores(p[side]["metrics"])[key] for p in mine])
+                        row[f"{key} {tag}"] = mean_std([f[side][key] for f, _ in mine])
                 rows.append(row)
             out.append({"budget": json.loads(b), "track": track, "setting": setting, "rows": rows,
                         "margin_base": relational_margin([a for a, _ in pairs]), "margin_long": relational_margin([r for _, r in pairs])})
@@ -854,13 +855,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(student=args.student, steps=args.steps)
     if args.cells is not None:
         CELLS = args.cells
+    folder = cells_dir(budget)
     torch.set_num_threads(budget.threads)
     cells = [Cell(m, t, s, seed) for t in args.tracks for s in args.settings for m in args.methods for seed in args.seeds]
     if args.seed_major:
         cells.sort(key=lambda c: (c.seed, args.tracks.index(c.track), c.setting))
     if args.list:
         for c in cells:
-            print(f"{'done ' if (cells_dir(budget) / f'{c.name}.json').exists() else 'todo '} {c.name}")
+            print(f"{'done ' if (folder / f'{c.name}.json').exists() else 'todo '} {c.name}")
         return 0
     if args.render:  # the finished cells and the recorded teacher figures are all it needs
         render(budget)
@@ -871,12 +873,12 @@ def main(argv: list[str] | None = None) -> int:
     t_metrics = teacher_metrics(prep, args.data_root)
     if args.probe:
         for c in cells:
-            path = cells_dir(budget) / f"{c.name}.json"
+            path = folder / f"{c.name}.json"
             if path.exists() and probe_cell(path, prep["teacher"], args.data_root):
                 log.info("cell %s: linear probe done", c.name)
     else:
         for c in cells:
-            if (cells_dir(budget) / f"{c.name}.json").exists():
+            if (folder / f"{c.name}.json").exists():
                 continue
             log.info("cell %s", c.name)
             record = run_cell(c, budget, teacher_dir, prep, args.data_root)
