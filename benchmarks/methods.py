@@ -83,6 +83,9 @@ VARIANTS: dict[str, dict] = {
     "tau10": {"tau_intra_t": 0.1, "tau_intra_s": 0.1},
     # round 2: the two best single changes of round 1 (by dev) together
     "tau10_w2": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "weight": 2.0},
+    # round 3, setting `both` only (t2t is zero there in `image`: the student's text tower is the teacher's):
+    # the text-text relation at the weight of the others, for the student's own text tower and the corpus texts
+    "tau10_t2t1": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "w_t2t": 1.0},
 }
 for _name, _opts in VARIANTS.items():
     METHODS[f"relational_{_name}"] = ({"relational": _opts}, False, f"ours, variant: {_opts}")
