@@ -47,6 +47,10 @@ RESULTS = REPO / "benchmarks" / "results"
 CELLS = RESULTS / "methods"
 # cells of other budgets (`--steps`, `--student`): one folder per budget, never mixed into the main tables
 BUDGETS = RESULTS / "budgets"
+# rebuilt teachers measured interchangeable with an earlier one (`--recheck`): fingerprint -> evidence
+EQUIVALENCE = RESULTS / "teacher_equivalence.json"
+# a recorded cell re-run with the rebuilt teacher must reproduce every figure within this many points
+EQUIV_TOL = 0.1
 RUNS = REPO / "runs" / "methods"
 DOC = REPO / "docs" / "benchmark.md"
 log = logging.getLogger("methods")
@@ -251,7 +255,8 @@ def recipe(method: str, curation: dict) -> dict:
     return losses
 
 
-def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
+def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None,
+               train_dir: Path | None = None) -> dict:
     curation = prep["curation"][cell.track]
     cfg = {
         "student": {"spec": budget.student, "text": SETTINGS[cell.setting]},
@@ -260,7 +265,7 @@ def run_config(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_r
         "losses": recipe(cell.method, curation),
         "optim": {"lr": budget.lr, "warmup_steps": budget.warmup_steps},
         "steps": budget.steps,
-        "output_dir": str(RUNS / budget_name(budget) / cell.name),
+        "output_dir": str(train_dir or RUNS / budget_name(budget) / cell.name),
         "seed": cell.seed,
         "threads": budget.threads,
         "checkpoint_every": 50,
@@ -331,14 +336,17 @@ def probe_cell(path: Path, teacher, data_root: str | None) -> bool:
     return True
 
 
-def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
+def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None,
+             folder: Path | None = None, train_dir: Path | None = None) -> dict:
+    """Train and evaluate one cell (resuming its checkpoint) and write its record to `folder`
+    (default: the budget's cells folder)."""
     from clipdistill.train.checkpoint import has_checkpoint
     from clipdistill.train.config import config_from_dict
     from clipdistill.train.engine import train
     from clipdistill.train.evaluate import load_trained_student
 
     start = time.time()
-    cfg = config_from_dict(run_config(cell, budget, teacher_dir, prep, data_root))
+    cfg = config_from_dict(run_config(cell, budget, teacher_dir, prep, data_root, train_dir))
     out = Path(cfg.output_dir)
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
@@ -357,8 +365,80 @@ def run_cell(cell: Cell, budget: Budget, teacher_dir: Path, prep: dict, data_roo
         "teacher": prep["teacher"].fingerprint(),
         "unpaired_samples": summary.get("unpaired_samples"),
     }
-    write_json(cells_dir(budget) / f"{cell.name}.json", record)
+    write_json((folder or cells_dir(budget)) / f"{cell.name}.json", record)
     return record
+
+
+def compare_records(old: dict, new: dict) -> dict:
+    """Every figure of `scores` in both records: new - old, the largest |difference|, and whether it is within EQUIV_TOL."""
+    a, b = scores(old["metrics"]), scores(new["metrics"])
+    # the linear probe is left out: the same student weights probe up to ~1 point apart on two machines
+    diffs = {k: round(b[k] - a[k], 4) for k in a if a[k] is not None and b.get(k) is not None and k != "linear probe"}
+    worst = max((abs(d) for d in diffs.values()), default=math.inf)
+    return {"diffs": diffs, "max_abs_diff": worst, "equivalent": worst <= EQUIV_TOL}
+
+
+def image_free(method: str) -> bool:
+    """No term of the method's recipe reaches caption-less images (`Term.unpaired` "none" and no
+    `unpaired_loss` of its own), and it trains on every pair (no keep-list)."""
+    from clipdistill.losses.base import Term, get_term
+    from clipdistill.losses.config import parse_loss_config
+
+    if method == "clip_cid":
+        return False
+    for name in parse_loss_config(recipe(method, {"centres": "unused"})).weights:
+        cls = get_term(name)
+        if cls.unpaired != "none" or cls.unpaired_loss is not Term.unpaired_loss:
+            return False
+    return True
+
+
+def pair_tracks(records: list[dict], first: str = "A", second: str = "b2n") -> dict[str, dict]:
+    """Evidence from finished cells alone: the methods none of whose terms uses caption-less images
+    (`image_free`) train on the same pairs from the same seed in tracks `first` and `second`, so where the two
+    tracks' cells were distilled from different teachers, each such (method, seed) pair is a recheck.
+    Returns {second's teacher: entry} for each teacher pair, as `recheck` writes them."""
+    by_cell = {(r["cell"]["method"], r["cell"]["track"], r["cell"]["setting"], r["cell"]["seed"]): r for r in records}
+    found: dict[str, dict] = {}
+    for (method, track, setting, seed), new in sorted(by_cell.items()):
+        old = by_cell.get((method, first, setting, seed))
+        if track != second or not image_free(method) or old is None or cell_teacher(old) == cell_teacher(new):
+            continue
+        e = found.setdefault(cell_teacher(new), {"of": cell_teacher(old), "cells": [], "tolerance": EQUIV_TOL, "max_abs_diff": 0.0})
+        if e["of"] != cell_teacher(old):
+            continue
+        c = compare_records(old, new)
+        e["cells"].append(f"{method}-{first}/{second}-{setting}-s{seed}")
+        e["max_abs_diff"] = max(e["max_abs_diff"], c["max_abs_diff"])
+    for e in found.values():
+        e["equivalent"] = bool(e["cells"]) and e["max_abs_diff"] <= EQUIV_TOL
+    return found
+
+
+def recheck(name: str, budget: Budget, teacher_dir: Path, prep: dict, data_root: str | None) -> dict:
+    """Re-run the recorded cell `name` with the current teacher (own folders under runs/, the grid's
+    record untouched) and record in EQUIVALENCE whether it reproduces every figure within EQUIV_TOL points:
+    if so, tables count the current teacher's cells as cells of the recorded one."""
+    path = cells_dir(budget) / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"--recheck: no finished cell '{name}' in {cells_dir(budget)}; `--list` names the cells")
+    old = json.loads(path.read_text())
+    fp, was = prep["teacher"].fingerprint(), cell_teacher(old)
+    if fp == was:
+        raise SystemExit(f"--recheck: cell '{name}' was distilled from this teacher ({fp}); nothing to check")
+    folder = RUNS / "recheck" / fp
+    done = folder / f"{name}.json"
+    new = json.loads(done.read_text()) if done.exists() else run_cell(Cell(**old["cell"]), budget, teacher_dir, prep, data_root,
+                                                                       folder=folder, train_dir=folder / name)
+    entry = {"of": was, "cell": name, "tolerance": EQUIV_TOL, **compare_records(old, new)}
+    teachers = load_teachers()
+    if fp in teachers and was in teachers:
+        entry["teacher_diffs"] = compare_records({"metrics": teachers[was]}, {"metrics": teachers[fp]})["diffs"]
+    known = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
+    write_json(EQUIVALENCE, {**known, fp: entry})
+    log.info("recheck of %s with teacher %s: largest difference %.3f points (%s)", name, fp, entry["max_abs_diff"],
+             "interchangeable" if entry["equivalent"] else "not interchangeable")
+    return entry
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -397,30 +477,64 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cell_teacher(record: dict) -> str:
-    """The fingerprint of the teacher a cell was distilled from (cells before it was recorded: LEGACY_TEACHER)."""
-    return record.get("teacher", LEGACY_TEACHER)
+def cell_teacher(record: dict, aliases: dict[str, str] | None = None) -> str:
+    """The fingerprint of the teacher a cell was distilled from (cells before it was recorded: LEGACY_TEACHER),
+    or, through `aliases`, of the earlier teacher it was measured interchangeable with."""
+    fp, seen = record.get("teacher", LEGACY_TEACHER), set()
+    while aliases and fp in aliases and fp not in seen:  # a chain of rebuilds resolves to the first teacher
+        seen.add(fp)
+        fp = aliases[fp]
+    return fp
 
 
-def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[str, dict] | None = None) -> dict:
-    """Rows per (track, setting, method) with mean/std/retention; `teacher` (metrics) or `teachers`
-    (fingerprint -> metrics, each track's cells matched to their own teacher) give the teacher rows."""
+def load_aliases(path: Path | None = None) -> dict[str, str]:
+    """Rebuilt teacher -> earlier teacher, for the rechecks in `path` that reproduced their cell within EQUIV_TOL."""
+    path = path or EQUIVALENCE
+    if not path.exists():
+        return {}
+    return {fp: e["of"] for fp, e in json.loads(path.read_text()).items() if e.get("equivalent")}
+
+
+def one_teacher(records: list[dict], aliases: dict[str, str] | None = None) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """Each (track, setting) keeps the cells of the teacher most of its cells were distilled from (ties: the
+    smaller fingerprint); returns the kept cells and, per table, how many cells of which other teacher were left out."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        per = counts.setdefault(f"{r['cell']['track']}/{r['cell']['setting']}", {})
+        fp = cell_teacher(r, aliases)
+        per[fp] = per.get(fp, 0) + 1
+    major = {k: min(c, key=lambda fp: (-c[fp], fp)) for k, c in counts.items()}
+    kept = [r for r in records if cell_teacher(r, aliases) == major[f"{r['cell']['track']}/{r['cell']['setting']}"]]
+    dropped = {k: {fp: n for fp, n in sorted(c.items()) if fp != major[k]} for k, c in counts.items() if len(c) > 1}
+    return kept, dropped
+
+
+def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[str, dict] | None = None,
+              aliases: dict[str, str] | None = None) -> dict:
+    """Rows per (track, setting, method) with mean/std/retention, each (track, setting) from the cells of
+    one teacher (`one_teacher`; `aliases` map a rebuilt teacher to the one it was measured interchangeable
+    with); `teacher` (metrics) or `teachers` (fingerprint -> metrics) give the teacher rows."""
+    records, dropped = one_teacher(records, aliases)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         c = r["cell"]
         groups.setdefault((c["track"], c["setting"], c["method"]), []).append(r)
     fallback = scores(teacher) if teacher else None
     teacher_rows: dict[str, dict | None] = {}
+    raw: dict[str, dict[str, int]] = {}
     for r in records:
-        key = f"{r['cell']['track']}/{r['cell']['setting']}"
-        fp = cell_teacher(r)
-        teacher_rows.setdefault(key, scores(teachers[fp]) if teachers and fp in teachers else fallback)
+        per = raw.setdefault(f"{r['cell']['track']}/{r['cell']['setting']}", {})
+        per[cell_teacher(r)] = per.get(cell_teacher(r), 0) + 1
+    for key, per in raw.items():  # the figures of the teacher most of the table's cells recorded, where measured
+        known = [fp for fp in sorted(per, key=lambda fp: (-per[fp], fp)) if teachers and fp in teachers]
+        fp = known[0] if known else cell_teacher({"teacher": next(iter(per))}, aliases)
+        teacher_rows[key] = scores(teachers[fp]) if teachers and fp in teachers else fallback
     rows = []
     for (track, setting, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], list(METHODS).index(kv[0][2]))):
         per_seed = [scores(r["metrics"]) for r in rs]
         row = {"track": track, "setting": setting, "method": method, "seeds": sorted(r["cell"]["seed"] for r in rs),
                "train_seconds": statistics.fmean(r["train_seconds"] for r in rs), "metrics": {},
-               "teacher": sorted({cell_teacher(r) for r in rs})}
+               "teacher": sorted({cell_teacher(r) for r in rs})}  # as recorded, aliases not applied
         teacher_row = teacher_rows.get(f"{track}/{setting}")
         for key in per_seed[0]:
             vals = [p[key] for p in per_seed if p[key] is not None]
@@ -440,7 +554,8 @@ def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[s
             {"method": r["cell"]["method"], "options": r["losses"].get("relational") if isinstance(r["losses"], dict) else None,
              **{k: scores(r["metrics"])[k] for k in ("dev retrieval mean", "zero-shot mean", "retrieval mean", "score")}}
             for r in mine if r["cell"]["method"].startswith("relational") and r["cell"]["seed"] == 0]}
-    return {"rows": rows, "teacher": fallback, "teachers": teacher_rows, "margins": margins, "margins_by_metric": by_metric, "iteration": iteration}
+    return {"rows": rows, "teacher": fallback, "teachers": teacher_rows, "margins": margins, "margins_by_metric": by_metric,
+            "iteration": iteration, "left_out": dropped}
 
 
 def select_relational(records: list[dict]) -> str | None:
@@ -511,6 +626,8 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
                 cells.append(f"**{text}**" if math.isclose(v["mean"], best[c]) else text)
             lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
         lines.append("")
+        for fp, n in agg.get("left_out", {}).get(key, {}).items():
+            lines += [f"Left out: {n} cell(s) of this table distilled from another teacher ({fp}); every row above shares one.", ""]
         winners = [f"{SHORT[c]} {', '.join(r['method'] for r in rows if c in r['metrics'] and math.isclose(r['metrics'][c]['mean'], best[c]))}"
                    for c in COLUMNS]
         lines += ["Best mean per metric: " + "; ".join(winners) + ".", ""]
@@ -676,7 +793,7 @@ def render(budget: Budget, teacher_metrics: dict | None = None) -> dict:
     if not records:
         raise SystemExit("no finished cell yet; run `python benchmarks/methods.py` first")
     teachers = load_teachers()
-    agg = aggregate(records, teacher_metrics, teachers)
+    agg = aggregate(records, teacher_metrics, teachers, load_aliases())
     agg["budgets"] = budget_study(records)
     latency = _latency(budget.student)
     # the headline margin: track A (the published setting) when measured; every track's is under "margins"
@@ -706,7 +823,7 @@ def render_budget(budget: Budget, teacher_metrics: dict | None = None) -> dict:
     records = load_cells(cells_dir(budget), budget)
     if not records:
         raise SystemExit(f"no finished cell of budget {budget_name(budget)} yet")
-    agg = aggregate(records, teacher_metrics, load_teachers())
+    agg = aggregate(records, teacher_metrics, load_teachers(), load_aliases())
     name = budget_name(budget)
     out = {"budget": asdict(budget), "cells": records, "summary": agg["rows"], "margins": agg["margins"]}
     write_json(BUDGETS / f"{name}.json", out)
@@ -811,9 +928,17 @@ def teacher_metrics(prep: dict, data_root: str | None) -> dict:
     """The teacher's figures on EVAL, B2N and PROBE, cached per teacher fingerprint in
     benchmarks/results/methods_teacher.json. A rebuilt teacher (other weights: the LiT heads' training is
     seeded but not bit-reproducible across machines) gets its own entry; every cell records the
-    fingerprint of the teacher it was distilled from, and each table compares cells of one teacher."""
+    fingerprint of the teacher it was distilled from, and each table compares cells of one teacher. A
+    teacher measured interchangeable with a recorded one (EQUIVALENCE) is not evaluated again."""
     fp = prep["teacher"].fingerprint()
     teachers = load_teachers()
+    aliases, same, seen = load_aliases(), fp, {fp}
+    while fp not in teachers and aliases.get(same) not in seen | {None}:  # measured interchangeable: its figures stand
+        same = aliases[same]
+        seen.add(same)
+        if same in teachers:
+            log.info("teacher %s: using the recorded figures of %s, measured interchangeable with it", fp, same)
+            return teachers[same]
     metrics = teachers.get(fp)
     changed = not metrics or not set(EVAL) <= set(metrics)
     if changed:
@@ -852,6 +977,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: benchmarks/results/methods; other budgets: benchmarks/results/budgets/<student>-<steps>)")
     parser.add_argument("--probe", action="store_true", help="add the CIFAR-10 linear probe to the finished cells (of --methods and --seeds)")
     parser.add_argument("--seed-major", action="store_true", help="run every method at seed 0 first, then seed 1, ...")
+    parser.add_argument("--recheck", metavar="CELL", default=None,
+                        help="re-run a finished cell (e.g. relational_tau10-A-both-s0) with the current teacher and record in "
+                        "benchmarks/results/teacher_equivalence.json whether it reproduces within EQUIV_TOL points")
+    parser.add_argument("--recheck-tracks", action="store_true",
+                        help="record the same evidence from finished cells: the methods that use no caption-less image, "
+                        "tracks A and b2n, where the two tracks' cells were distilled from different teachers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -867,12 +998,26 @@ def main(argv: list[str] | None = None) -> int:
         for c in cells:
             print(f"{'done ' if (folder / f'{c.name}.json').exists() else 'todo '} {c.name}")
         return 0
+    if args.recheck_tracks:
+        found = pair_tracks(load_cells(folder, budget))
+        teachers = load_teachers()
+        for fp, e in found.items():
+            if fp in teachers and e["of"] in teachers:
+                e["teacher_diffs"] = compare_records({"metrics": teachers[e["of"]]}, {"metrics": teachers[fp]})["diffs"]
+        known = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
+        write_json(EQUIVALENCE, {**known, **found})
+        print(json.dumps(found, indent=1))
+        return 0 if found and all(e["equivalent"] for e in found.values()) else 3
     if args.render:  # the finished cells and the recorded teacher figures are all it needs
         render(budget)
         print(report_path(budget).read_text())
         return 0
     teacher_dir = (args.teacher or cache_dir() / "teacher").expanduser()
     prep = prepare(teacher_dir, args.data_root, args.tracks, dclip="dclip" in args.methods)
+    if args.recheck:
+        entry = recheck(args.recheck, budget, teacher_dir, prep, args.data_root)
+        print(json.dumps(entry, indent=1))
+        return 0 if entry["equivalent"] else 3
     t_metrics = teacher_metrics(prep, args.data_root)
     if args.probe:
         for c in cells:

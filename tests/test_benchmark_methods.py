@@ -150,3 +150,45 @@ def test_a_track_with_only_our_variant_still_renders(methods):
     text = methods.markdown(agg, methods.Budget(), latency={})
     assert "### Track A, student setting `both`" in text and "| relational_tau10 | 1 | **10.0 ± 0.0**" in text
     assert "| relational_tau10 | 1 | 10.0 ± 0.0" in methods.summary_table(agg)
+
+
+def test_a_table_keeps_the_cells_of_one_teacher(methods):
+    a = [dict(record(m, s, 0.3, 0.3), teacher="t1") for m in ("relational", "clip_kd") for s in range(2)]
+    stray = dict(record("clip_kd", 2, 0.9, 0.9), teacher="t2")  # another teacher: must not reach the rows
+    agg = methods.aggregate(a + [stray])
+    kd = next(r for r in agg["rows"] if r["method"] == "clip_kd")
+    assert kd["seeds"] == [0, 1] and kd["metrics"]["score"]["mean"] == pytest.approx(30.0)
+    assert agg["left_out"] == {"A/image": {"t2": 1}}
+    assert "Left out: 1 cell(s)" in methods.markdown(agg, methods.Budget(), {})
+    # measured interchangeable (t2 -> t1 through a chain t3 -> t2 -> t1): every cell counts
+    agg = methods.aggregate(a + [stray], aliases={"t3": "t2", "t2": "t1"})
+    kd = next(r for r in agg["rows"] if r["method"] == "clip_kd")
+    assert kd["seeds"] == [0, 1, 2] and agg["left_out"] == {}
+    assert methods.cell_teacher({"teacher": "t3"}, {"t3": "t2", "t2": "t1"}) == "t1"
+    assert methods.cell_teacher({"teacher": "t1"}, {"t1": "t2", "t2": "t1"}) in {"t1", "t2"}  # a cycle ends
+
+
+def test_compare_records_ignores_the_machine_dependent_probe(methods):
+    old, new = record("clip_kd", 0, 0.3, 0.2), record("clip_kd", 0, 0.3, 0.2)
+    old["metrics"]["cifar10-linear-probe"] = {"acc1": 0.40}
+    new["metrics"]["cifar10-linear-probe"] = {"acc1": 0.41}
+    assert methods.compare_records(old, new)["equivalent"]
+    new["metrics"]["mnist"]["acc1"] = 0.31  # zero-shot MNIST +1 point, mean +0.25: beyond EQUIV_TOL
+    c = methods.compare_records(old, new)
+    assert not c["equivalent"] and c["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_pair_tracks_uses_only_methods_that_see_no_captionless_image(methods):
+    def cell(method, track, seed, teacher, zs):
+        r = dict(record(method, seed, zs, 0.2), teacher=teacher)
+        r["cell"] = {**r["cell"], "track": track}
+        return r
+
+    recs = [cell("hinton_kd", "A", 0, "old", 0.3), cell("hinton_kd", "b2n", 0, "new", 0.3),
+            cell("comkd", "A", 0, "old", 0.3), cell("comkd", "b2n", 0, "new", 0.5)]  # comkd uses them: no evidence
+    found = methods.pair_tracks(recs)
+    assert found["new"]["of"] == "old" and found["new"]["cells"] == ["hinton_kd-A/b2n-image-s0"]
+    assert found["new"]["equivalent"]
+    recs[1]["metrics"]["cifar10"]["acc1"] = 0.35
+    assert not methods.pair_tracks(recs)["new"]["equivalent"]
+    assert methods.image_free("mobileclip") and not methods.image_free("clip_kd") and not methods.image_free("relational")
