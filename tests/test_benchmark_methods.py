@@ -192,3 +192,18 @@ def test_pair_tracks_uses_only_methods_that_see_no_captionless_image(methods):
     recs[1]["metrics"]["cifar10"]["acc1"] = 0.35
     assert not methods.pair_tracks(recs)["new"]["equivalent"]
     assert methods.image_free("mobileclip") and not methods.image_free("clip_kd") and not methods.image_free("relational")
+
+
+def test_an_interchangeable_teacher_is_not_evaluated_again(methods, monkeypatch):
+    class Rebuilt:
+        def fingerprint(self):
+            return "t3"
+
+    figures = metrics(0.4, 0.5, 0.5)
+    monkeypatch.setattr(methods, "load_teachers", lambda: {"t1": figures})
+    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t2", "t2": "t1"})
+    monkeypatch.setattr(methods, "evaluate", lambda *a, **k: pytest.fail("evaluated an interchangeable teacher"))
+    assert methods.teacher_metrics({"teacher": Rebuilt()}, None) is figures
+    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t4", "t4": "t3"})  # a cycle, no recorded figures
+    with pytest.raises(pytest.fail.Exception):
+        methods.teacher_metrics({"teacher": Rebuilt()}, None)

@@ -108,7 +108,8 @@ def test_accumulation_over_mixed_micro_batches_equals_one_batch(tiny, mixed_root
     g2 = {n: p.grad for n, p in two.student.named_parameters() if p.grad is not None}
     assert g1.keys() == g2.keys()
     for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6)
+        # float32 sums in another order: a few ulps of the largest gradient (a scaling bug is off by 50%+)
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-4 * g1[name].abs().max().item())
 
 
 def test_cached_mode_without_unpaired_cache_is_refused(tiny, mixed_root, tmp_path):
