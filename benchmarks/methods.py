@@ -399,10 +399,11 @@ def pair_tracks(records: list[dict], first: str = "A", second: str = "b2n") -> d
     tracks' cells were distilled from different teachers, each such (method, seed) pair is a recheck.
     Returns {second's teacher: entry} for each teacher pair, as `recheck` writes them."""
     by_cell = {(r["cell"]["method"], r["cell"]["track"], r["cell"]["setting"], r["cell"]["seed"]): r for r in records}
+    free = {m: image_free(m) for m in {k[0] for k in by_cell}}
     found: dict[str, dict] = {}
     for (method, track, setting, seed), new in sorted(by_cell.items()):
         old = by_cell.get((method, first, setting, seed))
-        if track != second or not image_free(method) or old is None or cell_teacher(old) == cell_teacher(new):
+        if track != second or not free[method] or old is None or cell_teacher(old) == cell_teacher(new):
             continue
         e = found.setdefault(cell_teacher(new), {"of": cell_teacher(old), "cells": [], "tolerance": EQUIV_TOL, "max_abs_diff": 0.0})
         if e["of"] != cell_teacher(old):
@@ -431,14 +432,21 @@ def recheck(name: str, budget: Budget, teacher_dir: Path, prep: dict, data_root:
     new = json.loads(done.read_text()) if done.exists() else run_cell(Cell(**old["cell"]), budget, teacher_dir, prep, data_root,
                                                                        folder=folder, train_dir=folder / name)
     entry = {"of": was, "cell": name, "tolerance": EQUIV_TOL, **compare_records(old, new)}
-    teachers = load_teachers()
-    if fp in teachers and was in teachers:
-        entry["teacher_diffs"] = compare_records({"metrics": teachers[was]}, {"metrics": teachers[fp]})["diffs"]
-    known = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
-    write_json(EQUIVALENCE, {**known, fp: entry})
+    record_equivalence({fp: entry})
     log.info("recheck of %s with teacher %s: largest difference %.3f points (%s)", name, fp, entry["max_abs_diff"],
              "interchangeable" if entry["equivalent"] else "not interchangeable")
     return entry
+
+
+def record_equivalence(found: dict[str, dict]) -> None:
+    """Add `found` (rebuilt teacher -> evidence) to EQUIVALENCE, each with the two teachers' own figure
+    differences where both were evaluated."""
+    teachers = load_teachers()
+    for fp, e in found.items():
+        if fp in teachers and e["of"] in teachers:
+            e["teacher_diffs"] = compare_records({"metrics": teachers[e["of"]]}, {"metrics": teachers[fp]})["diffs"]
+    known = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
+    write_json(EQUIVALENCE, {**known, **found})
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -480,11 +488,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def cell_teacher(record: dict, aliases: dict[str, str] | None = None) -> str:
     """The fingerprint of the teacher a cell was distilled from (cells before it was recorded: LEGACY_TEACHER),
     or, through `aliases`, of the earlier teacher it was measured interchangeable with."""
-    fp, seen = record.get("teacher", LEGACY_TEACHER), set()
-    while aliases and fp in aliases and fp not in seen:  # a chain of rebuilds resolves to the first teacher
-        seen.add(fp)
-        fp = aliases[fp]
-    return fp
+    return alias_chain(record.get("teacher", LEGACY_TEACHER), aliases)[-1]
+
+
+def alias_chain(fp: str, aliases: dict[str, str] | None) -> list[str]:
+    """`fp`, then each earlier teacher it was measured interchangeable with, to the first (a cycle ends it)."""
+    chain = [fp]
+    while aliases and chain[-1] in aliases and aliases[chain[-1]] not in chain:
+        chain.append(aliases[chain[-1]])
+    return chain
 
 
 def load_aliases(path: Path | None = None) -> dict[str, str]:
@@ -523,8 +535,8 @@ def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[s
     teacher_rows: dict[str, dict | None] = {}
     raw: dict[str, dict[str, int]] = {}
     for r in records:
-        per = raw.setdefault(f"{r['cell']['track']}/{r['cell']['setting']}", {})
-        per[cell_teacher(r)] = per.get(cell_teacher(r), 0) + 1
+        per, fp = raw.setdefault(f"{r['cell']['track']}/{r['cell']['setting']}", {}), cell_teacher(r)
+        per[fp] = per.get(fp, 0) + 1
     for key, per in raw.items():  # the figures of the teacher most of the table's cells recorded, where measured
         known = [fp for fp in sorted(per, key=lambda fp: (-per[fp], fp)) if teachers and fp in teachers]
         fp = known[0] if known else cell_teacher({"teacher": next(iter(per))}, aliases)
@@ -544,7 +556,7 @@ def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[s
                 row["metrics"][key] = {"mean": m, "std": s, "retention": ret, "n": len(vals)}
         rows.append(row)
     margins, by_metric, iteration = {}, {}, {}
-    for track, setting in {(r["track"], r["setting"]) for r in rows}:
+    for track, setting in sorted({(r["track"], r["setting"]) for r in rows}):  # a stable order in methods.json
         mine = [r for r in records if (r["cell"]["track"], r["cell"]["setting"]) == (track, setting)]
         key = f"{track}/{setting}"
         margins[key] = relational_margin(mine)
@@ -932,13 +944,10 @@ def teacher_metrics(prep: dict, data_root: str | None) -> dict:
     teacher measured interchangeable with a recorded one (EQUIVALENCE) is not evaluated again."""
     fp = prep["teacher"].fingerprint()
     teachers = load_teachers()
-    aliases, same, seen = load_aliases(), fp, {fp}
-    while fp not in teachers and aliases.get(same) not in seen | {None}:  # measured interchangeable: its figures stand
-        same = aliases[same]
-        seen.add(same)
-        if same in teachers:
-            log.info("teacher %s: using the recorded figures of %s, measured interchangeable with it", fp, same)
-            return teachers[same]
+    same = next((t for t in alias_chain(fp, load_aliases()) if t in teachers), fp)
+    if same != fp:  # measured interchangeable with a recorded teacher: its figures stand
+        log.info("teacher %s: using the recorded figures of %s, measured interchangeable with it", fp, same)
+        return teachers[same]
     metrics = teachers.get(fp)
     changed = not metrics or not set(EVAL) <= set(metrics)
     if changed:
@@ -1000,12 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recheck_tracks:
         found = pair_tracks(load_cells(folder, budget))
-        teachers = load_teachers()
-        for fp, e in found.items():
-            if fp in teachers and e["of"] in teachers:
-                e["teacher_diffs"] = compare_records({"metrics": teachers[e["of"]]}, {"metrics": teachers[fp]})["diffs"]
-        known = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
-        write_json(EQUIVALENCE, {**known, **found})
+        record_equivalence(found)
         print(json.dumps(found, indent=1))
         return 0 if found and all(e["equivalent"] for e in found.values()) else 3
     if args.render:  # the finished cells and the recorded teacher figures are all it needs
