@@ -578,6 +578,9 @@ def select_relational(records: list[dict]) -> str | None:
     return max(sorted(dev), key=lambda m: dev[m]) if dev else None
 
 
+MIN_SEEDS = 3  # paired seeds a margin needs before it can count as a win
+
+
 def relational_margin(records: list[dict], key: str = "score", ours: str | None = None) -> dict | None:
     """Ours (default: the dev-selected variant with the most seeds) minus the best published method
     (highest mean `key`), paired by seed: {mean, std, over, ours, seeds, wins}."""
@@ -598,8 +601,9 @@ def relational_margin(records: list[dict], key: str = "score", ours: str | None 
         return None
     diffs = [by_method[ours][s] - published[best][s] for s in seeds]
     m, s = mean_std(diffs)
+    # a win needs the spread of at least MIN_SEEDS paired seeds (issue 6): one seed has no std to beat
     return {"mean": round(m, 3), "std": round(s, 3), "over": best, "ours": ours, "seeds": seeds, "metric": key,
-            "wins": bool(m - 2 * s >= 1.0)}
+            "wins": bool(len(seeds) >= MIN_SEEDS and m - 2 * s >= 1.0)}
 
 
 COLUMNS = ["cifar10 acc1", "imagenet-1k-sample acc1", "imagenet-1k-sample acc5", "dtd-10 acc1", "mnist acc1",
@@ -648,7 +652,9 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
             lines += ["Retention of the teacher's score: " + ", ".join(ret) + ".", ""]
         margin = agg["margins"].get(f"{track}/{setting}")
         if margin:
-            verdict = "wins (margin - 2 std >= 1 point)" if margin["wins"] else "does not win (needs margin - 2 std >= 1 point)"
+            verdict = ("wins (margin - 2 std >= 1 point)" if margin["wins"] else
+                       f"not decided yet ({len(margin['seeds'])} paired seed(s); a win needs {MIN_SEEDS})" if len(margin["seeds"]) < MIN_SEEDS
+                       else "does not win (needs margin - 2 std >= 1 point)")
             lines += [f"Relational margin ({margin['ours']}) on the score over the best published method ({margin['over']}): "
                       f"{margin['mean']:+.2f} ± {margin['std']:.2f} points over seeds {margin['seeds']}: {verdict}."]
             for k, m in agg["margins_by_metric"].get(key, {}).items():
@@ -691,9 +697,15 @@ def summary_table(agg: dict) -> str:
         margin = agg["margins"].get(key)
         if margin:
             lines += ["", f"Relational margin ({margin['ours']} vs {margin['over']}, score): {margin['mean']:+.2f} ± {margin['std']:.2f} "
-                          f"over seeds {margin['seeds']} ({'wins' if margin['wins'] else 'does not win'})."]
+                          f"over seeds {margin['seeds']} ({_verdict(margin)})."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _verdict(margin: dict) -> str:
+    if margin["wins"]:
+        return "wins"
+    return "does not win" if len(margin["seeds"]) >= MIN_SEEDS else f"not decided: {len(margin['seeds'])} of {MIN_SEEDS} seeds"
 
 
 def _pm(row: dict, key: str) -> str:

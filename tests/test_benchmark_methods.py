@@ -63,6 +63,14 @@ def test_margin_is_paired_by_seed_against_the_best_published_method(methods):
     assert margin["wins"] == (statistics.fmean(diffs) - 2 * statistics.stdev(diffs) >= 1.0)
 
 
+def test_a_margin_needs_three_seeds_to_win(methods):
+    recs = [record("relational", 0, 0.60, 0.60), record("clip_kd", 0, 0.20, 0.20)]  # +40 points at one seed
+    margin = methods.relational_margin(recs)
+    assert margin["mean"] == pytest.approx(40.0) and margin["std"] == 0.0 and not margin["wins"]
+    recs += [record("relational", s, 0.60, 0.60) for s in (1, 2)] + [record("clip_kd", s, 0.20, 0.20) for s in (1, 2)]
+    assert methods.relational_margin(recs)["wins"]
+
+
 def test_variant_selection_reads_dev_only(methods):
     recs = [record("relational", 0, 0.30, 0.30, dev=0.10), record("relational_w2", 0, 0.10, 0.10, dev=0.20),
             record("relational_nobank", 0, 0.90, 0.90, dev=0.05), record("clip_kd", 0, 0.2, 0.2, dev=0.9)]
