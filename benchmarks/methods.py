@@ -656,10 +656,10 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
                        f"not decided yet ({len(margin['seeds'])} paired seed(s); a win needs {MIN_SEEDS})" if len(margin["seeds"]) < MIN_SEEDS
                        else "does not win (needs margin - 2 std >= 1 point)")
             lines += [f"Relational margin ({margin['ours']}) on the score over the best published method ({margin['over']}): "
-                      f"{margin['mean']:+.2f} ± {margin['std']:.2f} points over seeds {margin['seeds']}: {verdict}."]
+                      f"{_pm_margin(margin)} points over seeds {margin['seeds']}: {verdict}."]
             for k, m in agg["margins_by_metric"].get(key, {}).items():
                 if m:
-                    lines.append(f"On the {k} alone, against its best published method ({m['over']}): {m['mean']:+.2f} ± {m['std']:.2f} points.")
+                    lines.append(f"On the {k} alone, against its best published method ({m['over']}): {_pm_margin(m)} points.")
             lines.append("")
         lines += iteration_table(agg["iteration"].get(key))
         lines += founding_table(rows, teacher) + b2n_table(rows, teacher, track) + probe_table(rows, teacher)
@@ -696,10 +696,17 @@ def summary_table(agg: dict) -> str:
         lines += [f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(_pm(r, c) for c in cols) + " |" for r in rows]
         margin = agg["margins"].get(key)
         if margin:
-            lines += ["", f"Relational margin ({margin['ours']} vs {margin['over']}, score): {margin['mean']:+.2f} ± {margin['std']:.2f} "
+            lines += ["", f"Relational margin ({margin['ours']} vs {margin['over']}, score): {_pm_margin(margin)} "
                           f"over seeds {margin['seeds']} ({_verdict(margin)})."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _pm_margin(margin: dict) -> str:
+    """'+0.35 ± 0.35', or for one seed (no spread to show) '+1.49 (one seed)'."""
+    if len(margin["seeds"]) < 2:
+        return f"{margin['mean']:+.2f} (one seed)"
+    return f"{margin['mean']:+.2f} ± {margin['std']:.2f}"
 
 
 def _verdict(margin: dict) -> str:
@@ -899,7 +906,7 @@ def budget_table(study: list[dict]) -> list[str]:
             m = s[f"margin_{tag}"]
             if m:
                 lines.append(f"Relational margin at {steps} steps ({m['ours']} vs {m['over']}, score, seeds {m['seeds']}): "
-                             f"{m['mean']:+.2f} ± {m['std']:.2f}.")
+                             f"{_pm_margin(m)}.")
         lines.append("")
     return lines
 

@@ -67,6 +67,9 @@ def test_a_margin_needs_three_seeds_to_win(methods):
     recs = [record("relational", 0, 0.60, 0.60), record("clip_kd", 0, 0.20, 0.20)]  # +40 points at one seed
     margin = methods.relational_margin(recs)
     assert margin["mean"] == pytest.approx(40.0) and margin["std"] == 0.0 and not margin["wins"]
+    agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
+    text = methods.markdown(agg, methods.Budget(), latency={})
+    assert "+40.00 (one seed) points over seeds [0]: not decided yet" in text and "± 0.00" not in text
     recs += [record("relational", s, 0.60, 0.60) for s in (1, 2)] + [record("clip_kd", s, 0.20, 0.20) for s in (1, 2)]
     assert methods.relational_margin(recs)["wins"]
 
