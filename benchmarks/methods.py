@@ -540,7 +540,7 @@ def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[s
     for key, per in raw.items():  # the figures of the teacher most of the table's cells recorded, where measured
         known = [fp for fp in sorted(per, key=lambda fp: (-per[fp], fp)) if teachers and fp in teachers]
         fp = known[0] if known else cell_teacher({"teacher": next(iter(per))}, aliases)
-        teacher_rows[key] = scores(teachers[fp]) if teachers and fp in teachers else fallback
+        teacher_rows[key] = scores(teacher_figures(fp, teachers, aliases)) if teachers and fp in teachers else fallback
     rows = []
     for (track, setting, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], list(METHODS).index(kv[0][2]))):
         per_seed = [scores(r["metrics"]) for r in rs]
@@ -944,6 +944,18 @@ def _write_doc(table: str) -> None:
     tmp = DOC.with_name(".benchmark.md.tmp")
     tmp.write_text(head + "<!-- methods table -->\n\n" + table + "\n")
     os.replace(tmp, DOC)
+
+
+def teacher_figures(fp: str, teachers: dict[str, dict], aliases: dict[str, str] | None) -> dict:
+    """`fp`'s recorded figures, with any figure it lacks taken from a teacher measured interchangeable with
+    it (the same end of the alias chain), e.g. the base-to-novel figures only a later rebuild recorded."""
+    end = alias_chain(fp, aliases)[-1]
+    group = [fp] + [t for t in sorted(teachers) if t != fp and alias_chain(t, aliases)[-1] == end]
+    merged: dict = {}
+    for t in group:
+        for k, v in teachers.get(t, {}).items():
+            merged.setdefault(k, v)
+    return merged
 
 
 def load_teachers() -> dict[str, dict]:

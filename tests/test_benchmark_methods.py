@@ -218,3 +218,9 @@ def test_an_interchangeable_teacher_is_not_evaluated_again(methods, monkeypatch)
     monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t4", "t4": "t3"})  # a cycle, no recorded figures
     with pytest.raises(pytest.fail.Exception):
         methods.teacher_metrics({"teacher": Rebuilt()}, None)
+
+
+def test_teacher_figures_fill_gaps_from_interchangeable_teachers_only(methods):
+    teachers = {"old": {"cifar10": 1}, "new": {"cifar10": 2, "cifar10-b2n": 3}, "other": {"mnist": 4}}
+    figs = methods.teacher_figures("old", teachers, {"new": "old"})
+    assert figs == {"cifar10": 1, "cifar10-b2n": 3}  # its own figure first, the gap from "new", nothing of "other"
