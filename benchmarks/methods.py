@@ -652,9 +652,7 @@ def markdown(agg: dict, budget: Budget, latency: dict) -> str:
             lines += ["Retention of the teacher's score: " + ", ".join(ret) + ".", ""]
         margin = agg["margins"].get(f"{track}/{setting}")
         if margin:
-            verdict = ("wins (margin - 2 std >= 1 point)" if margin["wins"] else
-                       f"not decided yet ({len(margin['seeds'])} paired seed(s); a win needs {MIN_SEEDS})" if len(margin["seeds"]) < MIN_SEEDS
-                       else "does not win (needs margin - 2 std >= 1 point)")
+            verdict = _verdict(margin, detail=True)
             lines += [f"Relational margin ({margin['ours']}) on the score over the best published method ({margin['over']}): "
                       f"{_pm_margin(margin)} points over seeds {margin['seeds']}: {verdict}."]
             for k, m in agg["margins_by_metric"].get(key, {}).items():
@@ -709,10 +707,14 @@ def _pm_margin(margin: dict) -> str:
     return f"{margin['mean']:+.2f} ± {margin['std']:.2f}"
 
 
-def _verdict(margin: dict) -> str:
+def _verdict(margin: dict, detail: bool = False) -> str:
+    """'wins', 'does not win' or (fewer than MIN_SEEDS paired seeds) 'not decided'; `detail` adds the rule."""
+    n = len(margin["seeds"])
     if margin["wins"]:
-        return "wins"
-    return "does not win" if len(margin["seeds"]) >= MIN_SEEDS else f"not decided: {len(margin['seeds'])} of {MIN_SEEDS} seeds"
+        return "wins (margin - 2 std >= 1 point)" if detail else "wins"
+    if n < MIN_SEEDS:
+        return f"not decided yet ({n} paired seed(s); a win needs {MIN_SEEDS})" if detail else f"not decided: {n} of {MIN_SEEDS} seeds"
+    return "does not win (needs margin - 2 std >= 1 point)" if detail else "does not win"
 
 
 def _pm(row: dict, key: str) -> str:
