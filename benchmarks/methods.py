@@ -826,6 +826,8 @@ def render(budget: Budget, teacher_metrics: dict | None = None) -> dict:
     if not records:
         raise SystemExit("no finished cell yet; run `python benchmarks/methods.py` first")
     teachers = load_teachers()
+    if teacher_metrics is None:  # `--render` alone: the figures of the teacher recorded last
+        teacher_metrics = recorded_teacher(teachers)
     agg = aggregate(records, teacher_metrics, teachers, load_aliases())
     agg["budgets"] = budget_study(records)
     latency = _latency(budget.student)
@@ -967,6 +969,15 @@ def load_teachers() -> dict[str, dict]:
     if "teachers" in data:
         return data["teachers"]
     return {data["fingerprint"]: data["metrics"]} if "fingerprint" in data else {}
+
+
+def recorded_teacher(teachers: dict[str, dict], path: Path | None = None) -> dict | None:
+    """The figures of the teacher that methods_teacher.json names as current (through the recorded
+    equivalences), or None when none is recorded."""
+    path = path or RESULTS / "methods_teacher.json"
+    current = json.loads(path.read_text()).get("current") if path.exists() else None
+    chain = alias_chain(current, load_aliases()) if current else []
+    return next((teachers[t] for t in chain if t in teachers), None)
 
 
 def teacher_metrics(prep: dict, data_root: str | None) -> dict:

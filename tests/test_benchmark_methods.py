@@ -224,3 +224,14 @@ def test_teacher_figures_fill_gaps_from_interchangeable_teachers_only(methods):
     teachers = {"old": {"cifar10": 1}, "new": {"cifar10": 2, "cifar10-b2n": 3}, "other": {"mnist": 4}}
     figs = methods.teacher_figures("old", teachers, {"new": "old"})
     assert figs == {"cifar10": 1, "cifar10-b2n": 3}  # its own figure first, the gap from "new", nothing of "other"
+
+
+def test_render_alone_keeps_the_recorded_teachers_figures(methods, tmp_path, monkeypatch):
+    path = tmp_path / "methods_teacher.json"
+    teachers = {"t1": {"cifar10": 1}, "t2": {"cifar10": 2}}
+    assert methods.recorded_teacher(teachers, path) is None  # nothing recorded: no teacher row
+    path.write_text('{"current": "t3"}')
+    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t2"})  # t3 measured interchangeable with t2
+    assert methods.recorded_teacher(teachers, path) == {"cifar10": 2}
+    monkeypatch.setattr(methods, "load_aliases", lambda: {})
+    assert methods.recorded_teacher(teachers, path) is None  # an unmeasured rebuild borrows no figures
