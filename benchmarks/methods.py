@@ -606,6 +606,33 @@ def relational_margin(records: list[dict], key: str = "score", ours: str | None 
             "wins": bool(len(seeds) >= MIN_SEEDS and m - 2 * s >= 1.0)}
 
 
+CLOSE_SEEDS = (3, 4)  # issue 6: "at least 3 seeds; 5 where differences are close"
+
+
+def close_cells(records: list[dict], rivals: int = 2, base: tuple[int, ...] = (0, 1, 2),
+                extra: tuple[int, ...] = CLOSE_SEEDS) -> list[Cell]:
+    """The cells that bring a close comparison to 5 seeds: for each (track, setting) whose margin over
+    `base` seeds is undecided (neither a win nor a loss by the criterion: |margin| - 2 std < 1 point), our
+    selected variant and the `rivals` best published methods by mean score over `base`, at the `extra` seeds.
+    The choice reads only seeds in `base`, so adding the extra seeds never changes it."""
+    tables: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["cell"]["seed"] in base:
+            tables.setdefault((r["cell"]["track"], r["cell"]["setting"]), []).append(r)
+    out = []
+    for (track, setting), mine in sorted(tables.items()):
+        margin = relational_margin(mine)
+        if margin is None or len(margin["seeds"]) < len(base) or abs(margin["mean"]) - 2 * margin["std"] >= 1.0:
+            continue
+        by_method: dict[str, list[float]] = {}
+        for r in mine:
+            if METHODS[r["cell"]["method"]][1]:
+                by_method.setdefault(r["cell"]["method"], []).append(scores(r["metrics"])["score"])
+        best = sorted(by_method, key=lambda m: (-statistics.fmean(by_method[m]), m))[:rivals]
+        out += [Cell(m, track, setting, seed) for m in [margin["ours"], *best] for seed in extra]
+    return out
+
+
 COLUMNS = ["cifar10 acc1", "imagenet-1k-sample acc1", "imagenet-1k-sample acc5", "dtd-10 acc1", "mnist acc1",
            "flickr8k text_retrieval_recall@1", "flickr8k text_retrieval_recall@5", "flickr8k text_retrieval_recall@10",
            "flickr8k image_retrieval_recall@1", "flickr8k image_retrieval_recall@5", "flickr8k image_retrieval_recall@10",
@@ -1029,6 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=Path, default=None, help="folder of finished cell records of the default budget "
                         "(default: benchmarks/results/methods; other budgets: benchmarks/results/budgets/<student>-<steps>)")
     parser.add_argument("--probe", action="store_true", help="add the CIFAR-10 linear probe to the finished cells (of --methods and --seeds)")
+    parser.add_argument("--close", action="store_true",
+                        help="instead of the grid: seeds 3 and 4 of ours and the two best published methods of every "
+                        "(track, setting) whose 3-seed margin is undecided (see close_cells)")
     parser.add_argument("--seed-major", action="store_true", help="run every method at seed 0 first, then seed 1, ...")
     parser.add_argument("--recheck", metavar="CELL", default=None,
                         help="re-run a finished cell (e.g. relational_tau10-A-both-s0) with the current teacher and record in "
@@ -1045,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = cells_dir(budget)
     torch.set_num_threads(budget.threads)
     cells = [Cell(m, t, s, seed) for t in args.tracks for s in args.settings for m in args.methods for seed in args.seeds]
+    if args.close:
+        cells = [c for c in close_cells(load_cells(folder, budget)) if c.track in args.tracks and c.setting in args.settings]
     if args.seed_major:
         cells.sort(key=lambda c: (c.seed, args.tracks.index(c.track), c.setting))
     if args.list:

@@ -235,3 +235,20 @@ def test_render_alone_keeps_the_recorded_teachers_figures(methods, tmp_path, mon
     assert methods.recorded_teacher(teachers, path) == {"cifar10": 2}
     monkeypatch.setattr(methods, "load_aliases", lambda: {})
     assert methods.recorded_teacher(teachers, path) is None  # an unmeasured rebuild borrows no figures
+
+
+def test_close_cells_extend_undecided_tables_only(methods):
+    ours = [(0.30, 0.10), (0.31, 0.10), (0.29, 0.11)]
+    recs = [record("relational", s, *v) for s, v in enumerate(ours)]
+    recs += [record("clip_kd", s, 0.29, 0.10) for s in range(3)]  # best published: ours is within the spread
+    recs += [record("clip_kd_crd", s, 0.28, 0.10) for s in range(3)]  # second best
+    recs += [record("clip_kd_fd", s, 0.10, 0.10) for s in range(3)]
+    recs += [record("no_teacher", s, 0.9, 0.9) for s in range(3)]  # not published: never a rival
+    cells = methods.close_cells(recs)
+    assert [c.name for c in cells] == [f"{m}-A-image-s{s}" for m in ("relational", "clip_kd", "clip_kd_crd") for s in (3, 4)]
+    # the choice reads seeds 0-2 only: a finished seed 3 of another method does not change it
+    assert methods.close_cells(recs + [record("clip_kd_fd", 3, 0.9, 0.9)]) == cells
+    decided = [r for r in recs if r["cell"]["method"] != "relational"]
+    decided += [record("relational", s, 0.60, 0.10) for s in range(3)]  # +15 points, std 0: a clear win
+    assert methods.close_cells(decided) == []
+    assert methods.close_cells([r for r in recs if r["cell"]["seed"] < 2]) == []  # fewer than 3 base seeds
