@@ -581,25 +581,37 @@ def select_relational(records: list[dict]) -> str | None:
 MIN_SEEDS = 3  # paired seeds a margin needs before it can count as a win
 
 
-def relational_margin(records: list[dict], key: str = "score", ours: str | None = None) -> dict | None:
-    """Ours (default: the dev-selected variant with the most seeds) minus the best published method
-    (highest mean `key`), paired by seed: {mean, std, over, ours, seeds, wins}."""
+def scores_by_method(records: list[dict], key: str = "score") -> dict[str, dict[int, float]]:
+    """Method -> seed -> `key` of its cell."""
     by_method: dict[str, dict[int, float]] = {}
     for r in records:
         by_method.setdefault(r["cell"]["method"], {})[r["cell"]["seed"]] = scores(r["metrics"])[key]
+    return by_method
+
+
+def rank_published(by_method: dict[str, dict[int, float]]) -> list[str]:
+    """The published methods of `by_method`, best mean first (ties keep their order)."""
+    published = [m for m in by_method if METHODS[m][1]]
+    return sorted(published, key=lambda m: -statistics.fmean(by_method[m].values()))
+
+
+def relational_margin(records: list[dict], key: str = "score", ours: str | None = None) -> dict | None:
+    """Ours (default: the dev-selected variant with the most seeds) minus the best published method
+    (highest mean `key`), paired by seed: {mean, std, over, ours, seeds, wins}."""
+    by_method = scores_by_method(records, key)
     if ours is None:
         selected = select_relational(records)
         ours = selected if selected and len(by_method.get(selected, {})) >= len(by_method.get("relational", {})) else "relational"
     if ours not in by_method:
         return None
-    published = {m: v for m, v in by_method.items() if METHODS[m][1]}
-    if not published:
+    ranking = rank_published(by_method)
+    if not ranking:
         return None
-    best = max(published, key=lambda m: statistics.fmean(published[m].values()))
-    seeds = sorted(set(by_method[ours]) & set(published[best]))
+    best = ranking[0]
+    seeds = sorted(set(by_method[ours]) & set(by_method[best]))
     if not seeds:
         return None
-    diffs = [by_method[ours][s] - published[best][s] for s in seeds]
+    diffs = [by_method[ours][s] - by_method[best][s] for s in seeds]
     m, s = mean_std(diffs)
     # a win needs the spread of at least MIN_SEEDS paired seeds (issue 6): one seed has no std to beat
     return {"mean": round(m, 3), "std": round(s, 3), "over": best, "ours": ours, "seeds": seeds, "metric": key,
@@ -624,11 +636,7 @@ def close_cells(records: list[dict], rivals: int = 2, base: tuple[int, ...] = (0
         margin = relational_margin(mine)
         if margin is None or len(margin["seeds"]) < len(base) or abs(margin["mean"]) - 2 * margin["std"] >= 1.0:
             continue
-        by_method: dict[str, list[float]] = {}
-        for r in mine:
-            if METHODS[r["cell"]["method"]][1]:
-                by_method.setdefault(r["cell"]["method"], []).append(scores(r["metrics"])["score"])
-        best = sorted(by_method, key=lambda m: (-statistics.fmean(by_method[m]), m))[:rivals]
+        best = rank_published(scores_by_method(mine))[:rivals]
         out += [Cell(m, track, setting, seed) for m in [margin["ours"], *best] for seed in extra]
     return out
 
