@@ -90,9 +90,22 @@ VARIANTS: dict[str, dict] = {
     # round 3, setting `both` only (t2t is zero there in `image`: the student's text tower is the teacher's):
     # the text-text relation at the weight of the others, for the student's own text tower and the corpus texts
     "tau10_t2t1": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "w_t2t": 1.0},
+    # round 4 (setting `image`, track A): one change each to relational_tau10 along the axes the issue names that
+    # rounds 1-2 left open: bank size (1,024; 8,192 = every sample a 64 x 128 run sees), a softer intra-modal
+    # and a softer cross-modal temperature, half the weight, and no task loss at all (`clip` is the CLIP task
+    # loss's weight; AdamW is scale-invariant, so a task weight of 0.5 would repeat `weight: 2`)
+    "tau10_bank1k": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "bank_size": 1024},
+    "tau10_bank8k": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "bank_size": 8192},
+    "tau20": {"tau_intra_t": 0.2, "tau_intra_s": 0.2},
+    "tau10_x10": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "tau_cross_t": 0.1, "tau_cross_s": 0.1},
+    "tau10_w05": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "weight": 0.5},
+    "tau10_notask": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "clip": 0.0},
 }
 for _name, _opts in VARIANTS.items():
-    METHODS[f"relational_{_name}"] = ({"relational": _opts}, False, f"ours, variant: {_opts}")
+    _source = {"relational": {k: v for k, v in _opts.items() if k != "clip"}}
+    if "clip" in _opts:  # the task loss's weight, beside the relational term's options
+        _source["clip"] = _opts["clip"]
+    METHODS[f"relational_{_name}"] = (_source, False, f"ours, variant: {_opts}")
 # track -> data: image-caption sets, caption-less sets drawn beside every batch (mixed batches), class filter
 TRACKS: dict[str, dict] = {
     "A": {"train": ["flickr8k:train"]},
@@ -247,6 +260,7 @@ def recipe(method: str, curation: dict) -> dict:
     if method.startswith("relational_"):
         losses = json.loads(json.dumps(yaml.safe_load((REPO / "configs" / "relational.yaml").read_text())["losses"]))
         losses["relational"].update(source["relational"])
+        losses.update({k: v for k, v in source.items() if k != "relational"})
         return losses
     losses = source if isinstance(source, dict) else yaml.safe_load((REPO / "configs" / source).read_text())["losses"]
     losses = json.loads(json.dumps(losses))
@@ -570,12 +584,24 @@ def aggregate(records: list[dict], teacher: dict | None = None, teachers: dict[s
             "iteration": iteration, "left_out": dropped}
 
 
+CONFIRM_SEEDS = (0, 1, 2)  # a screened variant is confirmed on the dev mean over these seeds
+
+
 def select_relational(records: list[dict]) -> str | None:
-    """Our variant with the best Flickr8k dev retrieval mean at seed 0 (dev is the only selection figure)."""
-    dev = {r["cell"]["method"]: scores(r["metrics"])["dev retrieval mean"] for r in records
-           if r["cell"]["method"].startswith("relational") and r["cell"]["seed"] == 0}
-    dev = {m: v for m, v in dev.items() if v is not None}
-    return max(sorted(dev), key=lambda m: dev[m]) if dev else None
+    """Our variant by Flickr8k dev retrieval mean (dev is the only selection figure): among the variants run
+    at every seed of CONFIRM_SEEDS, the best dev mean over those seeds; with none confirmed yet, the best
+    dev at seed 0 (the screen). A variant that only led the seed-0 screen never displaces a confirmed one:
+    the seed-to-seed spread of dev (about 0.5 points) is as large as the screen's gaps."""
+    dev: dict[str, dict[int, float]] = {}
+    for r in records:
+        value = scores(r["metrics"])["dev retrieval mean"]
+        if r["cell"]["method"].startswith("relational") and value is not None:
+            dev.setdefault(r["cell"]["method"], {})[r["cell"]["seed"]] = value
+    confirmed = {m: statistics.fmean(v[s] for s in CONFIRM_SEEDS) for m, v in dev.items() if set(CONFIRM_SEEDS) <= set(v)}
+    if confirmed:
+        return max(sorted(confirmed), key=lambda m: confirmed[m])
+    screen = {m: v[0] for m, v in dev.items() if 0 in v}
+    return max(sorted(screen), key=lambda m: screen[m]) if screen else None
 
 
 MIN_SEEDS = 3  # paired seeds a margin needs before it can count as a win

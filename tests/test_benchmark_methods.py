@@ -252,3 +252,23 @@ def test_close_cells_extend_undecided_tables_only(methods):
     decided += [record("relational", s, 0.60, 0.10) for s in range(3)]  # +15 points, std 0: a clear win
     assert methods.close_cells(decided) == []
     assert methods.close_cells([r for r in recs if r["cell"]["seed"] < 2]) == []  # fewer than 3 base seeds
+
+
+def test_a_seed0_screen_lead_does_not_displace_a_confirmed_variant(methods):
+    """Selection reads the dev mean over seeds 0-2 once a variant has them; the seed-0 screen alone
+    never replaces it, and a screened variant that is then confirmed with a better dev mean does."""
+    confirmed = [record("relational_tau10", s, 0.3, 0.3, dev=d) for s, d in enumerate((0.040, 0.045, 0.050))]
+    default = [record("relational", s, 0.3, 0.3, dev=d) for s, d in enumerate((0.050, 0.030, 0.030))]
+    screen = [record("relational_w2", 0, 0.3, 0.3, dev=0.060)]
+    assert methods.select_relational(confirmed + default + screen) == "relational_tau10"
+    better = screen + [record("relational_w2", s, 0.3, 0.3, dev=0.050) for s in (1, 2)]  # mean 0.0533 > 0.045
+    assert methods.select_relational(confirmed + default + better) == "relational_w2"
+    worse = screen + [record("relational_w2", s, 0.3, 0.3, dev=0.030) for s in (1, 2)]  # mean 0.04 < 0.045
+    assert methods.select_relational(confirmed + default + worse) == "relational_tau10"
+
+
+def test_a_variant_can_change_the_task_loss_weight(methods):
+    losses = methods.recipe("relational_tau10_notask", {})
+    assert losses["clip"] == 0.0 and "clip" not in losses["relational"]
+    assert losses["relational"]["tau_intra_t"] == 0.1
+    assert methods.recipe("relational_tau10", {})["clip"] == 1.0
