@@ -102,9 +102,8 @@ VARIANTS: dict[str, dict] = {
     "tau10_notask": {"tau_intra_t": 0.1, "tau_intra_s": 0.1, "clip": 0.0},
 }
 for _name, _opts in VARIANTS.items():
-    _source = {"relational": {k: v for k, v in _opts.items() if k != "clip"}}
-    if "clip" in _opts:  # the task loss's weight, beside the relational term's options
-        _source["clip"] = _opts["clip"]
+    # `clip` is the task loss's weight and sits beside the relational term's options in the recipe
+    _source = {"relational": {k: v for k, v in _opts.items() if k != "clip"}} | {k: v for k, v in _opts.items() if k == "clip"}
     METHODS[f"relational_{_name}"] = (_source, False, f"ours, variant: {_opts}")
 # track -> data: image-caption sets, caption-less sets drawn beside every batch (mixed batches), class filter
 TRACKS: dict[str, dict] = {
@@ -598,10 +597,8 @@ def select_relational(records: list[dict]) -> str | None:
         if r["cell"]["method"].startswith("relational") and value is not None:
             dev.setdefault(r["cell"]["method"], {})[r["cell"]["seed"]] = value
     confirmed = {m: statistics.fmean(v[s] for s in CONFIRM_SEEDS) for m, v in dev.items() if set(CONFIRM_SEEDS) <= set(v)}
-    if confirmed:
-        return max(sorted(confirmed), key=lambda m: confirmed[m])
-    screen = {m: v[0] for m, v in dev.items() if 0 in v}
-    return max(sorted(screen), key=lambda m: screen[m]) if screen else None
+    ranked = confirmed or {m: v[0] for m, v in dev.items() if 0 in v}
+    return max(sorted(ranked), key=ranked.__getitem__) if ranked else None
 
 
 MIN_SEEDS = 3  # paired seeds a margin needs before it can count as a win
