@@ -1,5 +1,7 @@
 """The one exception type that the CLI turns into a one-line message and exit status 2."""
 
+import re
+
 
 class UserError(Exception):
     """Bad input from the user: unknown name, missing file, impossible config.
@@ -19,3 +21,11 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
 def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UserError:
     known = sorted(known)
     return UserError(f"unknown {kind} '{name}'; {did_you_mean(name, known)}known: {', '.join(known)}")
+
+
+def error_summary(err: BaseException, limit: int = 200) -> str:
+    """An exception's message for a one-line error: lines joined, no terminal colour codes, cut at a word."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err)).split()) or type(err).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text

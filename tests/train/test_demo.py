@@ -41,7 +41,8 @@ def test_demo_end_to_end_and_reuse(stand_ins, make_dataset, tmp_path):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "teacher.json").write_text("{}")
     cfg = demo.DemoConfig(out=str(tmp_path / "demo"), data_root=str(root), teacher_dir=str(tmp_path / "teacher"),
-                          student="student:vit-t-32", batch_size=8, workers=0, quick=True)
+                          student="student:vit-t-32", student_init="random", image_size=None, freeze=0,
+                          batch_size=8, workers=0, quick=True)
     first = demo.run_demo(cfg)
     table = first["table"]
     assert "| flickr8k (every 50th sample) text_retrieval_recall@1 | 50.0 | 25.0 | 50 |" in table
@@ -62,4 +63,29 @@ def test_demo_command_help(capsys):
 
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
-    assert "--teacher-dir" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--teacher-dir" in out and "efficientnet-lite0" in out and "ImageNet weights" in out
+
+
+def test_retention_only_where_the_teacher_beats_chance(make_dataset):
+    root = make_dataset("ten", classes=[str(i) for i in range(10)])
+    rows = [{"image_params_m": 5.0, "image_latency_ms": 40.0, "metrics": {"ten": {"acc1": 0.12, "acc5": 0.6}}},
+            {"image_params_m": 1.0, "image_latency_ms": 10.0, "metrics": {"ten": {"acc1": 0.15, "acc5": 0.3}}}]
+    table = demo.format_table(rows, str(root))
+    assert "| ten acc1 | 12.0 | 15.0 | teacher at chance (10.0): no ratio |" in table
+    assert "| ten acc5 | 60.0 | 30.0 | teacher at chance (50.0): no ratio |" in table
+    assert "4.0x faster" in table
+    rows[0]["metrics"]["ten"]["acc1"] = 0.4
+    assert "| ten acc1 | 40.0 | 15.0 | 38 |" in demo.format_table(rows, str(root))
+
+
+def test_bad_demo_options_are_refused_before_any_work(tmp_path):
+    from clipdistill.errors import UserError
+
+    with pytest.raises(UserError, match="unknown student preset 'nosuch'"):
+        demo.DemoConfig(out=str(tmp_path / "d"), student="student:nosuch").check()
+    with pytest.raises(UserError, match="must be > 0"):
+        demo.DemoConfig(out=str(tmp_path / "d"), epochs=-1).check()
+    with pytest.raises(UserError, match="valid for it: random, inherit"):
+        demo.DemoConfig(out=str(tmp_path / "d"), student="student:vit-t-32").check()
+    assert not (tmp_path / "d").exists()

@@ -21,6 +21,7 @@ COMMANDS = [
     "curate",
     "train",
     "eval",
+    "data",
 ]
 
 

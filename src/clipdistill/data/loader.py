@@ -86,12 +86,14 @@ def _no_split(src):
     return src
 
 
-def read_raw(shards: list[Path], skipped: SkipCounter) -> Iterator[dict]:
-    """Undecoded webdataset records of `shards` in stored order; unreadable tar data is skipped and counted."""
+def read_raw(shards: list[Path], skipped: SkipCounter, *, warn: bool = True) -> Iterator[dict]:
+    """Undecoded webdataset records of `shards` in stored order; unreadable tar data is skipped and counted
+    (and logged unless `warn` is False)."""
 
     def on_error(exn: Exception) -> bool:
         skipped.add("unreadable shard data")
-        log.warning("skipping unreadable shard data: %s", exn)
+        if warn:
+            log.warning("skipping unreadable shard data: %s", exn)
         return True
 
     # Our own rank/worker split happens above this reader, so webdataset's splitters are turned off.
@@ -134,9 +136,34 @@ def decode_record(raw: dict, skipped: SkipCounter, *, text: bool = True) -> Samp
     return sample
 
 
-def count_samples(shards: list[Path], labels: frozenset[int] | None = None, keys: frozenset[str] | None = None) -> int:
-    """Number of records (keys) in `shards` that pass the data filter, without decoding images."""
-    return sum(1 for r in read_raw(shards, SkipCounter()) if keep_record(r, labels, keys))
+def count_samples(shards: list[Path], labels: frozenset[int] | None = None, keys: frozenset[str] | None = None,
+                  *, at_most: int | None = None) -> int:
+    """Number of records (keys) in `shards` that pass the data filter, without decoding images.
+
+    at_most: stop reading once this many are found (a cheap "is there enough data" check).
+    """
+    n = 0
+    for r in read_raw(shards, SkipCounter(), warn=False):  # the training stream warns, once per epoch
+        if keep_record(r, labels, keys):
+            n += 1
+            if at_most is not None and n >= at_most:
+                break
+    return n
+
+
+class EmptyStream(UserError):
+    """A data stream went through a whole epoch without one usable sample: it would wait forever."""
+
+
+def worker_error_message(err: Exception) -> str:
+    """The one-line message of a UserError, also when a DataLoader worker raised it (the DataLoader
+    re-raises it with the worker's traceback folded into the message)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return str(err)
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.endswith(type(err).__name__) else last
 
 
 # --- the stream -------------------------------------------------------------------------------------
@@ -161,6 +188,7 @@ class StreamConfig:
     labels: frozenset[int] | None = None  # classification records: keep only these classes (labels never reach the loss)
     keys: frozenset[str] | None = None  # keep only these sample keys (a curation keep-list)
     extras: dict[str, str] | None = None  # per-caption cache extras to read: Outputs.extra name -> array name
+    what: str = "data.train"  # the config key these shards come from (for messages)
 
 
 def keep_record(raw: dict, labels: frozenset[int] | None, keys: frozenset[str] | None) -> bool:
@@ -258,20 +286,30 @@ class TrainStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.offset) % self.num_workers
         stream = self.cfg.rank * self.num_workers + worker
         epoch, position = self.start.get(stream, (0, 0))
+        # One counter for the stream's lifetime, emptied in place after each batch: the shard reader
+        # of an epoch holds on to it, so its read errors land in the next batch's count.
         skipped = SkipCounter()
         items: list[dict] = []
         while True:
+            usable = 0
             for idx, raw in self._epoch_records(epoch, stream, skipped):
                 if idx < position:
                     continue
                 if idx == position and position:
-                    skipped = SkipCounter()  # counted before the checkpoint
+                    skipped.reasons = {}  # counted before the checkpoint
                 item = self._example(raw, epoch, skipped)
                 if item is not None:
                     items.append(item)
+                    usable += 1
                 if len(items) == self.cfg.batch_size:
                     yield collate(items, stream=stream, pos=(epoch, idx + 1), skipped=skipped.reasons)
-                    items, skipped = [], SkipCounter()
+                    items, skipped.reasons = [], {}
+            if not usable and not position:  # a whole epoch gave nothing: so will every later one
+                lost = ", ".join(f"{n} {why}" for why, n in skipped.reasons.items()) or "no record reached this stream"
+                raise EmptyStream(
+                    f"{self.cfg.what} gives data stream {stream} no usable sample in a whole epoch of "
+                    f"{len(self.cfg.shards)} shard(s) ({lost}); check the shards, the keep-list and the data filter"
+                )
             epoch, position = epoch + 1, 0
 
 

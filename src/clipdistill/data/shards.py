@@ -85,7 +85,10 @@ def _split_shards(split_dir: Path) -> list[Path]:
             found[int(stem)] = p
     n_file = split_dir / "nshards.txt"
     if n_file.exists():
-        n = int(n_file.read_text().strip())
+        text = n_file.read_text(encoding="utf-8", errors="replace").strip()
+        if not text.isdigit():
+            raise UserError(f"'{n_file}' holds {text[:40]!r}, not a shard count; write the number of shards of the split in it")
+        n = int(text)
         missing = [i for i in range(n) if i not in found]
         if missing:
             raise UserError(f"split '{split_dir}' lists {n} shards but shard {missing[0]} is missing; re-copy the dataset")
@@ -108,6 +111,8 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
         raise unknown_name("dataset", name, list_datasets(base))
     kind = (folder / "dataset_type.txt").read_text().strip()
     info = DatasetInfo(name=name, root=folder, kind=kind)
+    if kind not in ("classification", "retrieval"):
+        raise UserError(f"'{folder / 'dataset_type.txt'}' says {kind[:40]!r}; write classification or retrieval in it")
     if kind == "classification":
         info.classnames = _lines(folder / "classnames.txt")
         info.templates = _lines(folder / "zeroshot_classification_templates.txt")
@@ -117,7 +122,13 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
 def _lines(path: Path) -> list[str]:
     if not path.exists():
         raise UserError(f"missing '{path}'; a classification dataset needs classnames.txt and templates")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    if not lines:
+        raise UserError(f"'{path}' is empty; a classification dataset needs one line per class (classnames) or template")
+    return lines
 
 
 def decode_image(data: bytes) -> Image.Image:

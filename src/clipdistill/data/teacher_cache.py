@@ -103,8 +103,21 @@ class CacheShard:
             path = self.folder / f"{name}.npy"
             if not path.exists():
                 raise UserError(f"teacher cache shard '{self.folder}' has no {name}.npy; rebuild it with `clipdistill cache-teacher`")
-            self._arrays[name] = np.load(path, mmap_mode="r")
+            try:
+                self._arrays[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:  # e.g. a file cut short: "mmap length is greater than file size"
+                raise UserError(f"teacher cache array '{path}' is damaged or cut short ({err}); rebuild the cache with "
+                                "`clipdistill cache-teacher ... --overwrite`") from None
         return self._arrays[name]
+
+    def verify(self) -> None:
+        """Open the shard's main arrays now (headers only), so a damaged cache is refused before training."""
+        samples = int(self.meta.get("samples", -1))
+        for name in ("aug", "image"):
+            rows = self._array(name).shape[0]
+            if samples >= 0 and rows != samples:
+                raise UserError(f"teacher cache array '{self.folder / name}.npy' has {rows} rows for {samples} samples; "
+                                "rebuild the cache with `clipdistill cache-teacher ... --overwrite`")
 
     aug = property(lambda self: self._array("aug"))
     image = property(lambda self: self._array("image"))
@@ -233,6 +246,9 @@ class TeacherCache:
             raise UserError(f"teacher cache '{self.root}' has no pooled features but a loss term needs them; rebuild it with --pooled")
         if text and not self.info.text:
             raise UserError(f"teacher cache '{self.root}' holds no caption embeddings (built from unlabeled data); {fix}")
+        wanted = {shard_name(p) for p in shards} if shards else set(self._shards)
+        for name in sorted(wanted & set(self._shards)):
+            self._shards[name].verify()
 
 
 def _short(value: object) -> str:

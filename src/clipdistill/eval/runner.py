@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from clipdistill import __version__
+from clipdistill.checks import check_output_file
 from clipdistill.data.shards import DatasetInfo, Sample, SkipCounter, dataset_info, iter_samples, subsample
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.eval import base2novel as b2n
@@ -188,7 +189,7 @@ def cached_image_features(model: ClipModel, info: DatasetInfo, split: str, *, ev
             log.info("%s %s features from cache %s", info.name, split, path)
             return entry["features"], entry["labels"], dict(entry["skipped"])
     skipped = SkipCounter()
-    samples = _samples(shards, every, skipped)
+    samples = _samples(shards, every, skipped, info, split)
     feats, labels = encode_labelled_images(model, samples, batch_size=batch_size, progress=progress,
                                            total=expected_samples(info, split, every))
     if identity is not None:
@@ -211,9 +212,26 @@ class _Counted:
             yield item
 
 
-def _samples(shards: Sequence[Path], every: int, skipped: SkipCounter) -> Iterator[Sample]:
+def _samples(shards: Sequence[Path], every: int, skipped: SkipCounter, info: DatasetInfo | None = None,
+             split: str = "") -> Iterator[Sample]:
     samples = iter_samples(shards, skipped=skipped)
+    if info is not None and info.kind == "classification":
+        samples = _known_labels(samples, info, split)
     return subsample(samples, every) if every > 1 else samples
+
+
+def _known_labels(samples: Iterable[Sample], info: DatasetInfo, split: str) -> Iterator[Sample]:
+    """`samples`, refusing (one line) a label that names no class of classnames.txt: scoring it would
+    count it wrong against a class list it is not in, or index past the class list."""
+    n = len(info.classnames)
+    for s in samples:
+        if s.label is not None and not 0 <= s.label < n:
+            shard = Path(s.shard).name if s.shard else "?"
+            raise UserError(
+                f"sample '{s.key}' (shard {shard}) of {info.name}:{split} has label {s.label}, but classnames.txt names "
+                f"{n} classes (labels 0..{n - 1}); fix the shard's .cls or {info.root / 'classnames.txt'}"
+            )
+        yield s
 
 
 def expected_samples(info: DatasetInfo, split: str, every: int = 1) -> int | None:
@@ -239,6 +257,8 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
     the linear probe's training split and its subsampling (default `every`). output: also write the
     record there (atomically).
     """
+    if output is not None:
+        check_output_file(output)
     info = dataset_info(dataset, data_root)
     task = resolve_task(task, info)
     if every < 1 or (train_every is not None and train_every < 1):
@@ -261,7 +281,7 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
             metrics, n, skipped.reasons = _run_linear_probe(model, info, split, train_split, every, train_every,
                                                             batch_size, cache, progress, probe_config, extra)
         else:
-            samples = _Counted(_samples(shards, every, skipped))
+            samples = _Counted(_samples(shards, every, skipped, info, split))
             metrics = _run_zeroshot(task, model, info, samples, batch_size, split_seed, cache, progress, total, extra)
             n = samples.count
     record = {
@@ -323,11 +343,14 @@ def _run_linear_probe(model: ClipModel, info: DatasetInfo, split: str, train_spl
 
 def write_record(record: dict, path: str | Path) -> Path:
     """Write `record` as JSON to `path` (atomically; parent folders created)."""
-    path = Path(path)
+    path = check_output_file(path, "record file")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -130,10 +130,16 @@ def load_loss_config(path: str | Path) -> LossConfig:
     import yaml
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"recipe '{path}' is a folder; pass a YAML file with a `losses:` section (see configs/)")
     if not path.is_file():
         raise UserError(f"recipe '{path}' does not exist; pass a YAML file with a `losses:` section (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read recipe '{path}' ({err.strerror}); check the file") from None
     except yaml.YAMLError as err:
         raise UserError(f"recipe '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict) or "losses" not in data:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clipdistill.errors import UserError
+from clipdistill.errors import UserError, error_summary
 from clipdistill.models.base import ClipModel
 from clipdistill.models.openclip import CONFIG_FILE, PRUNED_KEY, OpenClipModel, quiet_open_clip
 from clipdistill.paths import atomic_path
@@ -67,8 +68,9 @@ def load_for_export(checkpoint: str, arch: str | None = None) -> ClipModel:
     if arch is None and run_file.is_file() and run_file.suffix == ".pt":
         try:  # a training checkpoint holds config dicts and RNG states, not only tensors
             state = torch.load(run_file, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, ValueError) as err:
-            raise UserError(f"cannot read checkpoint '{run_file}' ({str(err)[:200]})") from err
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise UserError(f"cannot read checkpoint '{run_file}' ({error_summary(err)}); pass a training run, its "
+                            "checkpoints/last.pt, or a weights file with --arch") from None
         if isinstance(state, dict) and "student" in state and "config" in state:
             return _student_from_run(state, run_file)
     return create_model(resolve_checkpoint(checkpoint, arch))
@@ -76,25 +78,25 @@ def load_for_export(checkpoint: str, arch: str | None = None) -> ClipModel:
 
 def _student_from_run(state: dict, path: Path) -> ClipModel:
     from clipdistill.models.factory import create_model
+    from clipdistill.models.students import build_student
 
     cfg = state["config"].get("student", {})
     spec, text = cfg.get("spec"), cfg.get("text", "own")
     if not spec:
         raise UserError(f"'{path}' names no student spec in its config; pass --checkpoint SPEC@weights instead")
+    rebuild = {"image_size": cfg.get("image_size"), "freeze": int(cfg.get("freeze") or 0)}
     if text == "own":
-        student = create_model(spec)
+        student = build_student(spec, text, None, 0, **rebuild)
     else:
         teacher_spec = (state["config"].get("teacher") or {}).get("spec")
         if not teacher_spec:
             raise UserError(f"'{path}' is an image-only student trained from a cache; set teacher.spec to export its text side")
-        from clipdistill.train.build import build_student
-
         teacher = create_model(teacher_spec)
-        student = build_student(spec, text, teacher, teacher.embed_dim)
+        student = build_student(spec, text, teacher, teacher.embed_dim, **rebuild)
     try:
         student.load_state_dict(state["student"])
     except RuntimeError as err:
-        raise UserError(f"the weights in '{path}' do not fit {spec} ({str(err)[:160]})") from err
+        raise UserError(f"the weights in '{path}' do not fit {spec} ({error_summary(err)})") from err
     return student.eval()
 
 

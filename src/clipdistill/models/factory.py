@@ -42,13 +42,18 @@ def _builder(prefix: str) -> Callable[[str], ClipModel]:
     raise unknown_name("model spec prefix", prefix, sorted(set(_BUILTIN) | set(_ADAPTERS)))
 
 
-def create_model(spec: str) -> ClipModel:
-    """Build a `ClipModel` from a spec string (see module docstring)."""
+def check_spec(spec: str) -> Callable[[str], ClipModel]:
+    """The builder of `spec`'s prefix (UserError for a spec without a known prefix), without building."""
     if ":" not in spec:
         raise UserError(
             f"model spec '{spec}' has no prefix; write e.g. 'openclip:ViT-B-32', 'hf:DIR', 'teacher:DIR' or 'student:NAME'"
         )
-    prefix, rest = spec.split(":", 1)
-    model = _builder(prefix)(rest)
+    return _builder(spec.split(":", 1)[0])
+
+
+def create_model(spec: str) -> ClipModel:
+    """Build a `ClipModel` from a spec string (see module docstring)."""
+    builder = check_spec(spec)
+    model = builder(spec.split(":", 1)[1])
     model.spec = spec
     return model

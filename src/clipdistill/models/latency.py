@@ -69,20 +69,26 @@ def bench_latency(
     torch.set_num_threads(threads)
     rows: list[dict] = []
     try:
-        for spec in tqdm(list(specs), desc="latency", unit="model"):
+        # delay: no bar line before an error in the first model's build (a bad spec is one line on stderr)
+        for spec in tqdm(list(specs), desc="latency", unit="model", delay=5):
             rows += _bench_model(spec, **settings)
     finally:
         torch.set_num_threads(old_threads)
     return rows
 
 
-def _bench_model(spec: str, *, batch_sizes: list[int], warmup: int, repeats: int, repeats_large: int,
-                 onnx: bool, towers: list[str], threads: int) -> list[dict]:
-    from clipdistill.models.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, inference_ready, onnx_session
+def _bench_model(spec: str, **settings) -> list[dict]:
     from clipdistill.models.factory import create_model
+
+    return bench_loaded(create_model(spec), spec, **settings)
+
+
+def bench_loaded(model, spec: str, *, batch_sizes: list[int], warmup: int, repeats: int, repeats_large: int,
+                 onnx: bool, towers: list[str], threads: int) -> list[dict]:
+    """`bench_latency`'s rows for a model already built (`spec` labels the rows); the caller sets threads."""
+    from clipdistill.models.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, inference_ready, onnx_session
     from clipdistill.models.students import count_params_flops
 
-    model = create_model(spec)
     size = model.image_config.size
     inputs = {
         (tower, bs): torch.randn(bs, 3, size, size) if tower == "image" else model.tokenize([CAPTION] * bs)

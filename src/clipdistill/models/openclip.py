@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from clipdistill.errors import UserError, unknown_name
+from clipdistill.errors import UserError, did_you_mean, unknown_name
 from clipdistill.models.base import ClipModel, Features, ImageConfig
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,11 @@ def _check_arch(arch: str) -> None:
     oc = _open_clip()
     _ensure_student_configs()
     if arch not in oc.list_models():
-        raise unknown_name("open_clip model", arch, oc.list_models())
+        known = sorted(oc.list_models())
+        if len(known) <= 20:
+            raise unknown_name("open_clip model", arch, known)
+        raise UserError(f"unknown open_clip model '{arch}'; {did_you_mean(arch, known)}{len(known)} are known "
+                        "(python -c 'import open_clip; print(open_clip.list_models())')")
 
 
 def load_local_dir(path: str | Path) -> OpenClipModel:
@@ -290,6 +294,9 @@ def _from_spec(rest: str) -> OpenClipModel:
         return OpenClipModel(model.eval(), tokenizer, name=rest, model_cfg=cfg)
     if Path(rest).expanduser().is_dir():
         return _load_local_dir(rest)
+    if rest.startswith(("/", "./", "../", "~")) and "@" not in rest:
+        raise UserError(f"model folder '{rest}' not found; pass an existing folder written by `clipdistill export`, "
+                        "or openclip:ARCH[/TAG] or openclip:ARCH@/path/ckpt.pt")
     arch, ckpt, tag = rest, None, None
     if "@" in rest:
         arch, ckpt = rest.split("@", 1)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from clipdistill.errors import UserError, unknown_name
-from clipdistill.models.base import ClipModel, Features
+from clipdistill.models.base import ClipModel, Features, ImageConfig
 from clipdistill.models.openclip import LOAD_ERRORS, OpenClipModel, first_line, quiet_open_clip
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
@@ -32,6 +32,8 @@ OPENCLIP_PREFIX = "clipdistill-"
 class StudentPreset:
     name: str
     description: str
+    # open_clip preprocess overrides (e.g. the pretrained trunk's normalisation); None: open_clip's defaults
+    preprocess: dict | None = None
 
     @property
     def openclip_name(self) -> str:
@@ -50,6 +52,9 @@ STUDENTS: dict[str, StudentPreset] = {
         StudentPreset("vit-s-224", "ViT-S/16 at 224 px (w384 d12 h6); text w384 d6 ctx77"),
         StudentPreset("mobilenetv3-l-224", "timm MobileNetV3-Large-100 at 224 px; text w256 d4 ctx32"),
         StudentPreset("efficientnet-lite0-224", "timm EfficientNet-Lite0 at 224 px; text w256 d4 ctx32"),
+        StudentPreset("efficientnet-lite0", "timm tf_EfficientNet-Lite0 (TF padding, takes the ImageNet weights on PyPI) "
+                      "at 224 px, linear head with bias; text w256 d4 ctx32",
+                      preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}),
     ]
 }
 
@@ -81,27 +86,98 @@ def preset_config(name: str) -> dict:
     return open_clip.get_model_config(get_preset(name).openclip_name)
 
 
-def create_student(name: str, *, embed_dim: int | None = None, checkpoint: str | Path | None = None) -> OpenClipModel:
-    """A preset as an `OpenClipModel` (random init unless `checkpoint`); `embed_dim` overrides the config's."""
+INITS = ("random", "pretrained", "inherit")
+
+
+def init_choices(name: str) -> list[str]:
+    """The `student.init` values preset `name` can take (pretrained: a timm trunk with registered weights;
+    inherit: a ViT preset, from an open_clip ViT teacher)."""
+    from clipdistill.models.trunks import PYPI_WEIGHTS
+
+    vision = preset_config(name)["vision_cfg"]
+    choices = ["random"]
+    if vision.get("timm_model_name") in PYPI_WEIGHTS:
+        choices.append("pretrained")
+    if "timm_model_name" not in vision:
+        choices.append("inherit")
+    return choices
+
+
+def check_init(name: str, init: str) -> None:
+    """One line naming the valid choices when preset `name` cannot start from `init`."""
+    if init not in INITS:
+        raise unknown_name("student.init", init, INITS)
+    valid = init_choices(name)
+    if init not in valid:
+        raise UserError(f"student preset {name} cannot take init '{init}'; valid for it: {', '.join(valid)}"
+                        + ("" if init != "pretrained" else f" (pretrained presets: {', '.join(pretrained_presets())})"))
+
+
+def pretrained_presets() -> list[str]:
+    return [n for n in STUDENTS if "pretrained" in init_choices(n)]
+
+
+def create_student(
+    name: str,
+    *,
+    embed_dim: int | None = None,
+    checkpoint: str | Path | None = None,
+    init: str = "random",
+    image_size: int | None = None,
+    weights: str = "pypi",
+    teacher: ClipModel | None = None,
+) -> OpenClipModel:
+    """A preset as an `OpenClipModel`; `embed_dim` and `image_size` override the config's.
+
+    Weights: `checkpoint` when given (a trained student: `init` is then moot), else by `init`: random;
+    pretrained (the image trunk's ImageNet weights from `weights`: "pypi", a local file or a timm tag,
+    see `models.trunks`); inherit (TinyCLIP manual inheritance from `teacher`, an open_clip ViT model).
+    """
     import open_clip
 
     preset = get_preset(name)
+    check_init(name, init)
     cfg = preset_config(name)
     kwargs: dict = {"pretrained_image": False, "pretrained_text": False}
     if embed_dim is not None:
-        cfg["embed_dim"] = kwargs["embed_dim"] = int(embed_dim)
+        cfg["embed_dim"] = int(embed_dim)
+    if image_size is not None:
+        if int(image_size) < 16:
+            raise UserError(f"student.image_size = {image_size} is too small; use 32 or more pixels")
+        cfg["vision_cfg"]["image_size"] = int(image_size)
+        patch = cfg["vision_cfg"].get("patch_size")
+        if patch and int(image_size) % patch:
+            raise UserError(f"student.image_size = {image_size} is not a multiple of {name}'s patch size {patch}")
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise UserError(f"checkpoint '{checkpoint}' not found; pass an existing file as 'student:{name}@FILE'")
         kwargs["pretrained"] = str(path)
+    if embed_dim is not None:
+        kwargs["embed_dim"] = int(embed_dim)
+    if image_size is not None:
+        kwargs["force_image_size"] = int(image_size)
+    if preset.preprocess:
+        kwargs["force_preprocess_cfg"] = dict(preset.preprocess)
     with quiet_open_clip():
         try:
             model = open_clip.create_model(preset.openclip_name, **kwargs)
         except LOAD_ERRORS as err:
             raise UserError(f"cannot load checkpoint '{checkpoint}' into student {name} ({first_line(err)})") from err
         tokenizer = open_clip.get_tokenizer(preset.openclip_name)
-    return OpenClipModel(model.eval(), tokenizer, name=f"student:{name}", model_cfg=cfg)
+    student = OpenClipModel(model.eval(), tokenizer, name=f"student:{name}", model_cfg=cfg)
+    if checkpoint is None and init == "pretrained":
+        from clipdistill.models.trunks import load_into_trunk, pretrained_classifier
+
+        load_into_trunk(model.visual.trunk, pretrained_classifier(cfg["vision_cfg"]["timm_model_name"], weights))
+    elif checkpoint is None and init == "inherit":
+        from clipdistill.models.inherit import inherit_manual
+
+        if teacher is None or not isinstance(teacher, OpenClipModel):
+            raise UserError(f"init 'inherit' for {name} needs an open_clip ViT teacher (teacher.spec: openclip:...); "
+                            "valid for this teacher: " + ", ".join(c for c in init_choices(name) if c != "inherit"))
+        inherit_manual(teacher, student)
+    return student
 
 
 def from_spec(rest: str) -> OpenClipModel:
@@ -151,6 +227,58 @@ class ImageOnlyStudent(ClipModel):
 def image_only_student(preset: str, text_model: ClipModel) -> ImageOnlyStudent:
     """`preset`'s image tower (random init, width = the text model's) + `text_model`'s frozen text tower."""
     return ImageOnlyStudent(create_student(preset, embed_dim=text_model.embed_dim), text_model)
+
+
+class CachedTextStandIn(ClipModel):
+    """The text side of an image-only student trained from a teacher cache: its text embeddings are the
+    cached teacher ones, so there is no text tower to run (evaluation swaps in the real teacher)."""
+
+    def __init__(self, embed_dim: int, name: str = "cached-teacher-text") -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.name = name
+        self.image_config = ImageConfig()
+
+    def text_features(self, text: Tensor, *, tokens: bool = False) -> Features:
+        raise UserError("this student's text tower is the cached teacher's; build the teacher (teacher.spec) to encode text")
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.text_features(torch.empty(0)).embedding
+
+    def raw_logit_scale(self) -> Tensor:
+        return torch.tensor(0.0)
+
+
+def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: int, *, init: str = "random",
+                  weights: str = "pypi", image_size: int | None = None, freeze: int = 0) -> ClipModel:
+    """The student of a run (also rebuilt from a run's config for evaluation and export).
+
+    text="own": any model spec with its own text tower; text="teacher": a preset's image tower at the
+    teacher's width with the teacher's frozen text tower (spec section 5, ComKD-CLIP setting). A preset
+    starts from `init` (random, pretrained or inherit; a `@ckpt` in the spec overrides it) at
+    `image_size`, with its first `freeze` image-trunk blocks frozen (`models.freeze`).
+    """
+    from clipdistill.models.factory import create_model
+    from clipdistill.models.freeze import freeze_prefix
+
+    if not spec.startswith("student:"):
+        if text != "own" or init != "random" or image_size is not None or freeze:
+            raise UserError(f"student.text = teacher, init, image_size and freeze need a preset student (student:NAME), not {spec}")
+        return create_model(spec)
+    name, _, ckpt = spec.removeprefix("student:").partition("@")
+    own = text == "own"
+    model = create_student(name, embed_dim=None if own else teacher_dim, checkpoint=ckpt or None, init=init,
+                           weights=weights, image_size=image_size, teacher=teacher)
+    model.spec = spec
+    freeze_prefix(model, freeze)
+    if own:
+        return model
+    for pname, p in model.model.named_parameters():
+        if not pname.startswith("visual."):
+            p.requires_grad_(False)  # the preset's own text tower and scale are never used
+    student = ImageOnlyStudent(model, teacher if teacher is not None else CachedTextStandIn(teacher_dim))
+    student.spec = spec
+    return student
 
 
 # --- cost -------------------------------------------------------------------------------------------

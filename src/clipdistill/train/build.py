@@ -16,47 +16,9 @@ from torch import Tensor, nn
 
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.losses.base import Outputs
-from clipdistill.models.base import ClipModel, Features, ImageConfig
+from clipdistill.models.base import ClipModel
+from clipdistill.models.students import CachedTextStandIn, build_student  # noqa: F401 (the engine's names)
 from clipdistill.train.config import OptimConfig
-
-
-class CachedTextStandIn(ClipModel):
-    """The text side of an image-only student trained from a teacher cache: its text embeddings are the
-    cached teacher ones, so there is no text tower to run (evaluation swaps in the real teacher)."""
-
-    def __init__(self, embed_dim: int, name: str = "cached-teacher-text") -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.name = name
-        self.image_config = ImageConfig()
-
-    def text_features(self, text: Tensor, *, tokens: bool = False) -> Features:
-        raise UserError("this student's text tower is the cached teacher's; build the teacher (teacher.spec) to encode text")
-
-    def tokenize(self, texts: list[str]) -> Tensor:
-        return self.text_features(torch.empty(0)).embedding
-
-    def raw_logit_scale(self) -> Tensor:
-        return torch.tensor(0.0)
-
-
-def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: int) -> ClipModel:
-    """The student: any model spec with its own text tower, or (text="teacher") a preset's image tower
-    at the teacher's width with the teacher's frozen text tower (spec section 5, ComKD-CLIP setting)."""
-    from clipdistill.models.factory import create_model
-
-    if text == "own":
-        return create_model(spec)
-    from clipdistill.models.students import ImageOnlyStudent, create_student
-
-    name, _, ckpt = spec.removeprefix("student:").partition("@")
-    image_model = create_student(name, embed_dim=teacher_dim, checkpoint=ckpt or None)
-    for pname, p in image_model.model.named_parameters():
-        if not pname.startswith("visual."):
-            p.requires_grad_(False)  # the preset's own text tower and scale are never used
-    student = ImageOnlyStudent(image_model, teacher if teacher is not None else CachedTextStandIn(teacher_dim))
-    student.spec = spec
-    return student
 
 
 def vision_transformer(model: ClipModel):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipdistill.errors import UserError
+from clipdistill.errors import UserError, error_summary
 from clipdistill.paths import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,16 @@ def save_checkpoint(output_dir: str | Path, state: dict) -> Path:
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LAST
-    tmp = atomic_path(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
     sidecar = folder / SIDECAR
-    tmp = atomic_path(sidecar)
-    tmp.write_text(json.dumps({"step": int(state.get("step", 0)), "time": time.time()}))
-    os.replace(tmp, sidecar)
+    tmp = atomic_path(path)
+    try:  # an exception or Ctrl-C mid-write leaves no half-written file (a kill: the next run removes it)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        tmp = atomic_path(sidecar)
+        tmp.write_text(json.dumps({"step": int(state.get("step", 0)), "time": time.time()}))
+        os.replace(tmp, sidecar)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.debug("checkpoint saved at step %s: %s", state.get("step"), path)
     return path
 
@@ -81,7 +84,8 @@ def load_checkpoint(output_dir: str | Path) -> dict:
         # Our own file holds RNG states and config dicts, not only tensors.
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot read checkpoint '{path}' ({str(err)[:200]}); delete it to restart the run") from err
+        raise UserError(f"cannot read checkpoint '{path}' ({error_summary(err)}); delete it to restart the run") from err
+
 
 
 def model_and_optimizer_state(student, forward_module, distiller, optimizer, *, fsdp: bool) -> tuple[dict, dict]:

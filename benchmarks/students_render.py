@@ -1,0 +1,127 @@
+"""Tables, JSON and the Pareto plot of `benchmarks/students.py` from its cell files (no training here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+FIGURES = ("cifar10", "cifar100-916", "flickr8k_ret_mean", "imagenet_top5")
+SOURCES = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "acc1"),
+           "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
+LABELS = {"cifar10": "CIFAR-10 top-1", "cifar100-916": "cifar100-916 top-1", "flickr8k_ret_mean": "Flickr8k Ret mean",
+          "imagenet_top5": "IN-1k-sample top-5"}
+CHANCE = {"dtd-10": ("acc1", 1 / 47), "mnist": ("acc1", 1 / 10)}
+README_START, README_END = "<!-- students summary -->", "<!-- /students summary -->"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(cells_dir: Path, grid) -> list[dict]:
+    teacher = json.loads((cells_dir / "teacher.json").read_text())
+    latency = json.loads((cells_dir / "latency.json").read_text()) if (cells_dir / "latency.json").exists() else None
+    rows = []
+    for st in grid:
+        cells = sorted((json.loads(p.read_text()) for p in (cells_dir / "cells").glob(f"{st.name}-f{st.freeze}-s*.json")
+                        if not p.stem.endswith("-dev")), key=lambda c: c["seed"])
+        if not cells:
+            continue
+        retention, retention_std, absolute = {}, {}, {}
+        for fig in FIGURES:
+            ds, metric = SOURCES[fig]
+            ratios = [c["metrics"][ds][metric] / teacher[ds][metric] for c in cells]
+            retention[fig], retention_std[fig] = (round(v, 4) for v in _mean_std(ratios))
+            absolute[fig] = round(100 * statistics.fmean(c["metrics"][ds][metric] for c in cells), 2)
+        means = [statistics.fmean(c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
+                                  for f in FIGURES) for c in cells]
+        speed = (latency or {}).get("speedup", {}).get(f"lite0-{st.image_size}", {})
+        rows.append({
+            "name": st.name, "init": st.init, "image_size": st.image_size, "text": "teacher", "freeze": st.freeze,
+            "trains": "linear head only" if st.head_only else f"blocks {st.freeze}-6, conv head, linear head",
+            "speedup_ort": round(speed["onnx"], 2) if speed else None,
+            "speedup_torch": round(speed["torch"], 2) if speed else None,
+            "retention": retention, "retention_std": retention_std,
+            "retention_mean": round(statistics.fmean(means), 4), "retention_mean_std": round(_mean_std(means)[1], 4),
+            "percent": absolute,
+            "chance_level": {ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
+                             for ds, (m, _) in CHANCE.items()},
+            "seeds": [c["seed"] for c in cells],
+            "train_minutes": round(statistics.fmean(c["train_minutes"] for c in cells), 1),
+            "epochs": st.epochs,
+            "trained_on": cells[0]["trained_on"],
+        })
+    return rows
+
+
+def teacher_row(cells_dir: Path) -> dict:
+    t = json.loads((cells_dir / "teacher.json").read_text())
+    return {f: round(100 * t[SOURCES[f][0]][SOURCES[f][1]], 2) for f in FIGURES} | {
+        ds: round(100 * t[ds][m], 1) for ds, (m, _) in CHANCE.items()}
+
+
+def table(rows: list[dict], teacher: dict) -> str:
+    head = ["student", "init", "px", "speed ORT / torch", *[LABELS[f] for f in FIGURES], "mean retention", "seeds",
+            "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| teacher (Lite2 260 px) | - | 260 | 1x / 1x | " + " | ".join(f"{teacher[f]:.1f}" for f in FIGURES)
+                 + " | 100% | - | - |")
+    for r in rows:
+        speed = f"{r['speedup_ort']:.1f}x / {r['speedup_torch']:.1f}x" if r["speedup_ort"] else "-"
+        cells = [f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
+                 for f in FIGURES]
+        lines.append(f"| {r['name']} | {r['init']} | {r['image_size']} | {speed} | " + " | ".join(cells)
+                     + f" | {100 * r['retention_mean']:.1f} ± {100 * r['retention_mean_std']:.1f}% | {len(r['seeds'])}"
+                     f" | {r['train_minutes']} |")
+    return "\n".join(lines)
+
+
+def chance_table(rows: list[dict], teacher: dict) -> str:
+    lines = ["| model | DTD-10 top-1 (chance 2.1) | MNIST top-1 (chance 10) |", "|---|---|---|",
+             f"| teacher | {teacher['dtd-10']} | {teacher['mnist']} |"]
+    lines += [f"| {r['name']} | {r['chance_level']['dtd-10']} | {r['chance_level']['mnist']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for r in rows:
+        if not r["speedup_ort"]:
+            continue
+        marker = "s" if r["init"] == "random" else ("^" if "head" in r["name"] else "o")
+        ax.errorbar(r["speedup_ort"], 100 * r["retention_mean"], yerr=100 * r["retention_mean_std"], fmt=marker, capsize=3)
+        ax.annotate(r["name"], (r["speedup_ort"], 100 * r["retention_mean"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("batch-1 speed vs teacher image tower (ONNX Runtime, 2 threads)")
+    ax.set_ylabel("mean retention of the teacher (%)")
+    ax.set_title("Students (image tower + teacher's text tower)")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, out)
+
+
+def render(cells_dir: Path, results: Path, grid) -> None:
+    rows = summarise(cells_dir, grid)
+    teacher = teacher_row(cells_dir)
+    md = table(rows, teacher)
+    full = md + "\n\nNear chance for this teacher (reported apart, in no mean; top-1 %):\n\n" + chance_table(rows, teacher)
+    for name, text in (("students.json", json.dumps(rows, indent=2)), ("students.md", full + "\n")):
+        tmp = results / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, results / name)
+    plot(rows, results / "students.png")
+    readme = results.parent.parent / "README.md"
+    text = readme.read_text()
+    if README_START in text and README_END in text:
+        a, b = text.index(README_START) + len(README_START), text.index(README_END)
+        readme.write_text(text[:a] + "\n" + md + "\n" + text[b:])
+    print(full)
