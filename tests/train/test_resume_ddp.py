@@ -33,6 +33,7 @@ def _fork_run(cfg: dict, resume: bool = False) -> None:
     mp.start_processes(_train_worker, args=(2, port, cfg, resume), nprocs=2, start_method="fork", join=True)
 
 
+@pytest.mark.slow  # 12 s on 2 shared cores: a torchrun launch plus two forked 2-rank runs
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     rng = random.Random(5)

@@ -1,4 +1,4 @@
-"""`clipdistill balance` and `clipdistill cluster`: CLIP-CID data curation (spec sections 4.1-4.2).
+"""`clipdistill balance` and `clipdistill cluster`: CLIP-CID data curation (docs/methods.md sections 4.1-4.2).
 
     clipdistill balance --embeddings E.npz --beta 0.3 --out runs/balance
     clipdistill balance --embeddings E.npy --keys E.keys.txt --target-keep 0.56 --out runs/balance

@@ -1,4 +1,4 @@
-"""Data curation from teacher embeddings (spec sections 4.1-4.2): semantic balance and k-means pseudo-labels.
+"""Data curation from teacher embeddings (docs/methods.md sections 4.1-4.2): semantic balance and k-means pseudo-labels.
 
 Entry points: `clipdistill.curate.balance.balance` and `clipdistill.curate.cluster.cluster` (not
 re-exported here, so that `clipdistill.curate.balance` stays the module).

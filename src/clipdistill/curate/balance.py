@@ -1,4 +1,4 @@
-"""CLIP-CID image semantic balance (Yang, Gu et al., AAAI 2025; spec section 4.1).
+"""CLIP-CID image semantic balance (Yang, Gu et al., AAAI 2025; docs/methods.md section 4.1).
 
 1. Top-k neighbours of every image, chunked (`clipdistill.curate.knn`), pairs closer than beta.
 2. Union-find over the pairs (strictly `d < beta`; undirected) -> groups (connected components).
@@ -167,7 +167,7 @@ def beta_for_keep(n: int, pairs: Pairs, target: float) -> tuple[float, float]:
 
 # -- keep selection ----------------------------------------------------------------------------
 def select_keep(emb: Embeddings, labels: np.ndarray, block: int = 65536) -> np.ndarray:
-    """Bool mask: singletons, and in each group the member nearest the group centroid (spec 4.1 step 3)."""
+    """Bool mask: singletons, and in each group the member nearest the group centroid (docs/methods.md section 4.1 step 3)."""
     n = len(labels)
     sizes = np.bincount(labels, minlength=n)[labels]
     keep = sizes == 1
@@ -322,7 +322,7 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
     if betas:
         radius = max(betas)
     elif search.kind == "flat":
-        radius = 2.0  # every top-k pair: the spec's bisection over the distances of C
+        radius = 2.0  # every top-k pair: bisection over their distances (docs/methods.md section 4.1)
     else:
         radius = _initial_radius(search, cfg.target_keep) if rank == 0 else None
     radius = _broadcast(radius, world)

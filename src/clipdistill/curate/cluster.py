@@ -1,4 +1,4 @@
-"""Spherical k-means pseudo-labels for CLIP-CID's cluster-level distillation (spec section 4.2).
+"""Spherical k-means pseudo-labels for CLIP-CID's cluster-level distillation (docs/methods.md section 4.2).
 
 The teacher image embeddings are L2-normalised, clustered into K clusters with faiss k-means
 (`spherical=True`: centres re-normalised after every iteration), and every sample gets the label of

@@ -1,4 +1,4 @@
-"""Reading embeddings for curation and writing its outputs atomically (spec section 4.1).
+"""Reading embeddings for curation and writing its outputs atomically (docs/methods.md section 4.1).
 
 Inputs, one of:
 - an `.npy` array (N x D, float32 or float16), memory-mapped, with sample keys in a text file (one key

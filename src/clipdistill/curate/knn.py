@@ -1,4 +1,4 @@
-"""Chunked top-k neighbour pairs under a radius, exact or approximate (spec section 4.1, step 1).
+"""Chunked top-k neighbour pairs under a radius, exact or approximate (docs/methods.md section 4.1, step 1).
 
 For every query row q we want its k nearest rows j (Euclidean on L2-normalised vectors) with
 distance < radius. Three backends, all returning exact float64 distances:
@@ -11,9 +11,9 @@ distance < radius. Three backends, all returning exact float64 distances:
   each query probes its `nprobe` nearest cells. The scan is a self-join done cell by cell (one
   faiss range search per cell: the queries probing the cell against its members, a BLAS matrix
   product), not faiss's per-query list scan. Candidates are then re-checked with exact distances.
-  Decision: `nlist` defaults to 2 sqrt(N), not the spec's 4 sqrt(N): with the scan at BLAS speed,
-  the cost N nlist (coarse assignment) + nprobe N^2 / nlist (join) is smallest near
-  sqrt(nprobe N), and calibrated nprobe is about 4 on near-duplicates.
+  Decision: `nlist` defaults to 2 sqrt(N), not the usual 4 sqrt(N) of docs/methods.md section 4.1:
+  with the scan at BLAS speed, the cost N nlist (coarse assignment) + nprobe N^2 / nlist (join) is
+  smallest near sqrt(nprobe N), and calibrated nprobe is about 4 on near-duplicates.
 - `hnsw`: faiss `IndexHNSWFlat` on the projected vectors, then the same exact re-check.
 
 Recall trade-off: in `ivf`/`hnsw` a pair is missed when neither end probes the other's cell
@@ -23,10 +23,11 @@ random sample of queries: their pairs under the radius are found by brute force 
 space (exact, by the argument above) and re-checked; the search is then run on the sample and the
 setting is raised until at least `recall` of those pairs are found, or until raising it no longer
 helps (then a warning says so). The measured sample recall goes into the statistics. `recall=0.99`
-(default, the spec's target) recovered 99.7-99.8% of planted near-duplicate pairs once union-find
-adds transitive links (99.1-99.2% as direct neighbour pairs; benchmarks/balance.py); `recall=1.0` raises the setting until every sampled pair
-is found, the setting under which the tests require every planted pair to be recovered.
-The top-k cap is part of the definition (spec 4.1); `k=0` removes it (a range search).
+(default, the target of docs/methods.md section 4.1) recovered 99.7-99.8% of planted near-duplicate
+pairs once union-find adds transitive links (99.1-99.2% as direct neighbour pairs;
+benchmarks/balance.py); `recall=1.0` raises the setting until every sampled pair is found, the
+setting under which the tests require every planted pair to be recovered.
+The top-k cap is part of the definition (docs/methods.md section 4.1); `k=0` removes it (a range search).
 
 Memory: the projected vectors (N x pca float32) and, for ivf, one int64 cell per row plus the
 probed cells of this rank's queries (int32).

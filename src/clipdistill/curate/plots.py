@@ -1,4 +1,4 @@
-"""PNG plots for curation (spec sections 4.1-4.2): group / cluster size distribution (as the CLIP-CID
+"""PNG plots for curation (docs/methods.md sections 4.1-4.2): group / cluster size distribution (as the CLIP-CID
 paper shows for its clusters) and kept fraction vs beta. Uses matplotlib's object API, so no global
 backend state is touched."""
 

@@ -1,4 +1,4 @@
-"""Recorded augmentations (spec section 7): sample the parameters of a random view once, replay them anywhere.
+"""Recorded augmentations (docs/methods.md section 7): sample the parameters of a random view once, replay them anywhere.
 
 MobileCLIP (apple/ml-mobileclip, `training/dr/transforms.py`) stores the random parameters of each
 augmented view next to the teacher's embedding of that view, and at training time replays them on the

@@ -1,6 +1,6 @@
 """The training data pipeline: image-caption (or unlabeled classification) shards into micro-batches.
 
-Design (issue 7, spec sections 0 and 7):
+Design (issue 7, docs/methods.md sections 0 and 7):
 
 - Every rank and DataLoader worker is one *stream* (`stream = rank * workers + worker`). In each epoch
   the shard order is permuted with the run seed, the concatenated records are dealt round-robin to the

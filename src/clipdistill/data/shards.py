@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,8 +224,3 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def map_images(samples: Iterable[Sample], transform: Callable[[Image.Image], object]) -> Iterator[tuple[Sample, object]]:
-    for s in samples:
-        yield s, transform(s.image)

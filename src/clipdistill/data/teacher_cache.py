@@ -1,4 +1,4 @@
-"""The teacher cache (spec section 7; issue 7): take the teacher out of the training loop.
+"""The teacher cache (docs/methods.md section 7; issue 7): take the teacher out of the training loop.
 
 For every sample of the training shards `build_cache` stores the parameters of K random views
 (`augment.sample_params`), the teacher's image embedding of each view (plus its pre-projection pooled

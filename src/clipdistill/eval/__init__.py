@@ -1,4 +1,4 @@
-"""Evaluation, one module per task (spec section 10; CLIP_benchmark's metric names and JSON records).
+"""Evaluation, one module per task (docs/methods.md section 10; CLIP_benchmark's metric names and JSON records).
 
 - `zeroshot`: zero-shot classification with template ensembling (`acc1`, `acc5`, `mean_per_class_recall`).
 - `retrieval`: image -> text and text -> image recall@k.

@@ -1,4 +1,4 @@
-"""Base-to-novel generalisation (issue "evaluation protocols"; spec sections 5 and 10; the protocol of
+"""Base-to-novel generalisation (issue "evaluation protocols"; docs/methods.md sections 5 and 10; the protocol of
 CoOp/CoCoOp and PromptKD that ComKD-CLIP reports).
 
 The class list is split into base = the first ceil(C/2) classes in the dataset's class order and

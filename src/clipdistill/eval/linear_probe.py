@@ -1,4 +1,4 @@
-"""Linear probe on frozen image embeddings (issue "evaluation protocols"; spec section 10; the protocol
+"""Linear probe on frozen image embeddings (issue "evaluation protocols"; docs/methods.md section 10; the protocol
 of CLIP_benchmark's `linear_probe` task and the CLIP paper, appendix A.3).
 
 Features are the model's L2-normalised image embeddings. A multinomial logistic regression (sklearn,

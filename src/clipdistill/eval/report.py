@@ -1,4 +1,4 @@
-"""Markdown tables of evaluation records (spec section 10: metrics in [0, 1] in JSON, percent in tables).
+"""Markdown tables of evaluation records (docs/methods.md section 10: metrics in [0, 1] in JSON, percent in tables).
 
 `compare(records)`: one row per model, one column per (dataset, metric), headline metrics by default.
 `format_record(record)`: the metrics of one record, for `clipdistill eval`.

@@ -1,4 +1,4 @@
-"""Zero-shot image-text retrieval (spec section 10; CLIP_benchmark's
+"""Zero-shot image-text retrieval (docs/methods.md section 10; CLIP_benchmark's
 `clip_benchmark/metrics/zeroshot_retrieval.py`, same metric names and directions).
 
 Score matrix: normalised images x normalised texts (every caption of every image, e.g. Flickr8k test:

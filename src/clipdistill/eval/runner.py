@@ -1,5 +1,5 @@
 """Run one evaluation task of a model on one dataset split and return a CLIP_benchmark-style record
-(spec section 10):
+(docs/methods.md section 10):
 
     {"dataset": ..., "model": ..., "pretrained": ..., "task": ..., "metrics": {...},
      "clipdistill": {"seconds": ..., "samples": ..., "skipped": ..., "split": ..., "every": ..., ...}}

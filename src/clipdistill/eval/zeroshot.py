@@ -1,4 +1,4 @@
-"""Zero-shot classification with template ensembling (spec section 10; CLIP_benchmark's
+"""Zero-shot classification with template ensembling (docs/methods.md section 10; CLIP_benchmark's
 `clip_benchmark/metrics/zeroshot_classification.py`).
 
 Class embeddings: for each class, encode every template filled with the class name, normalise each,

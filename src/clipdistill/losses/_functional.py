@@ -1,6 +1,6 @@
 """Small functions every loss term composes (the `timm/layers` of losses/).
 
-Conventions (spec section 0): rows are queries, columns candidates; `kl_rows` is batchmean KL;
+Conventions (docs/methods.md section 0): rows are queries, columns candidates; `kl_rows` is batchmean KL;
 teacher tensors passed in are treated as constants by the callers (detached).
 """
 

@@ -2,7 +2,7 @@
 
 Every term is an `nn.Module` subclass of `Term`, registered by name with `@register_term`. The
 `Distiller` (losses/distiller.py) builds the terms a config names, gathers features across ranks
-once (spec section 0: all_gather, local slice keeps its gradient), and calls each term with the
+once (docs/methods.md section 0: all_gather, local slice keeps its gradient), and calls each term with the
 full-batch `Outputs` of the student and the teacher. A term returns a dict of named scalars whose
 entry under the term's own name is the value that gets weighted; the others (`"crd/i2t"`) are logged.
 

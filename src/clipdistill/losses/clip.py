@@ -1,6 +1,6 @@
-"""The CLIP task loss and plain logit knowledge distillation (spec section 1).
+"""The CLIP task loss and plain logit knowledge distillation (docs/methods.md section 1).
 
-Symbols as in the spec: `v_s`, `t_s` (N x d_s) the student's raw image and text embeddings, `s` its
+Symbols as in docs/methods.md: `v_s`, `t_s` (N x d_s) the student's raw image and text embeddings, `s` its
 scale; `v_t`, `t_t` (N x d_t) and `s_t` the teacher's. `Z_s = s v^_s t^_s^T`, `Z_t = s_t v^_t t^_t^T`
 (N x N, rows images, columns texts). The distributions are over batch items, so student and teacher
 widths may differ without a projector.
@@ -35,7 +35,7 @@ def positive(term: str, option: str, value: object) -> float:
 
 @register_term
 class ClipTask(Term):
-    """CLIP's symmetric InfoNCE task loss (Radford et al. 2021; spec 1).
+    """CLIP's symmetric InfoNCE task loss (Radford et al. 2021; docs/methods.md section 1).
 
         L = ( CE(Z_s, I) + CE(Z_s^T, I) ) / 2,    Z_s = s v^_s t^_s^T
 
@@ -48,7 +48,7 @@ class ClipTask(Term):
     name = "clip"
     needs = frozenset()
     default_weight = 1.0
-    source = "CLIP (Radford et al., 2021); spec 1"
+    source = "CLIP (Radford et al., 2021); docs/methods.md section 1"
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         return {self.name: contrastive_ce(student_logits(student))}
@@ -56,7 +56,7 @@ class ClipTask(Term):
 
 @register_term
 class LogitKD(Term):
-    """Hinton KD on the CLIP logits, both directions (Hinton et al. 2015; spec 1).
+    """Hinton KD on the CLIP logits, both directions (Hinton et al. 2015; docs/methods.md section 1).
 
     Clean (default), with temperature T (option `temperature`, default 1):
 
@@ -75,7 +75,7 @@ class LogitKD(Term):
     name = "kd"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = "Hinton et al. 2015; open_clip DistillClipLoss; MobileCLIP; spec 1"
+    source = "Hinton et al. 2015; open_clip DistillClipLoss; MobileCLIP; docs/methods.md section 1"
     options = {"temperature": 1.0, "teacher_scale": None, "faithful": False}
 
     def __init__(self, ctx: TermContext, **opts) -> None:

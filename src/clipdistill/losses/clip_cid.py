@@ -1,16 +1,17 @@
-"""CLIP-CID: cluster- and instance-level distillation (spec sections 4.2 and 4.3).
+"""CLIP-CID: cluster- and instance-level distillation (docs/methods.md sections 4.2 and 4.3).
 
 Paper: Yang, Gu et al., "CLIP-CID: Efficient CLIP Distillation via Cluster-Instance Discrimination",
 AAAI 2025. No official code is public; the parts the paper leaves open follow UNICOM
-(deepglint/unicom, `partial_fc.py`), as the spec decides. Data curation (section 4.1) and the k-means
-that produces the centres live in `clipdistill.curate`; these terms only consume the centres.
+(deepglint/unicom, `partial_fc.py`), as docs/methods.md section 4 decides. Data curation (section
+4.1) and the k-means that produces the centres live in `clipdistill.curate`; these terms only consume
+the centres.
 
-Symbols as in the spec: `v_s` (N x d_s) the student image embedding, `v_t` (N x d_t) the teacher's,
+Symbols as in docs/methods.md: `v_s` (N x d_s) the student image embedding, `v_t` (N x d_t) the teacher's,
 `P` the Distiller's shared image projector d_s -> d_t (None when d_s == d_t), `W` (K x d_t) the
 normalised k-means centres, `W_s` the learnable cluster classifier, `y` (N) the pseudo-labels.
 The student side is `~v_s = normalize(P(v_s))`: the shared projector takes the raw embedding as in
-spec section 0 (every term that shares it feeds it the same input); the spec writes `P(v^_s)^`, which
-is the same vector whenever there is no projector.
+docs/methods.md section 0 (every term that shares it feeds it the same input); the paper's notation reads
+`P(v^_s)^`, the same vector whenever there is no projector (decision: docs/methods.md section 13, item 2).
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def _check_range(term: str, name: str, value: float, low: float, high: float, lo
 
 @register_term
 class ClusterDistill(Term):
-    """CLIP-CID cluster-level distillation (spec 4.2).
+    """CLIP-CID cluster-level distillation (docs/methods.md section 4.2).
 
     `p_t = softmax(v^_t W^T / tau)` with the fixed centres `W`; the student's cosine classifier
     `W_s` (a learnable K x d_t matrix initialised from `W`, rows re-normalised at every call as in
-    UNICOM's partial FC) gives `p_s = softmax(~v_s W^_s^T / tau)`.
+    UNICOM's partial FC; docs/methods.md section 13, item 1) gives `p_s = softmax(~v_s W^_s^T / tau)`.
 
         L_l = CE(~v_s W^_s^T / tau, y)          (softmax classification on the pseudo-labels)
         L_d = KL(p_t || p_s)                      (batchmean, over all K centres)
@@ -93,7 +94,7 @@ class ClusterDistill(Term):
     unpaired = "images"
     needs = frozenset({"teacher", "cluster_centres"})
     default_weight = 1.0
-    source = "CLIP-CID (Yang, Gu et al., AAAI 2025); spec 4.2"
+    source = "CLIP-CID (Yang, Gu et al., AAAI 2025); docs/methods.md section 4.2"
     options = {
         "centres": None,
         "centres_array": None,
@@ -166,11 +167,12 @@ class ClusterDistill(Term):
 
 @register_term
 class InstanceDistill(Term):
-    """CLIP-CID instance-level distillation (spec 4.3): bidirectional student-teacher image InfoNCE.
+    """CLIP-CID instance-level distillation (docs/methods.md section 4.3): bidirectional student-teacher image InfoNCE.
 
         L_instance = ( CE(~v_s v^_t^T / tau, I) + CE(v^_t ~v_s^T / tau, I) ) / 2,   tau = 0.07
 
-    Inputs: `student.image` (N x d_s), `teacher.image` (N x d_t). Default weight gamma = 0.5 (spec 4.4).
+    Inputs: `student.image` (N x d_s), `teacher.image` (N x d_t). Default weight gamma = 0.5
+    (docs/methods.md section 4.4).
     No minimum-at-teacher invariant: InfoNCE keeps decreasing as the pairs separate, so the student
     equal to the teacher is not a minimum (tests check the value and gradient instead).
     """
@@ -179,7 +181,7 @@ class InstanceDistill(Term):
     unpaired = "images"
     needs = frozenset({"teacher"})
     default_weight = 0.5
-    source = "CLIP-CID (Yang, Gu et al., AAAI 2025); spec 4.3"
+    source = "CLIP-CID (Yang, Gu et al., AAAI 2025); docs/methods.md section 4.3"
     options = {"tau": 0.07}
 
     def __init__(self, ctx: TermContext, **opts) -> None:

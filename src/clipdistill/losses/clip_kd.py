@@ -1,10 +1,10 @@
-"""CLIP-KD's distillation terms: crd, fd, mfd, gd, icl, afd (spec section 2).
+"""CLIP-KD's distillation terms: crd, fd, mfd, gd, icl, afd (docs/methods.md section 2).
 
 Paper: Yang et al., "CLIP-KD: An Empirical Study of CLIP Model Distillation", CVPR 2024; code
 winycg/CLIP-KD, `src/open_clip/loss.py` (`KDClipLoss`). The published best combination is
 clip + crd + icl + fd with weights 1, 1, 1, 2000 (configs/clip_kd.yaml).
 
-Symbols as in the spec: `v_s`, `t_s` (N x d_s) the student's raw embeddings and `s` its scale;
+Symbols as in docs/methods.md: `v_s`, `t_s` (N x d_s) the student's raw embeddings and `s` its scale;
 `v_t`, `t_t` (N x d_t) the teacher's and `s_t`. `crd` uses the student's own normalised features;
 `fd`, `mfd`, `gd`, `icl`, `afd` use the projected ones `~v_s = normalize(P_v(v_s))`,
 `~t_s = normalize(P_t(t_s))`, where `P_v`, `P_t: Linear(d_s, d_t)` with bias are the Distiller's shared
@@ -49,10 +49,15 @@ class LearnableScale(nn.Module):
 
 
 def random_masking(tokens: Tensor, mask_ratio: float, num_prefix: int = 1, generator: torch.Generator | None = None) -> Tensor:
-    """MAE-style token dropping for MFD's masked student view (spec 2, `mfd`).
+    """MAE-style token dropping for MFD's masked student view (docs/methods.md section 2, `mfd`).
 
-    tokens: N x (num_prefix + L) x w (class token(s) first). Keeps the prefix tokens and a random
-    `int(L * (1 - mask_ratio))` patch tokens per sample, in their original order, as MAE does.
+    tokens: N x (num_prefix + L) x w (class token(s) first). Keeps the `num_prefix` tokens, then
+    `keep = max(1, int(L * (1 - mask_ratio)))` patch tokens per sample: the first `keep` of an argsort
+    of uniform noise (drawn on the CPU from `generator`), sorted back into ascending patch order, so
+    the kept patches keep their original relative order. MAE's `random_masking` keeps them in the
+    shuffled (noise) order instead, has no floor of one token, and adds the class token afterwards.
+    The order does not change the output of a ViT without an attention mask whose pooling reads the
+    class token or the token mean (the blocks are permutation-equivariant), beyond float rounding.
     Returns N x (num_prefix + keep) x w. The engine calls this between the patch embedding (with
     positional embedding added) and the transformer blocks of a ViT student.
     """
@@ -65,7 +70,7 @@ def random_masking(tokens: Tensor, mask_ratio: float, num_prefix: int = 1, gener
 
 
 class _Projected(Term):
-    """A CLIP-KD term that compares projected student vectors with the teacher's (spec 2)."""
+    """A CLIP-KD term that compares projected student vectors with the teacher's (docs/methods.md section 2)."""
 
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__(ctx, **opts)
@@ -78,7 +83,7 @@ class _Projected(Term):
 
 @register_term
 class ContrastiveRelationalDistill(Term):
-    """CLIP-KD contrastive relational distillation (`ckd` in the code; spec 2, `crd`).
+    """CLIP-KD contrastive relational distillation (`ckd` in the code; docs/methods.md section 2, `crd`).
 
         L = ( KL(softmax(Z_t) || softmax(Z_s)) + KL(softmax(Z_t^T) || softmax(Z_s^T)) ) / 2
 
@@ -93,7 +98,7 @@ class ContrastiveRelationalDistill(Term):
     name = "crd"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         i2t, t2i = symmetric_kl(teacher_logits(teacher), student_logits(student))
@@ -102,7 +107,7 @@ class ContrastiveRelationalDistill(Term):
 
 @register_term
 class FeatureDistill(_Projected):
-    """CLIP-KD feature distillation (spec 2, `fd`).
+    """CLIP-KD feature distillation (docs/methods.md section 2, `fd`).
 
         L = MSE(~v_s, v^_t) + MSE(~t_s, t^_t)        (MSE: mean over the N x d_t elements)
 
@@ -110,7 +115,7 @@ class FeatureDistill(_Projected):
     depends on d_t. Option `form: cosine` computes `(2/reference_dim) mean(1 - cos)` per modality
     instead (`reference_dim` default 512, CLIP-KD's teacher width): identical to the MSE at
     d_t = 512 and independent of d_t otherwise, so a recipe's weight 2000 means the same for every
-    teacher (decision: the spec's "weight rescaled by 2/d_t" read with the 512-wide reference).
+    teacher (decision: docs/methods.md section 2).
     Inputs: `student.image`, `student.text` (N x d_s, raw; text may be None: image side only);
     `teacher.image`, `teacher.text` (N x d_t). Returns `fd`, `fd/image`, `fd/text`. No `faithful`
     variant. Invariant: L = 0 (its minimum) when `~v_s = v^_t` and `~t_s = t^_t`.
@@ -120,7 +125,7 @@ class FeatureDistill(_Projected):
     needs = frozenset({"teacher", "teacher_text"})
     unpaired = "images"  # the image side is defined on images alone
     default_weight = 2000.0
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
     options = {"form": "mse", "reference_dim": 512}
 
     def __init__(self, ctx: TermContext, **opts) -> None:
@@ -157,7 +162,7 @@ class FeatureDistill(_Projected):
 
 @register_term
 class MaskedFeatureDistill(FeatureDistill):
-    """CLIP-KD masked feature distillation (spec 2, `mfd`): `fd` with a masked student image view.
+    """CLIP-KD masked feature distillation (docs/methods.md section 2, `mfd`): `fd` with a masked student image view.
 
         L = MSE(normalize(P_v(v_s^mask)), v^_t) + MSE(~t_s, t^_t)
 
@@ -172,7 +177,7 @@ class MaskedFeatureDistill(FeatureDistill):
 
     name = "mfd"
     needs = frozenset({"teacher", "teacher_text", "masked_view"})
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
     options = {**FeatureDistill.options, "mask_ratio": 0.75}
 
     def __init__(self, ctx: TermContext, **opts) -> None:
@@ -199,7 +204,7 @@ def contrastive_gradients(p: Tensor, k: Tensor, tau: Tensor | float) -> tuple[Te
 
 @register_term
 class GradientDistill(_Projected):
-    """CLIP-KD gradient distillation (spec 2, `gd`): match the contrastive loss's embedding gradients.
+    """CLIP-KD gradient distillation (docs/methods.md section 2, `gd`): match the contrastive loss's embedding gradients.
 
     For anchors p, candidates k and temperature tau (`contrastive_gradients`):
     `g_p = (P - I) k / (tau N)`, `g_k = (P - I)^T p / (tau N)`, `P = softmax(p k^T / tau)`. Directions
@@ -220,7 +225,7 @@ class GradientDistill(_Projected):
     name = "gd"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
     options = {"faithful": False}
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
@@ -239,7 +244,7 @@ class GradientDistill(_Projected):
 
 @register_term
 class InteractiveContrastive(_Projected):
-    """CLIP-KD interactive contrastive learning (spec 2, `icl`): student anchors, teacher candidates.
+    """CLIP-KD interactive contrastive learning (docs/methods.md section 2, `icl`): student anchors, teacher candidates.
 
         L = ( CE(s_c ~v_s t^_t^T, I) + CE(s_c ~t_s v^_t^T, I) ) / 2
 
@@ -253,7 +258,7 @@ class InteractiveContrastive(_Projected):
     name = "icl"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
     options = {"faithful": False}
 
     def __init__(self, ctx: TermContext, **opts) -> None:
@@ -272,7 +277,7 @@ class InteractiveContrastive(_Projected):
 
 @register_term
 class AugmentedFeatureDistill(_Projected):
-    """CLIP-KD augmented feature distillation (spec 2, `afd`): task loss on student-teacher fused features.
+    """CLIP-KD augmented feature distillation (docs/methods.md section 2, `afd`): task loss on student-teacher fused features.
 
         x_f = normalize(W_v [~v_s ; v^_t]),  y_f = normalize(W_t [~t_s ; t^_t]),  W: Linear(2 d_t, d_t) with bias
         L = ( CE(s_a x_f y_f^T, I) + CE(s_a y_f x_f^T, I) ) / 2
@@ -288,7 +293,7 @@ class AugmentedFeatureDistill(_Projected):
     name = "afd"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = f"{CLIP_KD}; spec 2"
+    source = f"{CLIP_KD}; docs/methods.md section 2"
     options = {"faithful": False}
 
     def __init__(self, ctx: TermContext, **opts) -> None:

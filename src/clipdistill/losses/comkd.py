@@ -1,8 +1,8 @@
-"""ComKD-CLIP: image feature alignment, EduAttention and distilled-knowledge refinement (spec section 5).
+"""ComKD-CLIP: image feature alignment, EduAttention and distilled-knowledge refinement (docs/methods.md section 5).
 
 Paper: Chen et al., 2024, "ComKD-CLIP: Comprehensive Knowledge Distillation for Contrastive
 Language-Image Pre-training Model". No official code is public; the formulas follow the paper's text
-as the spec reads it (base framework: PromptKD, zhengli97/PromptKD).
+as docs/methods.md section 5 reads it (base framework: PromptKD, zhengli97/PromptKD).
 
 Setting: a light student image tower whose image feature `u_s` (N x d_s) is mapped by the
 Distiller's shared image projector `P` to the teacher width d_t (identity when d_s == d_t); the
@@ -39,15 +39,16 @@ def _maybe_project(proj: nn.Module | None, x: Tensor) -> Tensor:
 
 
 class EduAttention(nn.Module):
-    """EduAttention (spec 5): the student image feature attends over the candidate text features.
+    """EduAttention (docs/methods.md section 5): the student image feature attends over the candidate text features.
 
         f_att = softmax( FC_q(u_s) FC_k(w^_t)^T / divisor ) FC_v(w^_t),    divisor = sqrt(C) by default
         f_e   = P(u_s) + alpha * f_att,                                   alpha learnable, init 0
 
     FC_q: d_s -> C, FC_k: d_t -> C, FC_v: d_t -> d_t, all with bias; C = `attn_dim` (default d_t).
-    Decision: keys and values are the L2-normalised text features, as zero-shot class embeddings
-    are at inference, so training and deployment see the same scale. The paper writes the divisor as
-    a hyper-parameter C; we default to sqrt(C) (scaled dot-product attention) and expose it.
+    Decision (docs/methods.md section 13, item 3): keys and values are the L2-normalised text
+    features, as zero-shot class embeddings are at inference, so training and deployment see the
+    same scale. The paper writes the divisor as a hyper-parameter C; we default to sqrt(C) (scaled
+    dot-product attention) and expose it.
     Shapes: u_s (N x d_s), u_s_proj = P(u_s) (N x d_t), w_t (M x d_t) -> f_e (N x d_t).
     """
 
@@ -108,12 +109,12 @@ class _FusedTerm(Term):
 
 @register_term
 class IFAlign(Term):
-    """ComKD-CLIP image feature alignment (spec 5, `ifalign`): match the first two batch moments.
+    """ComKD-CLIP image feature alignment (docs/methods.md section 5, `ifalign`): match the first two batch moments.
 
         mu_s = mean_i P(u_s)_i,  var_s = var_i P(u_s)_i  (per dimension, over the batch, biased); same for u_t
         L_align = ( ||mu_s - mu_t||_1 + ||var_s - var_t||_1 ) / d_t
 
-    Inputs: `student.image` u_s (N x d_s, raw), `teacher.image` u_t (N x d_t, raw). Decision (spec):
+    Inputs: `student.image` u_s (N x d_s, raw), `teacher.image` u_t (N x d_t, raw). Decision (docs/methods.md section 5):
     the paper does not fix the axis of mu and sigma^2; per-dimension batch statistics is the reading
     that makes "align the feature distribution" non-trivial. No `faithful` variant.
     Invariant: P(u_s) = u_t gives L = 0, its minimum.
@@ -123,7 +124,7 @@ class IFAlign(Term):
     needs = frozenset({"teacher"})
     unpaired = "images"
     default_weight = 1.0
-    source = "ComKD-CLIP (Chen et al., 2024); spec 5"
+    source = "ComKD-CLIP (Chen et al., 2024); docs/methods.md section 5"
 
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__(ctx, **opts)
@@ -140,11 +141,11 @@ class IFAlign(Term):
 
 @register_term
 class EduAttentionTask(_FusedTerm):
-    """ComKD-CLIP EduAttention (spec 5, `eduattention`): the student's task loss on its fused logits.
+    """ComKD-CLIP EduAttention (docs/methods.md section 5, `eduattention`): the student's task loss on its fused logits.
 
     A ComKD student has no text tower: its logits are `Z = s f^_e w^_t^T` (f_e from `EduAttention`,
     w_t the teacher's text features of the batch captions), so its task loss with paired captions
-    (the spec's "+ the task loss on the student's own logits when captions are paired") is
+    (the term docs/methods.md section 5 adds to the paper's total when captions are paired) is
 
         L = ( CE(Z, I) + CE(Z^T, I) ) / 2
 
@@ -157,7 +158,7 @@ class EduAttentionTask(_FusedTerm):
     name = "eduattention"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = "ComKD-CLIP (Chen et al., 2024); spec 5"
+    source = "ComKD-CLIP (Chen et al., 2024); docs/methods.md section 5"
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         f_e, w_t = self.fused(student, teacher)
@@ -167,7 +168,7 @@ class EduAttentionTask(_FusedTerm):
 
 @register_term
 class ComKDKL(_FusedTerm):
-    """ComKD-CLIP distilled knowledge refinement (spec 5, `comkd_kl`).
+    """ComKD-CLIP distilled knowledge refinement (docs/methods.md section 5, `comkd_kl`).
 
         q_t = s_t u^_t w^_t^T,   q_s = s f^_e w^_t^T,   L_kl = T^2 KL(softmax(q_t / T) || softmax(q_s / T))
 
@@ -180,7 +181,7 @@ class ComKDKL(_FusedTerm):
     name = "comkd_kl"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = "ComKD-CLIP (Chen et al., 2024); spec 5"
+    source = "ComKD-CLIP (Chen et al., 2024); docs/methods.md section 5"
     options = {**_FusedTerm.options, "temperature": 1.0}
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:

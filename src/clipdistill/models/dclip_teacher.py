@@ -1,11 +1,12 @@
-"""DCLIP's meta-teacher as teacher-cache extras (spec section 6): train the cross-modal head once on the
+"""DCLIP's meta-teacher as teacher-cache extras (docs/methods.md section 6): train the cross-modal head once on the
 frozen teacher's tokens and store its enriched embeddings beside a teacher cache, so the `dclip` term
 trains from the cache like every other term (no online teacher, whose image tower runs at ~17 img/s here).
 
 `build_dclip_extras(teacher, shards, cache_root)`:
 1. for every cached sample, the teacher's image tokens of its stored view (the final feature map,
-   average-pooled to `token_grid` x `token_grid` regions: the spec's "patch or region tokens", standing
-   in for the paper's YOLO regions) and the text tokens of each caption (padding masked);
+   average-pooled to `token_grid` x `token_grid` regions: the "patch or region tokens" of
+   docs/methods.md section 6, standing in for the paper's YOLO regions) and the text tokens of each
+   caption (padding masked);
 2. trains `DclipMetaHead` with its symmetric InfoNCE (tau 0.05) on (image, one random caption) pairs,
    seeded, AdamW, `epochs` passes;
 3. writes per caption (rows aligned with the cache's `text.npy`) the enriched image embedding v*_t of

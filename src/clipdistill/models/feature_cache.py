@@ -1,5 +1,5 @@
 """A content-addressed store of frozen-tower features, so no image is pushed through a slow frozen
-tower twice (the offline teacher's image tower runs at 6-24 img/s on a 2-core CPU; spec section 9).
+tower twice (the offline teacher's image tower runs at 6-24 img/s on a 2-core CPU; docs/methods.md section 9).
 
 Keys are a hash of the exact preprocessed input tensor plus the tower's identity, so a hit is only
 possible for the same pixels through the same preprocessing and weights. Stored in SQLite (atomic

@@ -1,4 +1,4 @@
-"""TinyCLIP weight inheritance (spec section 3; Wu et al., ICCV 2023; microsoft/Cream TinyCLIP).
+"""TinyCLIP weight inheritance (docs/methods.md section 3; Wu et al., ICCV 2023; microsoft/Cream TinyCLIP).
 
 Manual inheritance (`inherit_manual`, TinyCLIP `weight_inherit.py`): student layer k of each tower takes
 teacher layer k * floor(L_t / L_s); every tensor keeps its leading entries along each reduced dimension
@@ -204,7 +204,7 @@ def deterministic_mask(log_alpha: Tensor, minimum: int = 0) -> Tensor:
 
 @dataclass
 class L0Config:
-    """Automatic inheritance settings (spec section 3)."""
+    """Automatic inheritance settings (docs/methods.md section 3)."""
 
     target_sparsity: float = 0.5  # p_end
     start_sparsity: float = 0.0  # p_start
@@ -213,7 +213,7 @@ class L0Config:
     init_log_alpha: float = 10.0
     init_lambda: float = 10.0
     mask_lr: float = 0.02
-    lambda_lr: float = 0.02  # gradient *ascent* (the spec's lr -0.02): `penalty` flips the sign
+    lambda_lr: float = 0.02  # gradient *ascent* (the code's lr -0.02; docs/methods.md section 3): `penalty` flips the sign
     towers: tuple[str, ...] = TOWERS
 
     def target(self, step: int) -> float:

@@ -1,4 +1,4 @@
-"""Student presets (spec section 3, issue "Students") and their cost.
+"""Student presets (docs/methods.md section 3) and their cost.
 
 Presets are open_clip model configs (JSON in `clipdistill/model_configs/`, named `clipdistill-<preset>`),
 registered with `open_clip.add_model_config` at first use, so open_clip's own factory builds them and an
@@ -254,7 +254,7 @@ def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: 
     """The student of a run (also rebuilt from a run's config for evaluation and export).
 
     text="own": any model spec with its own text tower; text="teacher": a preset's image tower at the
-    teacher's width with the teacher's frozen text tower (spec section 5, ComKD-CLIP setting). A preset
+    teacher's width with the teacher's frozen text tower (docs/methods.md section 5, ComKD-CLIP setting). A preset
     starts from `init` (random, pretrained or inherit; a `@ckpt` in the spec overrides it) at
     `image_size`, with its first `freeze` image-trunk blocks frozen (`models.freeze`).
     """

@@ -1,4 +1,4 @@
-"""Build the composed offline teacher (spec section 9): LiT-style alignment of locked pretrained towers.
+"""Build the composed offline teacher (docs/methods.md section 9): LiT-style alignment of locked pretrained towers.
 
 Frozen features are computed once and cached (pooled image features through the content-addressed
 `FeatureCache`; text prefixes in memory), so only the heads (and optionally the last text layers)
@@ -81,7 +81,7 @@ def text_pooled(model: ComposedTeacher, texts: list[str], batch: int = 256) -> t
 
 
 def check_image_tower(model: ComposedTeacher, data_root: str | Path | None = None) -> dict:
-    """Top-1/top-5 of the tower's own ImageNet classifier on `imagenet-1k-sample` (spec section 9:
+    """Top-1/top-5 of the tower's own ImageNet classifier on `imagenet-1k-sample` (docs/methods.md section 9:
     a correct port reaches about 84% top-1 on this re-encoded sample)."""
     info = dataset_info("imagenet-1k-sample", data_root)
     samples, pooled = pooled_features(model, iter_samples(info.shards("test")), desc="imagenet check")

@@ -2,7 +2,7 @@
 outputs (online or cached), optimiser groups and the learning-rate schedule.
 
 `StudentForward` is the module DDP/FSDP wraps: one call returns every student tensor a step needs
-(embeddings, scale, pooled features, tokens, and the MAE-style masked view for `mfd`, spec section 2),
+(embeddings, scale, pooled features, tokens, and the MAE-style masked view for `mfd`, docs/methods.md section 2),
 so gradient synchronisation sees a single forward per micro-batch.
 """
 
@@ -32,7 +32,7 @@ def vision_transformer(model: ClipModel):
 
 def masked_image_embedding(visual, images: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
     """Embedding of an MAE-style masked view: `ratio` of the patch tokens dropped per sample after the
-    patch and positional embedding, class token kept (CLIP-KD MFD, spec section 2)."""
+    patch and positional embedding, class token kept (CLIP-KD MFD, docs/methods.md section 2)."""
     from clipdistill.losses.clip_kd import random_masking
 
     x = visual._embeds(images)

@@ -355,8 +355,3 @@ def load_configs(paths: list[str | Path], overrides: list[str] | None = None) ->
     for path in paths:
         data = merge(data, _read_yaml(path))
     return config_from_dict(data, overrides)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML run config, apply `key=value` overrides, validate."""
-    return load_configs([path], overrides)

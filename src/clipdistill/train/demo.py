@@ -1,4 +1,4 @@
-"""`clipdistill demo`: offline, end to end, on this CPU (issue 7, item 7; spec sections 7 and 9).
+"""`clipdistill demo`: offline, end to end, on this CPU (docs/methods.md sections 7 and 9).
 
 1. build (or reuse) the composed offline teacher (`models.teacher_build.build_teacher`);
 2. cache it on Flickr8k train (`data.teacher_cache.build_cache`; the centre view, whose tower features

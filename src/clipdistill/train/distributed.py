@@ -163,14 +163,6 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -1,11 +1,11 @@
-"""The distillation engine (issue 7; spec sections 0, 7 and 9): `train(cfg)` turns a teacher (online or
+"""The distillation engine (issue 7; docs/methods.md sections 0, 7 and 9): `train(cfg)` turns a teacher (online or
 cached), a student, shards and a loss recipe into a trained student, on one process or under torchrun.
 
 One optimisation step:
 1. k = `optim.accum_steps` micro-batches per rank arrive from the data pipeline (data/loader.py);
    the teacher's outputs come from the cache or from the online teacher (no grad, once per micro-batch).
 2. `accumulate.cached_backward` embeds the student, computes the Distiller's full-batch loss (gathered
-   over ranks, spec section 0) on the embeddings, and backpropagates into the student micro-batch by
+   over ranks, docs/methods.md section 0) on the embeddings, and backpropagates into the student micro-batch by
    micro-batch (GradCache). A non-finite loss stops the run here, before any weight changes, naming
    the term and the step; the last checkpoint stays the last good one.
 3. Gradient scaling for DDP: each rank's loss is the full-batch loss but its per-row gradients reach

@@ -1,4 +1,4 @@
-"""Periodic and final evaluation of a student through `clipdistill.eval.runner` (spec section 10).
+"""Periodic and final evaluation of a student through `clipdistill.eval.runner` (docs/methods.md section 10).
 
 `run_eval` is the one place that calls the runner (imported lazily: training never needs it).
 """

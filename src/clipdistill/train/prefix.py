@@ -109,7 +109,8 @@ class SuffixTrainConfig:
     epochs: float = 10.0  # over the paired set
     batch_size: int = 256
     unpaired_batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 1e-3  # the new parts: linear head, logit scale, the Distiller's
+    trunk_lr: float = 1e-4  # pretrained trunk blocks: 10x lower, so fine-tuning does not wash out ImageNet features
     weight_decay: float = 0.05
     warmup_steps: int = 50
     seed: int = 0
@@ -143,11 +144,14 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     model = SuffixStudent(suffix).train()
     dim = paired.teacher_image.shape[-1]
     distiller = Distiller(parse_loss_config(cfg.losses), dim, dim)
+    head = {id(p) for p in getattr(suffix, "head", nn.Identity()).parameters()} | {id(model.logit_scale)}
+    head |= {id(p) for p in distiller.parameters()}
     params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = []
+    for lr, members in ((cfg.lr, [p for p in params if id(p) in head]), (cfg.trunk_lr, [p for p in params if id(p) not in head])):
+        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "base_lr": lr},
+                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "base_lr": lr}]
+    optim = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(paired)
     batch = min(cfg.batch_size, n)
     total = max(1, int(cfg.epochs * n / batch))
@@ -170,7 +174,7 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
         factor = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else \
             0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
         for g in optim.param_groups:
-            g["lr"] = cfg.lr * factor
+            g["lr"] = g["base_lr"] * factor
         idx = next(rows)
         view = torch.randint(views, (len(idx),), generator=gen)
         pick = (torch.rand(len(idx), generator=gen) * counts[idx]).long()  # one random caption per image

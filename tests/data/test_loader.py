@@ -3,9 +3,11 @@ cached views, skipped samples."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from tiny_models import FakeTeacher
 
 from clipdistill.data.loader import (
     DataState,
@@ -17,6 +19,9 @@ from clipdistill.data.loader import (
 from clipdistill.data.teacher_cache import build_cache
 from clipdistill.errors import UserError
 from clipdistill.models.base import ImageConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from tiny_models import FakeTeacher  # noqa: E402
 
 VIEWS = {"student": ImageConfig(size=8, resize=8)}
 
