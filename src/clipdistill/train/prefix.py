@@ -109,8 +109,16 @@ class SuffixTrainConfig:
     epochs: float = 10.0  # over the paired set
     batch_size: int = 256
     unpaired_batch_size: int = 256
-    lr: float = 1e-3  # the new parts: linear head, logit scale, the Distiller's
-    trunk_lr: float = 1e-4  # pretrained trunk blocks: 10x lower, so fine-tuning does not wash out ImageNet features
+    lr: float = 3e-4  # the new parts: linear head, logit scale, the Distiller's
+    trunk_lr: float = 1e-4  # pretrained trunk blocks: lower, so fine-tuning does not wash out ImageNet features
+    # "ridge": fit the linear head in closed form to the teacher's image embeddings before any step (linear
+    # probing, then fine-tuning: the random head otherwise spends the budget undoing its own noise)
+    head_init: str = "ridge"
+    # Batch-norm layers keep their pretrained running statistics (eval mode) while their weights train, so
+    # training and evaluation see the same function and the ridge head stays fitted to it; in train mode
+    # the batch statistics of these few datasets shift every feature away from what the head was fit to.
+    frozen_bn: bool = True
+    ridge: float = 1e-3  # ridge penalty, relative to the mean eigenvalue of the features' Gram matrix
     weight_decay: float = 0.05
     warmup_steps: int = 50
     seed: int = 0
@@ -129,6 +137,43 @@ class SuffixStudent(nn.Module):
         return self.suffix(x.float().to(memory_format=torch.channels_last))
 
 
+@torch.no_grad()
+def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, batch_size: int = 512) -> float:
+    """Set `suffix.head` (a Linear, or a Sequential ending in one) to the ridge-regression solution from the
+    pooled features of every view in `sets` to the teacher's normalised image embeddings; returns the mean
+    cosine between the fitted embeddings and the targets."""
+    head = suffix.head
+    linear = head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    was = suffix.training
+    suffix.eval()
+    original, suffix.head = suffix.head, nn.Identity()
+    feats, targets = [], []
+    for acts in sets:
+        for v in range(acts.prefix.shape[0]):
+            x = acts.prefix[v]
+            feats.append(torch.cat([suffix(x[i : i + batch_size].float().to(memory_format=torch.channels_last))
+                                    for i in range(0, x.shape[0], batch_size)]).double())
+            targets.append(F.normalize(acts.teacher_image[v].double(), dim=-1))
+    suffix.head = original
+    suffix.train(was)
+    x, y = torch.cat(feats), torch.cat(targets)
+    mean = x.mean(0)
+    xc, yc = x - mean, y - y.mean(0)
+    gram = xc.T @ xc
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, xc.T @ yc)  # features x d
+    b = y.mean(0) - mean @ w
+    linear.weight.copy_(w.T.float())
+    if linear.bias is None:  # no bias to hold the offset: refit through the origin
+        w = torch.linalg.solve(x.T @ x + ridge * (x.T @ x).diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype),
+                               x.T @ y)
+        b = torch.zeros_like(b)
+        linear.weight.copy_(w.T.float())
+    else:
+        linear.bias.copy_(b.float())
+    return float(F.cosine_similarity(x @ w + b, y).mean())
+
+
 def _rows(n: int, size: int, gen: torch.Generator) -> Iterable[Tensor]:
     while True:
         perm = torch.randperm(n, generator=gen)
@@ -142,6 +187,13 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = SuffixStudent(suffix).train()
+    fit_cos = None
+    if cfg.head_init == "ridge":
+        fit_cos = fit_head(suffix, [paired] + ([unpaired] if unpaired is not None else []), cfg.ridge)
+    if cfg.frozen_bn:
+        for m in suffix.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     dim = paired.teacher_image.shape[-1]
     distiller = Distiller(parse_loss_config(cfg.losses), dim, dim)
     head = {id(p) for p in getattr(suffix, "head", nn.Identity()).parameters()} | {id(model.logit_scale)}
@@ -154,7 +206,7 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     optim = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(paired)
     batch = min(cfg.batch_size, n)
-    total = max(1, int(cfg.epochs * n / batch))
+    total = int(cfg.epochs * n / batch)  # 0: the ridge head alone (linear probe)
     views = paired.prefix.shape[0]
     rows = _rows(n, batch, gen)
     rows_u = _rows(len(unpaired), min(cfg.unpaired_batch_size, len(unpaired)), gen) if unpaired is not None else None
@@ -165,7 +217,7 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     scale_t = torch.tensor(float(teacher_scale))
     start = time.time()
     logs: dict = {}
-    step = 0
+    done = 0
     bar = tqdm(range(total), desc="train suffix", unit="step", leave=False)
     for step in bar:
         if cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes:
@@ -196,11 +248,12 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         distiller.update(student.detach(), teacher, extra and tuple(o.detach() for o in extra))
+        done = step + 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
-    return {"steps": step + 1, "planned_steps": total, "seconds": round(time.time() - start, 1),
-            "final": {k: round(float(v), 5) for k, v in logs.items()}, "logit_scale": float(model.logit_scale.exp())}
+    return {"steps": done, "planned_steps": total, "ridge_head_cosine": fit_cos, "seconds": round(time.time() - start, 1),
+            "final": {k: round(float(v), 5) for k, v in logs.items()}, "logit_scale": float(model.logit_scale.detach().exp())}
 
 
 @torch.no_grad()
