@@ -56,6 +56,37 @@ def summarise(cells_dir: Path, grid) -> list[dict]:
     return rows
 
 
+def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
+    """Setting `both`: the inherited MiniLM text tower with the 128 px image student (students_both.py)."""
+    teacher = json.loads((cells_dir / "teacher.json").read_text())
+    lat_file = cells_dir / "both" / "latency.json"
+    latency = json.loads(lat_file.read_text()) if lat_file.exists() else {}
+    image = next((r for r in image_rows if r["name"] == "lite0-128"), None)
+    rows = []
+    for layers in sorted({p.stem.split("-")[0] for p in (cells_dir / "both").glob("text*-s*.json")}):
+        cells = sorted((json.loads(p.read_text()) for p in (cells_dir / "both").glob(f"{layers}-s*.json")),
+                       key=lambda c: c["seed"])
+        retention, retention_std, absolute = {}, {}, {}
+        for fig in FIGURES:
+            ds, metric = SOURCES[fig]
+            ratios = [c["metrics"][ds][metric] / teacher[ds][metric] for c in cells]
+            retention[fig], retention_std[fig] = (round(v, 4) for v in _mean_std(ratios))
+            absolute[fig] = round(100 * statistics.fmean(c["metrics"][ds][metric] for c in cells), 2)
+        n = layers.removeprefix("text")
+        text_speed = latency.get(n, {}).get("speedup_torch")
+        rows.append({
+            "name": f"lite0-128 + minilm-l{n} (inherited)", "init": "pretrained image, inherited text", "image_size": 128,
+            "text": "own", "text_layers": int(n), "text_speedup_torch_b1_32tok": round(text_speed, 2) if text_speed else None,
+            "speedup_ort": image["speedup_ort"] if image else None, "speedup_torch": image["speedup_torch"] if image else None,
+            "retention": retention, "retention_std": retention_std,
+            "retention_mean": round(statistics.fmean(retention.values()), 4), "retention_mean_std": 0.0,
+            "percent": absolute, "seeds": [c["seed"] for c in cells],
+            "train_minutes": round(statistics.fmean(c["train"]["seconds"] for c in cells) / 60, 1),
+            "trained_on": {"texts": "flickr8k:train captions", "image_tower": "lite0-128 of the same seed"},
+        })
+    return rows
+
+
 def teacher_row(cells_dir: Path) -> dict:
     t = json.loads((cells_dir / "teacher.json").read_text())
     return {f: round(100 * t[SOURCES[f][0]][SOURCES[f][1]], 2) for f in FIGURES} | {
@@ -111,8 +142,16 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def render(cells_dir: Path, results: Path, grid) -> None:
     rows = summarise(cells_dir, grid)
+    both = summarise_both(cells_dir, rows) if (cells_dir / "both").exists() else []
     teacher = teacher_row(cells_dir)
     md = table(rows, teacher)
+    if both:
+        md += "\n\nSetting `both` (the student's own text tower, inherited from MiniLM-L6: every 2nd layer, the teacher's text head):\n\n"
+        lines = table(both, teacher).split("\n")
+        md += "\n".join(lines[:2] + lines[3:])  # the teacher's row is the one above
+        md += "".join(f"\n\nText tower speed vs MiniLM-L6 (batch 1, 32 tokens, PyTorch, 2 threads): {r['text_speedup_torch_b1_32tok']}x"
+                      for r in both[:1] if r["text_speedup_torch_b1_32tok"])
+    rows = rows + both
     full = md + "\n\nNear chance for this teacher (reported apart, in no mean; top-1 %):\n\n" + chance_table(rows, teacher)
     for name, text in (("students.json", json.dumps(rows, indent=2)), ("students.md", full + "\n")):
         tmp = results / f".{name}.tmp"

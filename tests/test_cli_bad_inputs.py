@@ -119,6 +119,10 @@ def export(d: Data, checkpoint: str, *extra: str) -> list[str]:
     return ["export", "--checkpoint", checkpoint, "--format", "openclip", "--out", str(d.out), *extra]
 
 
+def demo(d: Data, *extra: str) -> list[str]:
+    return ["demo", "--out", str(d.out), "--data-root", str(d.root), "--teacher-dir", str(d.tmp / "teacher"), *extra]
+
+
 def _write(path: Path, content: bytes) -> str:
     path.write_bytes(content)
     return str(path)
@@ -137,6 +141,8 @@ CASES: list[tuple[str, str, Builder]] = [
     (UNKNOWN, "distill-eval-split", lambda d: distill(d, "eval.datasets=[caps:val]")),
     (UNKNOWN, "distill-teacher-prefix", lambda d: distill(d, "teacher.spec=nosuch:x")),
     (UNKNOWN, "distill-student-text", lambda d: distill(d, "student.text=mine")),
+    (UNKNOWN, "distill-student-init", lambda d: distill(d, "student.init=imagenet")),
+    (UNKNOWN, "distill-student-init-not-for-preset", lambda d: distill(d, "student.spec=student:vit-t-32", "student.init=pretrained")),
     (PATH, "distill-config-missing", lambda d: ["distill", "--config", str(d.tmp / "none.yaml")]),
     (PATH, "distill-config-dir", lambda d: ["distill", "--config", str(d.tmp)]),
     (PATH, "distill-output-dir-is-file", lambda d: distill(d, f"output_dir={d.file}")),
@@ -153,6 +159,8 @@ CASES: list[tuple[str, str, Builder]] = [
     (NUMBER, "distill-all-weights-0", lambda d: distill(d, losses={"clip": 0.0})),
     (NUMBER, "distill-weight-nan", lambda d: distill(d, losses={"clip": float("nan")})),
     (NUMBER, "distill-workers-negative", lambda d: distill(d, "data.workers=-1")),
+    (NUMBER, "distill-student-freeze-negative", lambda d: distill(d, "student.freeze=-1")),
+    (NUMBER, "distill-student-image-size-8", lambda d: distill(d, "student.image_size=8")),
     (FILE, "distill-keep-matches-nothing", lambda d: distill(d, "--keep", _write(d.tmp / "keep.txt", b"nokey\n"))),
     (FILE, "distill-keep-empty", lambda d: distill(d, "--keep", _write(d.tmp / "keep.txt", b""))),
     (FILE, "distill-empty-tar", lambda d: (d.dataset("hollow"), distill(d, "data.train=[hollow:train]"))[1]),
@@ -224,6 +232,17 @@ CASES: list[tuple[str, str, Builder]] = [
     (UNKNOWN, "losses-check-unknown-term", lambda d: ["losses", "--check", _write(d.tmp / "r.yaml", b"losses: {crdd: 1}\n")]),
     (FILE, "compare-not-json", lambda d: ["compare", _write(d.tmp / "r.json", b"{nope")]),
     (TEXT, "compare-latin1", lambda d: ["compare", _write(d.tmp / "r.json", "{\"a\": \"caf\xe9\"}".encode("latin-1"))]),
+    # --- data get / list (refused before the Hub is asked)
+    (UNKNOWN, "data-get-dataset", lambda d: ["data", "get", "cifar1O", "--root", str(d.out)]),
+    (UNKNOWN, "data-get-split", lambda d: ["data", "get", "cifar10", "--splits", "test,tr*in", "--root", str(d.out)]),
+    (PATH, "data-get-root-is-file", lambda d: ["data", "get", "cifar10", "--root", str(d.file)]),
+    (PATH, "data-list-root-missing", lambda d: ["data", "list", "--root", str(d.tmp / "none")]),
+    # --- demo (refused before the teacher is built)
+    (UNKNOWN, "demo-student-preset", lambda d: demo(d, "--student", "student:nosuch")),
+    (UNKNOWN, "demo-student-not-a-preset", lambda d: demo(d, "--student", "openclip:ViT-B-32")),
+    (NUMBER, "demo-epochs-negative", lambda d: demo(d, "--epochs", "-1")),
+    # --- students
+    (PATH, "students-check-weights-missing", lambda d: ["students", "--check", "--weights", str(d.tmp / "none.pth")]),
 ]
 
 
@@ -267,4 +286,5 @@ def test_bad_input_gives_one_line_and_exit_2(data, kind, argv, capsys, caplog):
 def test_the_table_covers_every_class_and_command():
     assert set(Counter(kind for kind, _, _ in CASES)) == {UNKNOWN, PATH, NUMBER, FILE, TEXT}
     commands = {i.split("-")[0] for _, i, _ in CASES}
-    assert commands == {"distill", "eval", "cache", "export", "bench", "balance", "cluster", "teacher", "losses", "compare"}
+    assert commands == {"distill", "eval", "cache", "export", "bench", "balance", "cluster", "teacher", "losses", "compare",
+                        "data", "demo", "students"}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
+
+from clipdistill.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _get(args: argparse.Namespace) -> int:
+    from clipdistill.checks import check_output_dir
     from clipdistill.data.hub import get_dataset, resolve
+    from clipdistill.paths import fetch_root
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     for name in args.names:
         resolve(name)  # refuse a typo before downloading anything
+    for split in splits or []:  # a split is a folder of the Hub repo: a glob or a path would fetch other files
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
+            raise UserError(f"--splits: '{split}' is not a split name; pass plain names such as test,train")
+    check_output_dir(fetch_root(args.root), "--root" if args.root else "data root")
     for name in args.names:
         result = get_dataset(name, splits, args.root)
         done = [f"{s} (new)" for s in result.added] + [
@@ -64,6 +74,8 @@ def _get(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from clipdistill.data.hub import DATASETS, local_datasets
 
+    if args.root is not None and not Path(args.root).expanduser().is_dir():
+        raise UserError(f"--root '{args.root}' is not a folder; pass an existing data root, or omit --root")
     root, found = local_datasets(args.root)
     print(f"data root: {root}" + ("" if root.is_dir() else " (does not exist)"))
     if found:

@@ -18,10 +18,8 @@ Fetching is resumable and never leaves a half dataset under its final name: file
 folder is assembled in `ROOT/.partial-NAME/assembled` and moved into place with `os.replace`; when
 `ROOT/NAME` exists already, only the new splits move in, one `os.replace` each.
 
-Missing `dev` split: Flickr8k's Hub copy has no `dev` split, which the toolkit uses only to choose
-options (early stopping of the teacher build). When `dev` is asked for and the Hub lacks it,
-`carve_dev_split` takes a seeded random `dev_size` samples out of `train` (the installed `train` no
-longer holds them, so the two stay disjoint) and records the draw in `dev_split.json`.
+Split checking (`verify_split`, against `nshards.txt`) and the carving of Flickr8k's missing `dev`
+split out of `train` (`carve_dev_split`, recorded in `dev_split.json`) live in `data.splits`.
 """
 
 from __future__ import annotations
@@ -30,14 +28,18 @@ import fnmatch
 import json
 import logging
 import os
-import random
-import re
 import shutil
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipdistill.data.splits import (
+    carve_dev_split,
+    count_samples,
+    is_complete,
+    shard_files,
+    verify_split,
+)
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.paths import fetch_root, find_data_root
 
@@ -47,10 +49,6 @@ HUB_ORG = "clip-benchmark"
 TOP_FILES = ("classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt")
 # Seconds to wait for the Hub's first answer: offline, `data get` must fail fast, not hang.
 CONNECT_TIMEOUT = 5.0
-DEV_SEED = 0
-_SHARD = re.compile(r"^(\d+)\.tar(\.gz)?$")
-# webdataset's rule: the key is the member path up to the first dot of its file name.
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.")
 
 
 @dataclass(frozen=True)
@@ -235,7 +233,7 @@ def get_dataset(
     final = base / entry.local
     wanted = list(dict.fromkeys(splits or entry.splits))
     result = FetchResult(entry.local, entry.repo_id, final)
-    result.kept = [s for s in wanted if _is_complete(final / s)]
+    result.kept = [s for s in wanted if is_complete(final / s)]
     todo = [s for s in wanted if s not in result.kept]
     if not todo:
         return result
@@ -302,7 +300,7 @@ def _install(assembled: Path, final: Path, replace: set[str]) -> list[str]:
     added = []
     for split in splits:
         target = final / split
-        if target.exists() and split not in replace and _is_complete(target):
+        if target.exists() and split not in replace and is_complete(target):
             continue
         if target.exists():
             old = final / f".old-{split}-{os.getpid()}"
@@ -320,69 +318,7 @@ def _install(assembled: Path, final: Path, replace: set[str]) -> list[str]:
     return added
 
 
-# -- checking and counting -----------------------------------------------------------------------
-
-
-def shard_files(split_dir: Path) -> dict[int, Path]:
-    """Shard index -> file (`N.tar` or `N.tar.gz`) in a split folder."""
-    found = {}
-    for p in split_dir.iterdir() if split_dir.is_dir() else []:
-        m = _SHARD.match(p.name)
-        if m:
-            found[int(m.group(1))] = p
-    return found
-
-
-def verify_split(split_dir: Path, label: str = "") -> int:
-    """The shard count of a split; UserError unless it holds exactly shards 0..N-1 of its nshards.txt."""
-    where = f"{label} split '{split_dir.name}'" if label else f"split '{split_dir}'"
-    n_file = split_dir / "nshards.txt"
-    if not n_file.exists():
-        raise UserError(
-            f"{where} has no nshards.txt; it is not a CLIP_benchmark webdataset split, nothing installed"
-        )
-    text = n_file.read_text(errors="replace").strip()
-    if not text.isdigit():
-        raise UserError(f"{where}: nshards.txt holds {text[:40]!r}, not a shard count; nothing installed")
-    n = int(text)
-    found = shard_files(split_dir)
-    if sorted(found) != list(range(n)):
-        raise UserError(
-            f"{where}: nshards.txt says {n} shards but shards {_ranges(sorted(found))} are present; "
-            "the copy is incomplete or inconsistent, nothing installed"
-        )
-    return n
-
-
-def _ranges(ids: list[int]) -> str:
-    if not ids:
-        return "none"
-    return f"{ids[0]}..{ids[-1]} ({len(ids)} files)" if ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
-
-
-def _is_complete(split_dir: Path) -> bool:
-    if not split_dir.is_dir():
-        return False
-    try:
-        verify_split(split_dir)
-    except UserError:
-        return False
-    return True
-
-
-def _keys(shard: Path) -> list[str]:
-    """Sample keys of a shard in stored order, from member names only (a plain tar is not read through)."""
-    keys: dict[str, None] = {}
-    with tarfile.open(shard, "r:*") as tar:
-        for name in tar.getnames():
-            m = _KEY.match(name)
-            if m:
-                keys[m.group(1)] = None
-    return list(keys)
-
-
-def count_samples(split_dir: Path) -> int:
-    return sum(len(_keys(p)) for _, p in sorted(shard_files(split_dir).items()))
+# -- what is local -------------------------------------------------------------------------------
 
 
 def local_datasets(root: str | Path | None = None) -> tuple[Path, list[LocalDataset]]:
@@ -416,7 +352,7 @@ def missing_splits(needs: dict[str, list[str]], root: str | Path | None = None) 
     base = find_data_root(root)
     missing = {}
     for name, splits in needs.items():
-        absent = [s for s in splits if not _is_complete(base / name / s)]
+        absent = [s for s in splits if not is_complete(base / name / s)]
         if absent:
             missing[name] = absent
     return missing
@@ -453,49 +389,3 @@ def require(
         f"{purpose} needs datasets missing under {base}: {what}; fetch them with "
         f"`{fetch_command(missing, base)}`, or pass --data-root DIR pointing at a local copy"
     )
-
-
-# -- dev split fallback --------------------------------------------------------------------------
-
-
-def carve_dev_split(train_dir: Path, out: Path, size: int, seed: int = DEV_SEED) -> dict:
-    """Write `out/dev` (a seeded draw of `size` samples of `train_dir`, at most half) and `out/train`
-    (the rest).
-
-    Shards keep their compression and the samples their stored order; `out/train` has as many shards
-    as `train_dir`, `out/dev` one. The draw is recorded in `out/dev_split.json`.
-    """
-    shards = [p for _, p in sorted(shard_files(train_dir).items())]
-    keys = [k for p in shards for k in _keys(p)]
-    size = min(size, len(keys) // 2)
-    if size < 1:
-        raise UserError(
-            f"cannot carve a dev split out of {len(keys)} train samples; pass --splits without dev"
-        )
-    dev_keys = set(random.Random(seed).sample(keys, size))
-    suffix = ".tar.gz" if shards[0].name.endswith(".gz") else ".tar"
-    mode = "w:gz" if suffix == ".tar.gz" else "w"
-    for split in ("train", "dev"):
-        (out / split).mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "dev" / f"0{suffix}", mode) as dev:
-        for i, shard in enumerate(shards):
-            with (
-                tarfile.open(shard, "r|*") as src,
-                tarfile.open(out / "train" / f"{i}{suffix}", mode) as train,
-            ):
-                for member in src:
-                    m = _KEY.match(member.name)
-                    target = dev if m and m.group(1) in dev_keys else train
-                    target.addfile(member, src.extractfile(member) if member.isfile() else None)
-    (out / "train" / "nshards.txt").write_text(str(len(shards)))
-    (out / "dev" / "nshards.txt").write_text("1")
-    record = {
-        "source": "train",
-        "seed": seed,
-        "dev_samples": size,
-        "train_samples": len(keys) - size,
-        "why": "the Hub set has no dev split; dev is a seeded draw from train and is removed from train",
-        "dev_keys": sorted(dev_keys),
-    }
-    (out / "dev_split.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
