@@ -79,8 +79,13 @@ def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
             "text": "own", "text_layers": int(n), "text_speedup_torch_b1_32tok": round(text_speed, 2) if text_speed else None,
             "speedup_ort": image["speedup_ort"] if image else None, "speedup_torch": image["speedup_torch"] if image else None,
             "retention": retention, "retention_std": retention_std,
-            "retention_mean": round(statistics.fmean(retention.values()), 4), "retention_mean_std": 0.0,
+            "retention_mean": round(statistics.fmean(retention.values()), 4),
+            "retention_mean_std": round(_mean_std([statistics.fmean(
+                c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]] for f in FIGURES)
+                for c in cells])[1], 4),
             "percent": absolute, "seeds": [c["seed"] for c in cells],
+            "chance_level": {ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
+                             for ds, (m, _) in CHANCE.items()},
             "train_minutes": round(statistics.fmean(c["train"]["seconds"] for c in cells) / 60, 1),
             "trained_on": {"texts": "flickr8k:train captions", "image_tower": "lite0-128 of the same seed"},
         })
