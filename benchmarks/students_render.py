@@ -20,6 +20,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _retention(cells: list[dict], teacher: dict) -> tuple[dict, dict, dict]:
+    """Per figure: mean and std over seeds of student / teacher, and the mean figure in percent."""
+    retention, retention_std, absolute = {}, {}, {}
+    for fig in FIGURES:
+        ds, metric = SOURCES[fig]
+        ratios = [c["metrics"][ds][metric] / teacher[ds][metric] for c in cells]
+        retention[fig], retention_std[fig] = (round(v, 4) for v in _mean_std(ratios))
+        absolute[fig] = round(100 * statistics.fmean(c["metrics"][ds][metric] for c in cells), 2)
+    return retention, retention_std, absolute
+
+
 def summarise(cells_dir: Path, grid) -> list[dict]:
     teacher = json.loads((cells_dir / "teacher.json").read_text())
     latency = json.loads((cells_dir / "latency.json").read_text()) if (cells_dir / "latency.json").exists() else None
@@ -29,12 +40,7 @@ def summarise(cells_dir: Path, grid) -> list[dict]:
                         if not p.stem.endswith("-dev")), key=lambda c: c["seed"])
         if not cells:
             continue
-        retention, retention_std, absolute = {}, {}, {}
-        for fig in FIGURES:
-            ds, metric = SOURCES[fig]
-            ratios = [c["metrics"][ds][metric] / teacher[ds][metric] for c in cells]
-            retention[fig], retention_std[fig] = (round(v, 4) for v in _mean_std(ratios))
-            absolute[fig] = round(100 * statistics.fmean(c["metrics"][ds][metric] for c in cells), 2)
+        retention, retention_std, absolute = _retention(cells, teacher)
         means = [statistics.fmean(c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
                                   for f in FIGURES) for c in cells]
         speed = (latency or {}).get("speedup", {}).get(f"lite0-{st.image_size}", {})
@@ -66,12 +72,7 @@ def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
     for layers in sorted({p.stem.split("-")[0] for p in (cells_dir / "both").glob("text*-s*.json")}):
         cells = sorted((json.loads(p.read_text()) for p in (cells_dir / "both").glob(f"{layers}-s*.json")),
                        key=lambda c: c["seed"])
-        retention, retention_std, absolute = {}, {}, {}
-        for fig in FIGURES:
-            ds, metric = SOURCES[fig]
-            ratios = [c["metrics"][ds][metric] / teacher[ds][metric] for c in cells]
-            retention[fig], retention_std[fig] = (round(v, 4) for v in _mean_std(ratios))
-            absolute[fig] = round(100 * statistics.fmean(c["metrics"][ds][metric] for c in cells), 2)
+        retention, retention_std, absolute = _retention(cells, teacher)
         n = layers.removeprefix("text")
         text_speed = latency.get(n, {}).get("speedup_torch")
         rows.append({
@@ -106,11 +107,14 @@ def table(rows: list[dict], teacher: dict) -> str:
                  + " | 100% | - | - |")
     for r in rows:
         speed = f"{r['speedup_ort']:.1f}x / {r['speedup_torch']:.1f}x" if r["speedup_ort"] else "-"
-        cells = [f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
+        one = len(r["seeds"]) == 1  # no spread from one seed: say so instead of printing ± 0
+        cells = [f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f}%)" if one else
+                 f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
                  for f in FIGURES]
+        mean = (f"{100 * r['retention_mean']:.1f}% (one seed)" if one else
+                f"{100 * r['retention_mean']:.1f} ± {100 * r['retention_mean_std']:.1f}%")
         lines.append(f"| {r['name']} | {r['init']} | {r['image_size']} | {speed} | " + " | ".join(cells)
-                     + f" | {100 * r['retention_mean']:.1f} ± {100 * r['retention_mean_std']:.1f}% | {len(r['seeds'])}"
-                     f" | {r['train_minutes']} |")
+                     + f" | {mean} | {len(r['seeds'])} | {r['train_minutes']} |")
     return "\n".join(lines)
 
 
