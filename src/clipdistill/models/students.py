@@ -140,11 +140,11 @@ def create_student(
     cfg = preset_config(name)
     kwargs: dict = {"pretrained_image": False, "pretrained_text": False}
     if embed_dim is not None:
-        cfg["embed_dim"] = int(embed_dim)
+        cfg["embed_dim"] = kwargs["embed_dim"] = int(embed_dim)
     if image_size is not None:
         if int(image_size) < 16:
             raise UserError(f"student.image_size = {image_size} is too small; use 32 or more pixels")
-        cfg["vision_cfg"]["image_size"] = int(image_size)
+        cfg["vision_cfg"]["image_size"] = kwargs["force_image_size"] = int(image_size)
         patch = cfg["vision_cfg"].get("patch_size")
         if patch and int(image_size) % patch:
             raise UserError(f"student.image_size = {image_size} is not a multiple of {name}'s patch size {patch}")
@@ -153,10 +153,6 @@ def create_student(
         if not path.is_file():
             raise UserError(f"checkpoint '{checkpoint}' not found; pass an existing file as 'student:{name}@FILE'")
         kwargs["pretrained"] = str(path)
-    if embed_dim is not None:
-        kwargs["embed_dim"] = int(embed_dim)
-    if image_size is not None:
-        kwargs["force_image_size"] = int(image_size)
     if preset.preprocess:
         kwargs["force_preprocess_cfg"] = dict(preset.preprocess)
     with quiet_open_clip():
