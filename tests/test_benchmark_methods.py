@@ -1,4 +1,4 @@
-"""The side-by-side benchmark's aggregation (benchmarks/methods.py): scores, the paired relational
+"""The side-by-side benchmark's aggregation (benchmarks/methods/): scores, the paired relational
 margin, dev-only selection of our variant, and the rendered table, on synthetic cell records."""
 
 from __future__ import annotations
@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+PACKAGE = Path(__file__).resolve().parents[1] / "benchmarks" / "methods"
 
 
 @pytest.fixture(scope="module")
 def methods():
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    spec = importlib.util.spec_from_file_location(
+        "bench_methods", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_methods"] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("bench_methods", None)
+    for name in [n for n in sys.modules if n == "bench_methods" or n.startswith("bench_methods.")]:
+        sys.modules.pop(name)
 
 
 def metrics(zs: float, ret: float, dev: float) -> dict:
@@ -33,8 +36,13 @@ def metrics(zs: float, ret: float, dev: float) -> dict:
 
 
 def record(method: str, seed: int, zs: float, ret: float, dev: float = 0.1) -> dict:
-    return {"cell": {"method": method, "track": "A", "setting": "image", "seed": seed}, "budget": {},
-            "losses": {}, "metrics": metrics(zs, ret, dev), "train_seconds": 1.0}
+    return {
+        "cell": {"method": method, "track": "A", "setting": "image", "seed": seed},
+        "budget": {},
+        "losses": {},
+        "metrics": metrics(zs, ret, dev),
+        "train_seconds": 1.0,
+    }
 
 
 def test_scores_average_the_four_sets_and_six_recalls(methods):
@@ -53,7 +61,9 @@ def test_margin_is_paired_by_seed_against_the_best_published_method(methods):
     kd = [(0.28, 0.10), (0.28, 0.11), (0.29, 0.10)]  # the better published method by mean score
     crd = [(0.20, 0.10)] * 3
     recs = [record("relational", s, *v) for s, v in enumerate(ours)]
-    recs += [record("clip_kd", s, *v) for s, v in enumerate(kd)] + [record("clip_kd_crd", s, *v) for s, v in enumerate(crd)]
+    recs += [record("clip_kd", s, *v) for s, v in enumerate(kd)] + [
+        record("clip_kd_crd", s, *v) for s, v in enumerate(crd)
+    ]
     recs += [record("no_teacher", s, 0.9, 0.9) for s in range(3)]  # not published: never the reference
     margin = methods.relational_margin(recs)
     diffs = [100 * ((o[0] + o[1]) - (k[0] + k[1])) / 2 for o, k in zip(ours, kd)]
@@ -70,13 +80,19 @@ def test_a_margin_needs_three_seeds_to_win(methods):
     agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
     text = methods.markdown(agg, methods.Budget(), latency={})
     assert "+40.00 (one seed) points over seeds [0]: not decided yet" in text and "± 0.00" not in text
-    recs += [record("relational", s, 0.60, 0.60) for s in (1, 2)] + [record("clip_kd", s, 0.20, 0.20) for s in (1, 2)]
+    recs += [record("relational", s, 0.60, 0.60) for s in (1, 2)] + [
+        record("clip_kd", s, 0.20, 0.20) for s in (1, 2)
+    ]
     assert methods.relational_margin(recs)["wins"]
 
 
 def test_variant_selection_reads_dev_only(methods):
-    recs = [record("relational", 0, 0.30, 0.30, dev=0.10), record("relational_w2", 0, 0.10, 0.10, dev=0.20),
-            record("relational_nobank", 0, 0.90, 0.90, dev=0.05), record("clip_kd", 0, 0.2, 0.2, dev=0.9)]
+    recs = [
+        record("relational", 0, 0.30, 0.30, dev=0.10),
+        record("relational_w2", 0, 0.10, 0.10, dev=0.20),
+        record("relational_nobank", 0, 0.90, 0.90, dev=0.05),
+        record("clip_kd", 0, 0.2, 0.2, dev=0.9),
+    ]
     assert methods.select_relational(recs) == "relational_w2"
     # the selected variant is compared only once it has as many seeds as the default
     margin = methods.relational_margin(recs)
@@ -85,7 +101,9 @@ def test_variant_selection_reads_dev_only(methods):
 
 
 def test_markdown_marks_the_best_and_keeps_variants_out_of_the_main_table(methods):
-    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [record("clip_kd", s, 0.2, 0.2) for s in range(2)]
+    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [
+        record("clip_kd", s, 0.2, 0.2) for s in range(2)
+    ]
     recs.append(record("relational_cross", 0, 0.1, 0.1, dev=0.01))
     agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
     text = methods.markdown(agg, methods.Budget(), latency={})
@@ -97,29 +115,36 @@ def test_markdown_marks_the_best_and_keeps_variants_out_of_the_main_table(method
 
 
 def test_summary_is_spliced_between_markers_only(methods, tmp_path):
-    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [record("clip_kd", s, 0.2, 0.2) for s in range(2)]
+    recs = [record("relational", s, 0.3, 0.3) for s in range(2)] + [
+        record("clip_kd", s, 0.2, 0.2) for s in range(2)
+    ]
     agg = methods.aggregate(recs, teacher=metrics(0.4, 0.5, 0.5))
     text = methods.summary_table(agg)
     assert "| relational | 2 | 30.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 |" in text and "+10.00 ± 0.00" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmark summary -->\nold\n<!-- /benchmark summary -->\noutro\n")
-    methods._splice(readme, "benchmark summary", text)
-    methods._splice(readme, "benchmark summary", text)  # idempotent
+    methods.report._splice(readme, "benchmark summary", text)
+    methods.report._splice(readme, "benchmark summary", text)  # idempotent
     content = readme.read_text()
     assert content.startswith("intro\n") and content.endswith("outro\n") and "old" not in content
     assert content.count("| relational | 2 |") == 1
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
-    methods._splice(plain, "benchmark summary", text)
+    methods.report._splice(plain, "benchmark summary", text)
     assert plain.read_text() == "no markers\n"
 
 
 def test_teacher_row_follows_each_tracks_teacher(methods):
     a = [record("relational", 0, 0.3, 0.3), record("clip_kd", 0, 0.2, 0.2)]
-    b = [dict(record("relational", 0, 0.3, 0.3), teacher="new"), dict(record("clip_kd", 0, 0.2, 0.2), teacher="new")]
+    b = [
+        dict(record("relational", 0, 0.3, 0.3), teacher="new"),
+        dict(record("clip_kd", 0, 0.2, 0.2), teacher="new"),
+    ]
     for r in b:
         r["cell"] = {**r["cell"], "track": "b2n"}
-    agg = methods.aggregate(a + b, teachers={methods.LEGACY_TEACHER: metrics(0.4, 0.5, 0.5), "new": metrics(0.6, 0.5, 0.5)})
+    agg = methods.aggregate(
+        a + b, teachers={methods.LEGACY_TEACHER: metrics(0.4, 0.5, 0.5), "new": metrics(0.6, 0.5, 0.5)}
+    )
     assert agg["teachers"]["A/image"]["zero-shot mean"] == pytest.approx(40.0)
     assert agg["teachers"]["b2n/image"]["zero-shot mean"] == pytest.approx(60.0)
     relational_b2n = next(r for r in agg["rows"] if r["track"] == "b2n" and r["method"] == "relational")
@@ -129,25 +154,33 @@ def test_teacher_row_follows_each_tracks_teacher(methods):
 def test_other_budgets_stay_out_of_the_main_grid_and_pair_by_cell(methods, tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    monkeypatch.setattr(methods, "CELLS", tmp_path / "methods")
-    monkeypatch.setattr(methods, "BUDGETS", tmp_path / "budgets")
+    monkeypatch.setattr(methods.layout, "CELLS", tmp_path / "methods")
+    monkeypatch.setattr(methods.layout, "BUDGETS", tmp_path / "budgets")
     base, long = methods.Budget(), methods.Budget(steps=256)
     assert methods.cells_dir(base) == tmp_path / "methods"
     assert methods.cells_dir(long) == tmp_path / "budgets" / "vit-t-32-256"
-    main = [dict(record(m, s, zs, 0.1), budget=asdict(base)) for m, zs in (("relational", 0.3), ("clip_kd", 0.2)) for s in range(2)]
+    main = [
+        dict(record(m, s, zs, 0.1), budget=asdict(base))
+        for m, zs in (("relational", 0.3), ("clip_kd", 0.2))
+        for s in range(2)
+    ]
     folder = methods.cells_dir(long)
     for m, zs in (("relational", 0.5), ("clip_kd", 0.2), ("tinyclip", 0.9)):  # tinyclip: no main-grid partner
         for s in range(2):
-            methods.write_json(folder / f"{m}-A-image-s{s}.json", dict(record(m, s, zs, 0.1), budget=asdict(long)))
+            methods.write_json(
+                folder / f"{m}-A-image-s{s}.json", dict(record(m, s, zs, 0.1), budget=asdict(long))
+            )
     (study,) = methods.budget_study(main)
-    assert study["budget"]["steps"] == 256 and [r["method"] for r in study["rows"]] == ["clip_kd", "relational"]
+    assert study["budget"]["steps"] == 256
+    assert [r["method"] for r in study["rows"]] == ["clip_kd", "relational"]
     rel = next(r for r in study["rows"] if r["method"] == "relational")
     assert rel["score base"][0] == pytest.approx(20.0) and rel["score long"][0] == pytest.approx(30.0)
-    assert study["margin_base"]["mean"] == pytest.approx(5.0) and study["margin_long"]["mean"] == pytest.approx(15.0)
+    assert study["margin_base"]["mean"] == pytest.approx(5.0)
+    assert study["margin_long"]["mean"] == pytest.approx(15.0)
     text = "\n".join(methods.budget_table([study]))
     assert "64 vs 256 steps" in text and "| relational | 2 | 20.0 ± 0.0 | 30.0 ± 0.0 |" in text
     # a long budget's own report never touches the main grid's files
-    monkeypatch.setattr(methods, "RESULTS", tmp_path)
+    monkeypatch.setattr(methods.layout, "RESULTS", tmp_path)
     methods.render_budget(long)
     assert (tmp_path / "budgets" / "vit-t-32-256.md").exists() and not (tmp_path / "methods.json").exists()
 
@@ -195,14 +228,23 @@ def test_pair_tracks_uses_only_methods_that_see_no_captionless_image(methods):
         r["cell"] = {**r["cell"], "track": track}
         return r
 
-    recs = [cell("hinton_kd", "A", 0, "old", 0.3), cell("hinton_kd", "b2n", 0, "new", 0.3),
-            cell("comkd", "A", 0, "old", 0.3), cell("comkd", "b2n", 0, "new", 0.5)]  # comkd uses them: no evidence
+    # comkd uses caption-less images: no evidence
+    recs = [
+        cell("hinton_kd", "A", 0, "old", 0.3),
+        cell("hinton_kd", "b2n", 0, "new", 0.3),
+        cell("comkd", "A", 0, "old", 0.3),
+        cell("comkd", "b2n", 0, "new", 0.5),
+    ]
     found = methods.pair_tracks(recs)
     assert found["new"]["of"] == "old" and found["new"]["cells"] == ["hinton_kd-A/b2n-image-s0"]
     assert found["new"]["equivalent"]
     recs[1]["metrics"]["cifar10"]["acc1"] = 0.35
     assert not methods.pair_tracks(recs)["new"]["equivalent"]
-    assert methods.image_free("mobileclip") and not methods.image_free("clip_kd") and not methods.image_free("relational")
+    assert (
+        methods.image_free("mobileclip")
+        and not methods.image_free("clip_kd")
+        and not methods.image_free("relational")
+    )
 
 
 def test_an_interchangeable_teacher_is_not_evaluated_again(methods, monkeypatch):
@@ -211,11 +253,14 @@ def test_an_interchangeable_teacher_is_not_evaluated_again(methods, monkeypatch)
             return "t3"
 
     figures = metrics(0.4, 0.5, 0.5)
-    monkeypatch.setattr(methods, "load_teachers", lambda: {"t1": figures})
-    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t2", "t2": "t1"})
-    monkeypatch.setattr(methods, "evaluate", lambda *a, **k: pytest.fail("evaluated an interchangeable teacher"))
+    monkeypatch.setattr(methods.equivalence, "load_teachers", lambda: {"t1": figures})
+    monkeypatch.setattr(methods.equivalence, "load_aliases", lambda: {"t3": "t2", "t2": "t1"})
+    monkeypatch.setattr(
+        methods.equivalence, "evaluate", lambda *a, **k: pytest.fail("evaluated an interchangeable teacher")
+    )
     assert methods.teacher_metrics({"teacher": Rebuilt()}, None) is figures
-    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t4", "t4": "t3"})  # a cycle, no recorded figures
+    # a cycle, no recorded figures
+    monkeypatch.setattr(methods.equivalence, "load_aliases", lambda: {"t3": "t4", "t4": "t3"})
     with pytest.raises(pytest.fail.Exception):
         methods.teacher_metrics({"teacher": Rebuilt()}, None)
 
@@ -223,7 +268,8 @@ def test_an_interchangeable_teacher_is_not_evaluated_again(methods, monkeypatch)
 def test_teacher_figures_fill_gaps_from_interchangeable_teachers_only(methods):
     teachers = {"old": {"cifar10": 1}, "new": {"cifar10": 2, "cifar10-b2n": 3}, "other": {"mnist": 4}}
     figs = methods.teacher_figures("old", teachers, {"new": "old"})
-    assert figs == {"cifar10": 1, "cifar10-b2n": 3}  # its own figure first, the gap from "new", nothing of "other"
+    # its own figure first, the gap from "new", nothing of "other"
+    assert figs == {"cifar10": 1, "cifar10-b2n": 3}
 
 
 def test_render_alone_keeps_the_recorded_teachers_figures(methods, tmp_path, monkeypatch):
@@ -231,9 +277,10 @@ def test_render_alone_keeps_the_recorded_teachers_figures(methods, tmp_path, mon
     teachers = {"t1": {"cifar10": 1}, "t2": {"cifar10": 2}}
     assert methods.recorded_teacher(teachers, path) is None  # nothing recorded: no teacher row
     path.write_text('{"current": "t3"}')
-    monkeypatch.setattr(methods, "load_aliases", lambda: {"t3": "t2"})  # t3 measured interchangeable with t2
+    # t3 measured interchangeable with t2
+    monkeypatch.setattr(methods.teachers, "load_aliases", lambda: {"t3": "t2"})
     assert methods.recorded_teacher(teachers, path) == {"cifar10": 2}
-    monkeypatch.setattr(methods, "load_aliases", lambda: {})
+    monkeypatch.setattr(methods.teachers, "load_aliases", lambda: {})
     assert methods.recorded_teacher(teachers, path) is None  # an unmeasured rebuild borrows no figures
 
 
@@ -245,7 +292,9 @@ def test_close_cells_extend_undecided_tables_only(methods):
     recs += [record("clip_kd_fd", s, 0.10, 0.10) for s in range(3)]
     recs += [record("no_teacher", s, 0.9, 0.9) for s in range(3)]  # not published: never a rival
     cells = methods.close_cells(recs)
-    assert [c.name for c in cells] == [f"{m}-A-image-s{s}" for m in ("relational", "clip_kd", "clip_kd_crd") for s in (3, 4)]
+    assert [c.name for c in cells] == [
+        f"{m}-A-image-s{s}" for m in ("relational", "clip_kd", "clip_kd_crd") for s in (3, 4)
+    ]
     # the choice reads seeds 0-2 only: a finished seed 3 of another method does not change it
     assert methods.close_cells(recs + [record("clip_kd_fd", 3, 0.9, 0.9)]) == cells
     decided = [r for r in recs if r["cell"]["method"] != "relational"]
