@@ -12,7 +12,6 @@ from torch import nn
 from clipdistill.errors import UserError
 from clipdistill.losses.config import parse_loss_config
 from clipdistill.losses.distiller import Distiller
-from clipdistill.train.build import lr_factor, param_groups
 from clipdistill.train.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -21,6 +20,7 @@ from clipdistill.train.checkpoint import (
     set_rng_state,
 )
 from clipdistill.train.config import OptimConfig
+from clipdistill.train.optim import lr_factor, param_groups
 
 
 def test_save_is_atomic_and_round_trips_rng(tmp_path):

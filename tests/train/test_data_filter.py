@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from tiny_models import base_config
 
+from clipdistill.data.filter import data_filter
 from clipdistill.data.loader import StreamConfig, count_samples, make_loader, resolve_shards
 from clipdistill.data.shards import dataset_info
 from clipdistill.errors import UserError
 from clipdistill.eval.base2novel import split_classes
 from clipdistill.models.base import ImageConfig
-from clipdistill.train.build import data_filter
 from clipdistill.train.config import DataConfig, config_from_dict
 from clipdistill.train.engine import train
 

@@ -1,5 +1,6 @@
-"""Pieces the engine wires together: student construction, the student's forward for DDP, teacher
-outputs (online or cached), optimiser groups and the learning-rate schedule.
+"""Pieces the engine wires together: student construction, the student's forward for DDP and teacher
+outputs (online or cached). The optimiser groups and the learning-rate schedule are in train/optim.py,
+the data filter in data/filter.py.
 
 `StudentForward` is the module DDP/FSDP wraps: one call returns every student tensor a step needs
 (embeddings, scale, pooled features, tokens, and the MAE-style masked view for `mfd`, docs/methods.md section 2),
@@ -8,17 +9,14 @@ so gradient synchronisation sees a single forward per micro-batch.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from clipdistill.errors import UserError, unknown_name
+from clipdistill.data.filter import data_filter  # noqa: F401 (benchmarks/methods import it from here)
+from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
 from clipdistill.models.base import ClipModel
 from clipdistill.models.students import CachedTextStandIn, build_student  # noqa: F401 (the engine's names)
-from clipdistill.train.config import OptimConfig
 
 
 def vision_transformer(model: ClipModel):
@@ -117,83 +115,3 @@ def concat_outputs(parts: list[Outputs]) -> Outputs:
     extra = {k: torch.cat([p.extra[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
              for k, v in first.extra.items()}
     return first.replace(**changes, extra=extra)
-
-
-# --- optimiser --------------------------------------------------------------------------------------
-
-
-def _no_decay(name: str, p: nn.Parameter) -> bool:
-    # open_clip's rule: no weight decay on gains, biases, norms and the logit scale.
-    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-
-def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups: "student", "student_no_decay" and the Distiller's groups, with cfg.groups overrides."""
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [
-        {"name": "student", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"name": "student_no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-        *distiller.param_groups(cfg.lr, cfg.weight_decay),
-    ]
-    groups = [g for g in groups if g["params"]]
-    known = [g["name"] for g in groups]
-    for name, override in cfg.groups.items():
-        if name not in known:
-            raise unknown_name("optimiser group in optim.groups", name, known)
-        bad = set(override) - {"lr", "weight_decay"}
-        if bad:
-            raise UserError(f"optim.groups.{name} has no setting '{sorted(bad)[0]}'; valid: lr, weight_decay")
-        group = next(g for g in groups if g["name"] == name)
-        group.update({k: float(v) for k, v in override.items()})
-    return groups
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of every group's lr after `step` optimiser steps: linear warmup, then cosine (or constant)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def data_filter(data) -> tuple[frozenset[int] | None, frozenset[str] | None]:
-    """(labels, keys) kept by `data.filter` and `data.keep` (a `DataConfig`); None where unfiltered.
-
-    `filter` (e.g. classes=base) applies to the classification sets of `data.train` and `data.unpaired` (their labels select
-    images and never reach a loss); caption sets in the same run pass unfiltered. `keep` is a keep-list
-    file with one sample key per line (`clipdistill balance` writes one).
-    """
-    from clipdistill.data.shards import dataset_info
-    from clipdistill.eval.base2novel import parse_data_filter
-
-    labels = None
-    if data.filter:
-        sets = []
-        for spec in [*data.train, *data.unpaired]:
-            name, _, _ = spec.partition(":")
-            folder = Path(name).expanduser()
-            info = dataset_info(folder.name, folder.parent) if (folder / "dataset_type.txt").exists() else None
-            if info is None and "/" not in name and not any(ch in name for ch in "*?["):
-                info = dataset_info(name, data.root)
-            if info is not None and info.kind == "classification":
-                sets.append(frozenset(parse_data_filter(data.filter, info, data.split_seed)))
-        if not sets:
-            raise UserError(f"data.filter = {data.filter!r} needs a classification set in data.train or data.unpaired (e.g. cifar10:train); got {data.train + data.unpaired}")
-        if len(set(sets)) > 1:
-            raise UserError(f"data.filter = {data.filter!r} selects different classes in {data.train + data.unpaired}; filter one classification set per run")
-        labels = sets[0]
-    keys = None
-    if data.keep:
-        path = Path(data.keep).expanduser()
-        if not path.is_file():
-            raise UserError(f"data.keep = '{path}' does not exist; pass a keep-list (e.g. keep.txt from `clipdistill balance`)")
-        keys = frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        if not keys:
-            raise UserError(f"data.keep = '{path}' lists no sample key; rerun `clipdistill balance` or drop data.keep")
-    return labels, keys

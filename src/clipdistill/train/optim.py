@@ -1,0 +1,90 @@
+"""The optimiser of a run: AdamW parameter groups, the warmup + cosine learning-rate schedule, and
+optimiser settings changed between a checkpoint and its --resume."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clipdistill.errors import UserError, unknown_name
+from clipdistill.train.config import OptimConfig
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    # open_clip's rule: no weight decay on gains, biases, norms and the logit scale.
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups: "student", "student_no_decay" and the Distiller's groups, with cfg.groups overrides."""
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [
+        {"name": "student", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "student_no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        *distiller.param_groups(cfg.lr, cfg.weight_decay),
+    ]
+    groups = [g for g in groups if g["params"]]
+    known = [g["name"] for g in groups]
+    for name, override in cfg.groups.items():
+        if name not in known:
+            raise unknown_name("optimiser group in optim.groups", name, known)
+        bad = set(override) - {"lr", "weight_decay"}
+        if bad:
+            raise UserError(f"optim.groups.{name} has no setting '{sorted(bad)[0]}'; valid: lr, weight_decay")
+        group = next(g for g in groups if g["name"] == name)
+        group.update({k: float(v) for k, v in override.items()})
+    return groups
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of every group's lr after `step` optimiser steps: linear warmup, then cosine (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, o: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine (or constant) over `total_steps` optimiser steps (`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    )
+
+
+def apply_changed_optim(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    before: dict,
+    now: dict,
+    fresh: list[dict],
+) -> list[str]:
+    """Optimiser settings changed since the checkpoint (`before`, the checkpoint's optim config; `now`,
+    the run's) take effect from the resumed step on: loading the optimiser and scheduler state would
+    silently restore the old ones. `fresh`: the param groups' settings before the state was loaded.
+    Returns the changed keys (none: nothing is touched)."""
+    changed = [k for k in now if k != "accum_steps" and k in before and before[k] != now[k]]
+    if not changed:
+        return changed
+    for group, new in zip(optimizer.param_groups, fresh):
+        for key in ("initial_lr", "weight_decay", "betas", "eps"):
+            if key in new:
+                group[key] = new[key]
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return changed
