@@ -10,7 +10,6 @@ empty or corrupt files, non-UTF-8 text.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import tarfile
 from collections import Counter
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers.cli import deadline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 import tiny_models  # noqa: E402
@@ -246,14 +246,6 @@ CASES: list[tuple[str, str, Builder]] = [
 ]
 
 
-class Hang(BaseException):
-    """A case ran past its deadline (a BaseException: the shard reader's error handler cannot swallow it)."""
-
-
-def _expired(signum, frame):
-    raise Hang("still running after 60 s: the command hangs instead of refusing its input")
-
-
 def _listing(path: Path) -> list[str] | bytes | None:
     if path.is_file():
         return path.read_bytes()
@@ -266,14 +258,8 @@ def test_bad_input_gives_one_line_and_exit_2(data, kind, argv, capsys, caplog):
     watched = [data.out, data.file, data.tmp / "out"]
     before = [_listing(p) for p in watched]
     capsys.readouterr()
-    previous = signal.signal(signal.SIGALRM, _expired)
-    signal.alarm(60)
-    try:
-        with caplog.at_level(logging.WARNING):
-            rc = main(args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with deadline(60, "the command"), caplog.at_level(logging.WARNING):
+        rc = main(args)
     err = capsys.readouterr().err.strip()
     assert rc == 2, f"{args}: exit {rc}, stderr {err[-1500:]}"
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err[-1500:]

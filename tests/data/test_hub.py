@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers.cli import one_line_error
 
 from clipdistill.cli.main import main
 from clipdistill.data import hub
@@ -86,15 +87,6 @@ def _transport_error() -> type[Exception]:
     pytest.skip("no HTTP client found")
 
 
-def _one_line_error(capsys, rc: int, *words: str) -> str:
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
 def test_get_installs_a_complete_folder_the_toolkit_reads(fake_hub, root, capsys):
     assert main(["data", "get", "cifar10", "--root", str(root)]) == 0
     assert "cifar10 <- clip-benchmark/wds_cifar10: test (new), train (new)" in capsys.readouterr().out
@@ -149,7 +141,7 @@ def test_hub_and_local_names_both_resolve(fake_hub, root, make_dataset, tmp_path
 def test_interrupted_download_leaves_no_dataset_and_resumes(fake_hub, root, capsys):
     fake_hub.fail_after = 3
     rc = main(["data", "get", "cifar10", "--root", str(root)])
-    _one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "--data-root")
+    one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "--data-root")
     assert not (root / "cifar10").exists()
     partial = sorted(p.name for p in (root / ".partial-cifar10" / "download").rglob("*") if p.is_file())
     assert len(partial) == 3
@@ -163,13 +155,13 @@ def test_interrupted_download_leaves_no_dataset_and_resumes(fake_hub, root, caps
 def test_shard_count_disagreeing_with_nshards_is_refused(fake_hub, root, tmp_path, capsys):
     (tmp_path / "data" / "wds_cifar10" / "test" / "nshards.txt").write_text("3")
     rc = main(["data", "get", "cifar10", "--splits", "test", "--root", str(root)])
-    _one_line_error(capsys, rc, "split 'test'", "nshards.txt says 3 shards", "0..1 (2 files)")
+    one_line_error(capsys, rc, "split 'test'", "nshards.txt says 3 shards", "0..1 (2 files)")
     assert not (root / "cifar10").exists()
 
 
 def test_split_absent_from_the_hub_is_refused(fake_hub, root, capsys):
     rc = main(["data", "get", "cifar10", "--splits", "val", "--root", str(root)])
-    _one_line_error(capsys, rc, "has no split val on the Hub")
+    one_line_error(capsys, rc, "has no split val on the Hub")
 
 
 def test_dev_is_carved_from_train_when_the_hub_has_none(fake_hub, root, tmp_path):
@@ -211,7 +203,7 @@ def test_no_network_is_one_line_and_exit_2(fake_hub, root, capsys, error):
         }[error]
     fake_hub.fail_after, fake_hub.error = 0, exc
     rc = main(["data", "get", "cifar10", "--root", str(root)])
-    _one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "--data-root DIR")
+    one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "--data-root DIR")
     assert not (root / "cifar10").exists()
 
 
@@ -220,7 +212,7 @@ def test_unreachable_endpoint_fails_fast_through_huggingface_hub(root, monkeypat
     start = time.monotonic()
     rc = main(["data", "get", "cifar10", "--root", str(root)])
     assert time.monotonic() - start < 10
-    _one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "127.0.0.1:9", "--data-root DIR")
+    one_line_error(capsys, rc, "cannot reach the Hugging Face Hub", "127.0.0.1:9", "--data-root DIR")
     assert not (root / "cifar10").exists()
 
 
@@ -282,7 +274,7 @@ def test_real_download_path_resumes_against_a_local_hub(make_dataset, root, tmp_
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     try:
         rc = main(["data", "get", "mnist", "--root", str(root)])
-        _one_line_error(capsys, rc, "clip-benchmark/wds_mnist")
+        one_line_error(capsys, rc, "clip-benchmark/wds_mnist")
         assert not (root / "mnist").exists() and "0.tar.gz" in _MiniHub.gets
         _MiniHub.fail, _MiniHub.gets = "", []
         assert main(["data", "get", "mnist", "--root", str(root)]) == 0
@@ -320,7 +312,7 @@ def test_data_root_resolution_order(tmp_path, monkeypatch):
 def test_demo_without_its_datasets_names_the_fetch_command(root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no ../shared/data above tmp_path
     rc = main(["demo", "--out", str(tmp_path / "demo")])
-    _one_line_error(
+    one_line_error(
         capsys,
         rc,
         "`clipdistill data get flickr8k cifar10 imagenet-1k-sample dtd-10 mnist`",
@@ -339,7 +331,7 @@ def test_demo_names_only_what_is_missing_and_download_fetches_it(
         make_dataset(name, n=2)
     make_dataset("cifar10", n=2, split="train")
     rc = main(["demo", "--data-root", str(local), "--out", str(tmp_path / "demo")])
-    err = _one_line_error(capsys, rc, "flickr8k (train, test, dev); cifar10 (test)")
+    err = one_line_error(capsys, rc, "flickr8k (train, test, dev); cifar10 (test)")
     assert f"`clipdistill data get flickr8k cifar10 --root {local}`" in err
     fetched = hub.require({"cifar10": ["test"], "flickr8k": ["train", "test"]}, local, download=True)
     assert [(r.name, r.added) for r in fetched] == [("cifar10", ["test"]), ("flickr8k", ["test", "train"])]

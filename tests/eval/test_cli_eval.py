@@ -7,6 +7,7 @@ import json
 
 import pytest
 from fake_clip import perfect_classifier
+from helpers.cli import one_line_error
 
 from clipdistill.cli.main import main
 from clipdistill.eval.report import compare, format_record
@@ -23,53 +24,44 @@ def toy(make_dataset, monkeypatch):
     return root
 
 
-def _one_line_error(capsys, rc: int, *words: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
 def test_unknown_model_prefix(toy, capsys):
     rc = main(["eval", "--model", "nope:x", "--dataset", "toy", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "unknown model spec prefix 'nope'", "known:")
+    one_line_error(capsys, rc, "unknown model spec prefix 'nope'", "known:")
 
 
 def test_missing_data_root(tmp_path, capsys):
     rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--data-root", str(tmp_path / "nowhere")])
-    _one_line_error(capsys, rc, "nowhere", "--data-root")
+    one_line_error(capsys, rc, "nowhere", "--data-root")
 
 
 def test_missing_dataset_directory(toy, capsys):
     rc = main(["eval", "--model", "fake:x", "--dataset", "tyo", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "unknown dataset 'tyo'", "did you mean 'toy'")
+    one_line_error(capsys, rc, "unknown dataset 'tyo'", "did you mean 'toy'")
 
 
 def test_wrong_split(toy, capsys):
     rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--split", "val", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "no split 'val'", "available splits: test")
+    one_line_error(capsys, rc, "no split 'val'", "available splits: test")
 
 
 def test_wrong_task(toy, capsys):
     rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--task", "base2nvel", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "unknown task", "did you mean 'base2novel'")
+    one_line_error(capsys, rc, "unknown task", "did you mean 'base2novel'")
     rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--task", "zeroshot_retrieval", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "needs a retrieval dataset")
+    one_line_error(capsys, rc, "needs a retrieval dataset")
 
 
 def test_bad_every(toy, capsys):
     rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--every", "0", "--data-root", str(toy)])
-    _one_line_error(capsys, rc, "--every")
+    one_line_error(capsys, rc, "--every")
 
 
 def test_compare_missing_file(tmp_path, capsys):
     rc = main(["compare", str(tmp_path / "none.json")])
-    _one_line_error(capsys, rc, "not found")
+    one_line_error(capsys, rc, "not found")
     (tmp_path / "bad.json").write_text("{not json")
     rc = main(["compare", str(tmp_path / "bad.json")])
-    _one_line_error(capsys, rc, "cannot read")
+    one_line_error(capsys, rc, "cannot read")
 
 
 @pytest.mark.parametrize("cmd", [["eval", "--help"], ["compare", "--help"]])

@@ -1,5 +1,6 @@
 """Independent float64 references (explicit Python loops over numpy rows) and builders for the tests
-of clip, kd, affinity and the CLIP-KD terms. Not collected by pytest (no test_ prefix).
+of clip, kd, affinity and the CLIP-KD terms; `unit` and `log_softmax` serve every loss test's reference.
+Not collected by pytest (no test_ prefix).
 """
 
 from __future__ import annotations

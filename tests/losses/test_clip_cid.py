@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from refs_clip import log_softmax, unit
 from term_context import make_ctx
 from torch.func import functional_call
 
@@ -29,42 +30,32 @@ def centres_array(k: int, d: int, seed: int = 99) -> np.ndarray:
 # ---- independent references (loops, numpy float64) -----------------------------------------------
 
 
-def _unit(v):
-    return v / math.sqrt(float(v @ v))
-
-
-def _log_softmax(z):
-    m = max(z)
-    lse = m + math.log(sum(math.exp(x - m) for x in z))
-    return [x - lse for x in z]
-
-
 def _student_rows(term, student):
     proj = term._proj["image"]
     rows = []
     for v in student.image.detach().numpy():
         if proj is not None:
             v = proj.weight.detach().numpy() @ v + proj.bias.detach().numpy()
-        rows.append(_unit(v))
+        rows.append(unit(v))
     return rows
 
 
 def ref_cluster(term, student, teacher, labels, alpha, tau, classes=None, margin=0.0):
-    w = [_unit(c) for c in term.centres.numpy()]
-    ws = [_unit(c) for c in term.classifier.detach().numpy()]
+    w = [unit(c) for c in term.centres.numpy()]
+    ws = [unit(c) for c in term.classifier.detach().numpy()]
     k = len(w)
     classes = list(range(k)) if classes is None else list(classes)
     l_cls = l_kl = 0.0
     s_rows = _student_rows(term, student)
     for i, v_s in enumerate(s_rows):
-        v_t = _unit(teacher.image.numpy()[i])
+        v_t = unit(teacher.image.numpy()[i])
         cos = [float(v_s @ ws[c]) for c in classes]
         pos = classes.index(int(labels[i]))
         if margin:
             cos[pos] = math.cos(math.acos(cos[pos]) + margin)
-        l_cls -= _log_softmax([c / tau for c in cos])[pos]
-        lp = _log_softmax([float(v_t @ w[c]) / tau for c in range(k)])
-        lq = _log_softmax([float(v_s @ ws[c]) / tau for c in range(k)])
+        l_cls -= log_softmax([c / tau for c in cos])[pos]
+        lp = log_softmax([float(v_t @ w[c]) / tau for c in range(k)])
+        lq = log_softmax([float(v_s @ ws[c]) / tau for c in range(k)])
         l_kl += sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
     n = len(s_rows)
     return alpha * l_cls / n + (1 - alpha) * l_kl / n
@@ -72,11 +63,11 @@ def ref_cluster(term, student, teacher, labels, alpha, tau, classes=None, margin
 
 def ref_instance(term, student, teacher, tau):
     s_rows = _student_rows(term, student)
-    t_rows = [_unit(v) for v in teacher.image.numpy()]
+    t_rows = [unit(v) for v in teacher.image.numpy()]
     n = len(s_rows)
     z = [[float(s_rows[i] @ t_rows[j]) / tau for j in range(n)] for i in range(n)]
-    a = -sum(_log_softmax(z[i])[i] for i in range(n)) / n
-    b = -sum(_log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
+    a = -sum(log_softmax(z[i])[i] for i in range(n)) / n
+    b = -sum(log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
     return (a + b) / 2
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from refs_clip import log_softmax, unit
 from term_context import make_ctx
 from torch import nn
 from torch.func import functional_call
@@ -24,16 +25,6 @@ def make_outputs(n: int, d: int, scale: float, seed: int) -> Outputs:
 
 
 # ---- references (loops, numpy float64) ----------------------------------------------------------
-
-
-def _unit(v):
-    return v / math.sqrt(float(v @ v))
-
-
-def _log_softmax(z):
-    m = max(z)
-    lse = m + math.log(sum(math.exp(x - m) for x in z))
-    return [x - lse for x in z]
 
 
 def _linear(layer, v):
@@ -60,16 +51,16 @@ def ref_ifalign(term, student, teacher):
 
 def ref_fused(term, student, teacher):
     edu = term.edu
-    w = [_unit(v) for v in teacher.text.numpy()]
+    w = [unit(v) for v in teacher.text.numpy()]
     keys = [_linear(edu.fc_k, v) for v in w]
     values = [_linear(edu.fc_v, v) for v in w]
     alpha = float(edu.alpha.detach())
     fused = []
     for u in student.image.detach().numpy():
         q = _linear(edu.fc_q, u)
-        a = [math.exp(x) for x in _log_softmax([float(q @ k) / edu.divisor for k in keys])]
+        a = [math.exp(x) for x in log_softmax([float(q @ k) / edu.divisor for k in keys])]
         f_att = sum(a_j * v_j for a_j, v_j in zip(a, values))
-        fused.append(_unit(_proj(term, u) + alpha * f_att))
+        fused.append(unit(_proj(term, u) + alpha * f_att))
     return fused, w
 
 
@@ -78,9 +69,9 @@ def ref_comkd_kl(term, student, teacher, temp):
     s, s_t = float(student.scale), float(teacher.scale)
     total = 0.0
     for i, f in enumerate(fused):
-        u_t = _unit(teacher.image.numpy()[i])
-        lp = _log_softmax([s_t * float(u_t @ wj) / temp for wj in w])
-        lq = _log_softmax([s * float(f @ wj) / temp for wj in w])
+        u_t = unit(teacher.image.numpy()[i])
+        lp = log_softmax([s_t * float(u_t @ wj) / temp for wj in w])
+        lq = log_softmax([s * float(f @ wj) / temp for wj in w])
         total += sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
     return temp * temp * total / len(fused)
 
@@ -89,8 +80,8 @@ def ref_eduattention(term, student, teacher):
     fused, w = ref_fused(term, student, teacher)
     s, n = float(student.scale), len(fused)
     z = [[s * float(fused[i] @ w[j]) for j in range(n)] for i in range(n)]
-    a = -sum(_log_softmax(z[i])[i] for i in range(n)) / n
-    b = -sum(_log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
+    a = -sum(log_softmax(z[i])[i] for i in range(n)) / n
+    b = -sum(log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
     return (a + b) / 2
 
 

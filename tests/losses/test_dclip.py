@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from refs_clip import log_softmax, unit
 from term_context import make_ctx
 
 from clipdistill.errors import UserError
@@ -27,21 +28,11 @@ def make_outputs(n: int, d: int, seed: int, enriched: bool = False) -> Outputs:
 # ---- references (loops, numpy float64) ----------------------------------------------------------
 
 
-def _unit(v):
-    return v / math.sqrt(float(v @ v))
-
-
-def _log_softmax(z):
-    m = max(z)
-    lse = m + math.log(sum(math.exp(x - m) for x in z))
-    return [x - lse for x in z]
-
-
 def _info_nce(a, b, tau):
     n = len(a)
-    z = [[float(_unit(a[i]) @ _unit(b[j])) / tau for j in range(n)] for i in range(n)]
-    i2t = -sum(_log_softmax(z[i])[i] for i in range(n)) / n
-    t2i = -sum(_log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
+    z = [[float(unit(a[i]) @ unit(b[j])) / tau for j in range(n)] for i in range(n)]
+    i2t = -sum(log_softmax(z[i])[i] for i in range(n)) / n
+    t2i = -sum(log_softmax([z[j][i] for j in range(n)])[i] for i in range(n)) / n
     return (i2t + t2i) / 2
 
 
@@ -55,7 +46,7 @@ def ref_dclip(term, student, teacher, weights=(1.0, 1.0, 1.0), tau=0.05):
         cos = []
         for v, t in zip(rows, target):
             p = v if proj is None else proj.weight.detach().numpy() @ v + proj.bias.detach().numpy()
-            cos.append(float(_unit(p) @ _unit(t)))
+            cos.append(float(unit(p) @ unit(t)))
         parts.append(sum(1 - c for c in cos) / len(cos))
     parts.append(_info_nce(student.image.detach().numpy(), student.text.detach().numpy(), tau))
     return sum(w * p for w, p in zip(weights, parts)), parts
@@ -66,8 +57,8 @@ def ref_pool(tokens, mask, temperature):
     for toks, m in zip(tokens, mask):
         real = [t for t, keep in zip(toks, m) if keep]
         mean = sum(real) / len(real)
-        sims = [float(_unit(t) @ _unit(mean)) / temperature for t in real]
-        w = [math.exp(x) for x in _log_softmax(sims)]
+        sims = [float(unit(t) @ unit(mean)) / temperature for t in real]
+        w = [math.exp(x) for x in log_softmax(sims)]
         out.append(sum(wi * t for wi, t in zip(w, real)))
     return np.stack(out)
 

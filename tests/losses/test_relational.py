@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from refs_clip import log_softmax, unit
 from term_context import make_ctx
 
 from clipdistill.errors import UserError
@@ -29,16 +30,7 @@ def make_outputs(n: int, d: int, scale: float, seed: int) -> Outputs:
 # ---- independent reference: explicit loops in numpy float64 ------------------------------------
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / math.sqrt(float(v @ v))
-
-
 def _kl_row(t_logits: list[float], s_logits: list[float]) -> float:
-    def log_softmax(z):
-        m = max(z)
-        lse = m + math.log(sum(math.exp(x - m) for x in z))
-        return [x - lse for x in z]
-
     lp, lq = log_softmax(t_logits), log_softmax(s_logits)
     return sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
 
@@ -50,11 +42,11 @@ def ref_relation(sq, sc, tq, tc, mult_t, mult_s, drop_self, bank=None, sq_proj=N
         for j in range(len(sc)):
             if drop_self and i == j:
                 continue
-            s_row.append(mult_s * float(_unit(sq[i]) @ _unit(sc[j])))
-            t_row.append(mult_t * float(_unit(tq[i]) @ _unit(tc[j])))
+            s_row.append(mult_s * float(unit(sq[i]) @ unit(sc[j])))
+            t_row.append(mult_t * float(unit(tq[i]) @ unit(tc[j])))
         for b in bank if bank is not None else []:
-            s_row.append(mult_s * float(_unit(sq_proj[i]) @ b))
-            t_row.append(mult_t * float(_unit(tq[i]) @ b))
+            s_row.append(mult_s * float(unit(sq_proj[i]) @ b))
+            t_row.append(mult_t * float(unit(tq[i]) @ b))
         total += _kl_row(t_row, s_row)
     return total / len(sq)
 
@@ -123,7 +115,7 @@ def test_bank_candidates_use_projector_and_teacher_space():
     term.update(None, history)
     student, teacher = make_outputs(4, 3, 20.0, 8), make_outputs(4, 5, 50.0, 9)
     out = term(student, teacher)
-    banks = {m: np.stack([_unit(r) for r in getattr(history, m).numpy()]) for m in ("image", "text")}
+    banks = {m: np.stack([unit(r) for r in getattr(history, m).numpy()]) for m in ("image", "text")}
     total, parts = ref_total(term, student, teacher, banks=banks)
     for rel, value in parts.items():
         assert out[f"relational/{rel}"].item() == pytest.approx(value, rel=1e-10)
@@ -139,7 +131,7 @@ def test_bank_is_masked_until_filled():
     assert int(term.banks["text"].count) == 3 and term.banks["text"].valid().shape == (3, 5)
     student, teacher = make_outputs(4, 3, 20.0, 11), make_outputs(4, 5, 50.0, 12)
     value = term(student, teacher)["relational"].item()
-    valid = np.stack([_unit(r) for r in history.text.numpy()])
+    valid = np.stack([unit(r) for r in history.text.numpy()])
     expected, _ = ref_total(term, student, teacher, banks={"text": valid})
     assert value == pytest.approx(expected, rel=1e-10)
     # The unfilled (zero) rows would be candidates with cosine 0 if they were not masked.

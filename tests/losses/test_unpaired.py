@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_relational import _unit, make_outputs, ref_relation
+from refs_clip import unit
+from test_relational import make_outputs, ref_relation
 
 from clipdistill.losses.base import Outputs
 from clipdistill.losses.config import parse_loss_config
@@ -22,7 +23,7 @@ def _mse_ref(s: np.ndarray, t: np.ndarray) -> float:
     """Mean over elements of (unit(s_i) - unit(t_i))^2, by loops."""
     total, count = 0.0, 0
     for a, b in zip(s, t):
-        ua, ub = _unit(a), _unit(b)
+        ua, ub = unit(a), unit(b)
         for x, y in zip(ua, ub):
             total += (x - y) ** 2
             count += 1
@@ -69,7 +70,7 @@ def test_relational_unpaired_queries_match_loop_reference_with_bank(float64):
     proj = term._proj["image"]
     w, b = proj.weight.detach().numpy(), proj.bias.detach().numpy()
     sq_proj = np.stack([w @ row + b for row in su.image.numpy()])
-    banks = {m: np.stack([_unit(r) for r in getattr(history, m).numpy()]) for m in ("image", "text")}
+    banks = {m: np.stack([unit(r) for r in getattr(history, m).numpy()]) for m in ("image", "text")}
     i2t = ref_relation(su.image.numpy(), s.text.numpy(), tu.image.numpy(), t.text.numpy(), 50.0, 20.0, False,
                        banks["text"], sq_proj)
     i2i = ref_relation(su.image.numpy(), su.image.numpy(), tu.image.numpy(), tu.image.numpy(), 25.0, 25.0, True,
@@ -81,7 +82,7 @@ def test_relational_unpaired_queries_match_loop_reference_with_bank(float64):
     dist.update(s, t, (su, tu))
     bank = term.banks["image"].ordered().numpy()
     expected = np.concatenate([history.image.numpy(), t.image.numpy(), tu.image.numpy()])[-8:]
-    np.testing.assert_allclose(bank, np.stack([_unit(r) for r in expected]), rtol=1e-12)
+    np.testing.assert_allclose(bank, np.stack([unit(r) for r in expected]), rtol=1e-12)
 
 
 def test_gradcheck_relational_unpaired(float64):

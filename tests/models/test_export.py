@@ -20,8 +20,8 @@ from clipdistill.models.export import (
     resolve_checkpoint,
 )
 from clipdistill.models.factory import create_model
-from clipdistill.models.inherit import MaskedClip
 from clipdistill.models.openclip import from_config
+from clipdistill.models.pruning import MaskedClip
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 CONFIGS = {

@@ -9,18 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from clipdistill.errors import UserError
-from clipdistill.models.inherit import (
+from clipdistill.models.inherit import inherit_manual, layer_map
+from clipdistill.models.openclip import from_config
+from clipdistill.models.pruning import (
     L0Config,
     MaskedClip,
     deterministic_mask,
-    inherit_manual,
     keep_probability,
-    layer_map,
     masked_image,
     masked_text,
     sample_mask,
 )
-from clipdistill.models.openclip import from_config
 
 
 def cfg(image=32, width=64, layers=4, head_width=16, t_width=64, t_heads=4, t_layers=4, ctx=16, embed=32):

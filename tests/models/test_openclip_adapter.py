@@ -7,17 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_openclip import TINY
 from PIL import Image
 
 from clipdistill.errors import UserError
 from clipdistill.models.factory import create_model
 from clipdistill.models.openclip import OpenClipModel, from_config, trim_padding
-
-TINY = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @pytest.fixture(scope="module")

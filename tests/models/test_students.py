@@ -9,6 +9,7 @@ import sys
 import open_clip
 import pytest
 import torch
+from helpers.tiny_openclip import TINY
 
 from clipdistill.cli.main import main
 from clipdistill.errors import UserError
@@ -24,12 +25,6 @@ from clipdistill.models.students import (
     list_students,
     preset_config,
 )
-
-TINY = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 def test_presets_cover_the_spec_ranges():

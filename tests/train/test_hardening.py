@@ -4,7 +4,6 @@ applied on resume, late checks moved before step 0, honest skip counts and NaN m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.cli import TINY_CLI_SCRIPT, deadline, one_line_error
 from tiny_models import base_config
 
 from clipdistill.cli.main import main
@@ -27,49 +27,11 @@ from clipdistill.train.distributed import init_distributed
 from clipdistill.train.engine import NonFiniteLoss, Run, _next_batch, train
 from clipdistill.train.lock import LOCK, RunLock
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = f"""
-import sys
-sys.path.insert(0, {str(HERE)!r})
-import tiny_models
-tiny_models.register()
-from clipdistill.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-class Hang(BaseException):
-    """Raised by `deadline`; a BaseException, so the shard reader's error handler cannot swallow it."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
-
-    def expired(signum, frame):
-        raise Hang(f"still running after {seconds} s: the run hangs")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def _cli(tmp_path: Path, cfg: dict, *extra: str) -> int:
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     return main(["distill", "--config", str(cfg_file), *extra])
-
-
-def _one_line(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _empty_split(root: Path, name: str, content: bytes | None) -> None:
@@ -103,7 +65,7 @@ def test_empty_stream_is_refused_before_step_0(tiny, caption_root, tmp_path, cap
     with deadline(60):
         rc = _cli(tmp_path, cfg, *extra)
     assert rc == 2
-    _one_line(capsys, "no sample" if trigger == "keep-list" else "no readable sample")
+    one_line_error(capsys, None, "no sample" if trigger == "keep-list" else "no readable sample")
     assert not (tmp_path / "run").exists()
 
 
@@ -126,7 +88,7 @@ def test_zero_byte_shard_no_stderr_flood(tiny, caption_root, tmp_path):
     _empty_split(caption_root, "nothing", b"")
     cfg = base_config(caption_root, tmp_path / "run", **{"data.train": ["nothing:train"]})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "cli.py").write_text(SCRIPT)
+    (tmp_path / "cli.py").write_text(TINY_CLI_SCRIPT)
     proc = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
@@ -223,7 +185,7 @@ def test_sigterm_says_how_to_resume(tiny, caption_root, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(caption_root, out, steps=400, checkpoint_every=1)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "cli.py").write_text(SCRIPT)
+    (tmp_path / "cli.py").write_text(TINY_CLI_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,20 +14,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from helpers.cli import TINY_CLI_SCRIPT
 from tiny_models import base_config
 
 from clipdistill.train.config import config_from_dict
 from clipdistill.train.engine import train
-
-HERE = Path(__file__).resolve().parent
-SCRIPT = f"""
-import sys
-sys.path.insert(0, {str(HERE)!r})
-import tiny_models
-tiny_models.register()
-from clipdistill.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def _env() -> dict:
@@ -36,7 +27,7 @@ def _env() -> dict:
 
 def _command(tmp_path: Path, cfg: dict, nproc: int, resume: bool = False) -> list[str]:
     script = tmp_path / "run_cli.py"
-    script.write_text(SCRIPT)
+    script.write_text(TINY_CLI_SCRIPT)
     cfg_file = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     args = ["distill", "--config", str(cfg_file)] + (["--resume"] if resume else [])

@@ -152,11 +152,15 @@ def _demo(args: argparse.Namespace) -> int:
     if args.teacher_dir:
         cfg.teacher_dir = args.teacher_dir
     if args.student:
+        from clipdistill.models.factory import parse_spec
         from clipdistill.models.students import init_choices
 
         cfg.student = args.student
-        name = args.student.removeprefix("student:").split("@")[0]
-        if args.student.startswith("student:") and "pretrained" not in _safe_choices(init_choices, name):
+        try:
+            spec = parse_spec(args.student)
+        except UserError:  # not a spec: cfg.check() says what demo --student takes
+            spec = None
+        if spec is not None and spec.kind == "student" and "pretrained" not in _safe_choices(init_choices, spec.name):
             cfg.student_init, cfg.image_size, cfg.freeze = "random", None, 0
     if args.epochs is not None:
         cfg.epochs = args.epochs

@@ -45,6 +45,7 @@ from clipdistill.eval.zeroshot import (
     zeroshot_classification,
 )
 from clipdistill.models.base import ClipModel
+from clipdistill.models.factory import parse_spec
 from clipdistill.paths import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,18 @@ def split_spec(spec: str) -> tuple[str, str]:
     """(model, pretrained) as CLIP_benchmark names them, from a model spec string.
 
     'openclip:ViT-B-32/laion2b' -> ('openclip:ViT-B-32', 'laion2b'); 'student:x@/ck.pt' -> ('student:x',
-    '/ck.pt'); 'teacher:DIR' -> ('teacher', 'DIR'); 'hf:ID' -> ('hf', 'ID'); no weights -> 'random'.
+    '/ck.pt'); 'teacher:DIR' -> ('teacher', 'DIR'); 'hf:ID' -> ('hf', 'ID'); 'openclip:/DIR' ->
+    ('openclip', '/DIR'); no weights (or not a spec) -> 'random'.
     """
-    prefix, _, rest = spec.partition(":")
-    if "@" in rest:
-        arch, _, weights = rest.partition("@")
-        return f"{prefix}:{arch}", weights
-    if prefix == "openclip" and not rest.startswith("hf-hub:") and "/" in rest:
-        arch, _, tag = rest.partition("/")
-        return f"{prefix}:{arch}", tag
-    if prefix in ("teacher", "hf") or rest.startswith("hf-hub:"):
-        return prefix, rest
+    try:
+        parsed = parse_spec(spec)
+    except UserError:  # a `spec` attribute set by hand: the model as named
+        return spec, "random"
+    weights = parsed.checkpoint if parsed.checkpoint is not None else parsed.tag
+    if weights is not None:
+        return f"{parsed.kind}:{parsed.name}", weights
+    if parsed.is_folder:
+        return parsed.kind, parsed.name
     return spec, "random"
 
 

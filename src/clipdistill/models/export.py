@@ -3,7 +3,7 @@
 `export_openclip` writes what open_clip's `local-dir:` schema loads: `open_clip_config.json`
 (`model_cfg` + `preprocess_cfg`) and `open_clip_pytorch_model.bin`; `open_clip.create_model(
 "local-dir:DIR")` rebuilds it and gives the same embeddings (checked after writing). A pruned model
-(uneven heads per layer, models/inherit.py) also records its layer sizes under `clipdistill_pruned`;
+(uneven heads per layer, models/pruned.py) also records its layer sizes under `clipdistill_pruned`;
 plain open_clip cannot rebuild those, `openclip:DIR` can.
 
 `export_onnx` writes `image_encoder.onnx` (float images N x 3 x S x S -> raw embeddings N x d) and
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from clipdistill.errors import UserError, error_summary
 from clipdistill.models.base import ClipModel
+from clipdistill.models.factory import ModelSpec, parse_spec
 from clipdistill.models.openclip import CONFIG_FILE, PRUNED_KEY, OpenClipModel, quiet_open_clip
 from clipdistill.paths import atomic_path
 
@@ -52,9 +53,9 @@ def resolve_checkpoint(checkpoint: str, arch: str | None = None) -> str:
             raise UserError(f"'{checkpoint}' is a weights file; name its architecture with --arch (a student preset or open_clip model)")
         from clipdistill.models.students import STUDENTS
 
-        return f"student:{arch}@{path}" if arch in STUDENTS else f"openclip:{arch}@{path}"
-    if ":" in checkpoint:
-        return checkpoint
+        return str(ModelSpec("student" if arch in STUDENTS else "openclip", arch, checkpoint=str(path)))
+    if ":" in checkpoint:  # a spec, not a path
+        return str(parse_spec(checkpoint))
     raise UserError(f"checkpoint '{checkpoint}' not found; pass a file, a folder or a model spec such as 'student:vit-t-32'")
 
 
@@ -113,7 +114,7 @@ def _probe(model: ClipModel, batch: int = 3) -> tuple[Tensor, Tensor]:
 
 
 def _refuse_unexportable(model: ClipModel) -> None:
-    from clipdistill.models.inherit import MaskedClip
+    from clipdistill.models.pruning import MaskedClip
 
     if isinstance(model, MaskedClip):
         raise UserError("a masked (automatic-inheritance) model cannot be exported; export its prune() result")

@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from clipdistill.errors import UserError, did_you_mean, unknown_name
 from clipdistill.models.base import ClipModel, Features, ImageConfig
+from clipdistill.models.factory import PATH_STARTS, parse_spec
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "open_clip_config.json"
-PRUNED_KEY = "clipdistill_pruned"  # per-layer sizes of a pruned model (models/inherit.py)
+PRUNED_KEY = "clipdistill_pruned"  # per-layer sizes of a pruned model (models/pruned.py)
 # What loading a bad checkpoint file raises (torch.load, open_clip, load_state_dict).
 LOAD_ERRORS = (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError)
 
@@ -253,7 +254,7 @@ def _load_local_dir(path: str | Path) -> OpenClipModel:
         raise UserError(f"cannot read '{cfg_file}' ({err}); re-export the model") from err
     try:
         if PRUNED_KEY in info:
-            from clipdistill.models.inherit import build_pruned
+            from clipdistill.models.pruned import build_pruned
 
             model = build_pruned(model_cfg, info[PRUNED_KEY])
             ckpt = oc.factory._find_checkpoint_in_dir(path)
@@ -294,14 +295,11 @@ def _from_spec(rest: str) -> OpenClipModel:
         return OpenClipModel(model.eval(), tokenizer, name=rest, model_cfg=cfg)
     if Path(rest).expanduser().is_dir():
         return _load_local_dir(rest)
-    if rest.startswith(("/", "./", "../", "~")) and "@" not in rest:
+    spec = parse_spec(f"openclip:{rest}")
+    arch, ckpt, tag = spec.name, spec.checkpoint, spec.tag
+    if rest.startswith(PATH_STARTS) and ckpt is None:
         raise UserError(f"model folder '{rest}' not found; pass an existing folder written by `clipdistill export`, "
                         "or openclip:ARCH[/TAG] or openclip:ARCH@/path/ckpt.pt")
-    arch, ckpt, tag = rest, None, None
-    if "@" in rest:
-        arch, ckpt = rest.split("@", 1)
-    elif "/" in rest:
-        arch, tag = rest.split("/", 1)
     _check_arch(arch)
     kwargs: dict = {"pretrained_text": False, "pretrained_image": False}
     if ckpt is not None:

@@ -37,11 +37,12 @@ def load_trained_student(spec: str, text: str, weights: str, teacher: ClipModel 
     """A distilled student, ready to evaluate, from its preset spec, `student.text` setting and the
     `student.pt` a run wrote (at the run's `student.image_size`): `text="teacher"` pairs the image tower
     with `teacher`'s frozen text tower."""
+    from clipdistill.models.factory import parse_spec
     from clipdistill.models.students import build_student
 
     if text == "teacher" and teacher is None:
         raise UserError(f"student {spec} uses its teacher's text tower; pass the teacher to evaluate it")
-    spec = f"{spec.split('@')[0]}@{weights}"
+    spec = str(parse_spec(spec).with_checkpoint(weights))
     dim = teacher.embed_dim if teacher is not None else 0
     return build_student(spec, text, teacher, dim, image_size=image_size).eval()
 
