@@ -1,7 +1,7 @@
 """One live run per output folder (issue 23): an exclusive `flock` on `<output_dir>/.lock`, held for the
 run's lifetime, and the cleanup of what killed runs leave behind.
 
-The kernel drops a flock when its holder dies, however it dies, so a lock left by a killed run is
+The kernel drops a flock when its holders die, however they die, so a lock left by a killed run is
 never mistaken for a live one; the file keeps the holder's pid for the message. A finished run
 removes the file; a second run that opened it just before that re-checks that its locked file is
 still the one at the path.
@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from clipdistill.checks import check_output_dir
@@ -22,6 +23,10 @@ from clipdistill.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
+# A run killed by SIGKILL dies at once, but the processes it forked (DataLoader workers) share its lock
+# until they notice (torch's workers check their parent every 5 s): wait that long when the pid in the
+# lock file is gone.
+ORPHAN_WAIT_S = 15.0
 _TEMP = re.compile(r"^\..+\.tmp\d+$")  # paths.atomic_path: `.<name>.tmp<pid>`
 
 
@@ -45,6 +50,7 @@ class RunLock:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create output_dir '{self.dir}' ({err.strerror}); pass another folder") from None
+        deadline = time.monotonic() + ORPHAN_WAIT_S
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -53,6 +59,9 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
+                if not _holder_alive(self.path) and time.monotonic() < deadline:
+                    time.sleep(0.2)  # a killed run's forked workers still hold it; they exit on their own
+                    continue
                 self._cleanup_dir()
                 raise UserError(
                     f"output_dir '{self.dir}' is in use by another run ({_holder(self.path)}); wait for it to end, "
@@ -90,6 +99,21 @@ class RunLock:
                 self.dir.rmdir()  # only when empty
             except OSError:
                 pass
+
+
+def _holder_alive(path: Path) -> bool:
+    """Whether the pid recorded in the lock file is a live process (True when unknown)."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _holder(path: Path) -> str:
