@@ -51,6 +51,10 @@ RETENTION = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "a
              "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
 CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
 RESOLUTIONS = (128, 160)
+# The teacher's own image tower (TinyCLIP inheritance: every block and the head) at a lower resolution.
+INHERIT_RESOLUTIONS = (192,)
+PREFIX_KEYS = {"lite0": [("pretrained", r) for r in RESOLUTIONS] + [("random", 128)],
+               "lite2i": [("inherit", r) for r in INHERIT_RESOLUTIONS]}
 # Feature distillation alone (CLIP-KD FD, MSE between normalised embeddings, weight 2000), from the ridge
 # head. On Flickr8k dev (seed 0, 128 px) the CLIP task loss beside it lowered the retrieval mean below the
 # frozen-trunk floor (28.1 with freeze 5 against 33.0): with 6,000 captioned images it fits the training
@@ -66,6 +70,12 @@ class Student:
     freeze: int
     head_only: bool = False  # the floor: trunk frozen whole, the linear head fitted in closed form (epochs 0)
     epochs: float = 10.0
+    family: str = "lite0"  # lite0: EfficientNet-Lite0 preset; lite2i: the teacher's own Lite2 tower, inherited
+
+    @property
+    def tower(self) -> str:
+        """The image tower this row times (latency.json's key): family and resolution."""
+        return f"{self.family}-{self.image_size}"
 
 
 def grid(freeze: int) -> list[Student]:
@@ -74,6 +84,8 @@ def grid(freeze: int) -> list[Student]:
         Student("lite0-128", "pretrained", 128, freeze),
         Student("lite0-160", "pretrained", 160, freeze),
         Student("lite0-128-random", "random", 128, freeze),
+        Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
+        Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),
     ]
 
 
@@ -95,10 +107,14 @@ def teacher():
     return _TEACHER[0]
 
 
-def student_model(init: str, size: int, seed: int = 0):
+def student_model(init: str, size: int, seed: int = 0, family: str = "lite0"):
     from clipdistill.models.students import create_student
 
     torch.manual_seed(seed)
+    if family == "lite2i":
+        from clipdistill.models.composed_inherit import inherited_image_student
+
+        return inherited_image_student(teacher(), image_size=size)
     return create_student(ARCH, embed_dim=512, init=init, image_size=size)
 
 
@@ -106,22 +122,21 @@ def _dataset(name: str) -> str:
     return "flickr8k" if name == "dev" else name
 
 
-def collected(kind: str, name: str, split: str, every: int, captions: bool, flip: bool) -> dict:
+def collected(kind: str, name: str, split: str, every: int, captions: bool, flip: bool, family: str = "lite0") -> dict:
     """{prefix key: Activations} of one set (computed once, then loaded from runs/students/cache)."""
     from clipdistill.data.shards import dataset_info, iter_samples, subsample
     from clipdistill.models.freeze import split_image_tower
     from clipdistill.train.prefix import collect
 
-    path = WORK / "cache" / f"{kind}-{name}-{split}-{every}.pt"
+    path = WORK / "cache" / (f"{kind}-{name}-{split}-{every}" + ("" if family == "lite0" else f"-{family}") + ".pt")
     if path.exists():
         return torch.load(path, weights_only=False)
     t = teacher()
     prefixes = {}
-    for init in ("pretrained", "random"):
-        for size in RESOLUTIONS if init == "pretrained" else (128,):
-            model = student_model(init, size).eval()
-            prefix = split_image_tower(model, FREEZE_MIN)[0].eval().to(memory_format=torch.channels_last)
-            prefixes[(init, size)] = (prefix, model)
+    for init, size in PREFIX_KEYS[family]:
+        model = student_model(init, size, family=family).eval()
+        prefix = split_image_tower(model, FREEZE_MIN)[0].eval().to(memory_format=torch.channels_last)
+        prefixes[(init, size)] = (prefix, model)
     info = dataset_info(_dataset(name))
     samples = subsample(iter_samples(info.shards(split)), every)
     acts = collect(prefixes, t, samples, captions=captions, flip=flip, desc=f"{name}/{split}")
@@ -166,7 +181,9 @@ def deeper(acts, model, freeze: int):
 
     if freeze == FREEZE_MIN:
         return acts
-    blocks = torch.nn.Sequential(*model.model.visual.trunk.blocks[FREEZE_MIN:freeze]).eval()
+    from clipdistill.models.freeze import split_image_tower
+
+    blocks = split_image_tower(model, FREEZE_MIN)[1].blocks[: freeze - FREEZE_MIN].eval()
     with torch.no_grad():
         views = [torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)]) for v in acts.prefix]
     return Activations(torch.stack(views), acts.teacher_image, acts.text, acts.text_owner, acts.keys, acts.labels)
@@ -181,30 +198,41 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
     if out.exists():
         return json.loads(out.read_text())
     key = (st.init, st.image_size)
-    model = student_model(st.init, st.image_size, seed)
+    model = student_model(st.init, st.image_size, seed, st.family)
     freeze = min(st.freeze, 7)
     freeze_prefix(model, freeze)
     _, suffix = split_image_tower(model, freeze)
     if st.head_only:
         for m in (suffix.conv_head, suffix.bn2):
             freeze_module(m)
-    train_sets = {name: deeper(collected("train", name, split, every, caps, flip)[key], model, freeze)
+    train_sets = {name: deeper(collected("train", name, split, every, caps, flip, st.family)[key], model, freeze)
                   for name, (split, every, caps, flip) in TRAIN.items()}
     cfg = SuffixTrainConfig(losses=RECIPE, epochs=st.epochs, seed=seed)
-    t0 = time.time()
-    log = train_suffix(suffix, train_sets["flickr8k"], train_sets["cifar10"], cfg, teacher_scale=float(teacher().logit_scale()))
-    weights = WORK / "weights" / f"{tag}.pt"
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(suffix.state_dict(), weights)
+    dev_tag = f"{st.name}-f{st.freeze}-s{seed}-dev"
+    dev_cell, dev_weights = CELLS / "cells" / f"{dev_tag}.json", WORK / "weights" / f"{dev_tag}.pt"
+    if not dev_only and dev_cell.exists() and dev_weights.exists():
+        # the same student, seed and recipe already trained for the dev choice: evaluate those weights
+        suffix.load_state_dict(torch.load(dev_weights))
+        dev = json.loads(dev_cell.read_text())
+        log, minutes = {**dev["train"], "weights_of": dev_tag}, dev["train_minutes"]
+    else:
+        t0 = time.time()
+        log = train_suffix(suffix, train_sets["flickr8k"], train_sets["cifar10"], cfg,
+                           teacher_scale=float(teacher().logit_scale()))
+        minutes = round((time.time() - t0) / 60, 2)
+        weights = WORK / "weights" / f"{tag}.pt"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(suffix.state_dict(), weights)
     result = {"name": st.name, "student": asdict(st), "seed": seed, "recipe": RECIPE, "train": log,
-              "train_minutes": round((time.time() - t0) / 60, 2),
+              "train_minutes": minutes,
               "trained_on": {"pairs": "flickr8k:train", "unpaired_images": "cifar10:train (every 4th)",
                              "views": "centre crops; Flickr8k also mirrored"},
               "metrics": {}}
     for name, (split, every) in EVAL.items():
         if dev_only and name != "dev":
             continue
-        acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[key], model, freeze)
+        acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False, st.family)[key], model,
+                      freeze)
         result["metrics"][name] = metrics(name, embed(suffix, acts.prefix[0]), acts)
     _write(out, result)
     return result
@@ -260,9 +288,9 @@ def latency(threads: int = 2, rounds: int = 3) -> dict:
     t = teacher()
     t._ort_session, t.feature_cache = None, None  # time the tower itself, not the cache
     models = {"teacher": t}
-    for size in RESOLUTIONS:
-        image = student_model("random", size)
-        models[f"lite0-{size}"] = ImageOnlyStudent(image, CachedTextStandIn(512)).image
+    for tower, (family, size) in sorted({st.tower: (st.family, st.image_size) for st in grid(selected_freeze())}.items()):
+        image = student_model("random" if family == "lite0" else "inherit", size, family=family)
+        models[tower] = ImageOnlyStudent(image, CachedTextStandIn(512)).image
     times: dict[str, dict[str, list[float]]] = {k: {"torch": [], "onnx": []} for k in models}
     for _ in range(rounds):
         for name, model in models.items():

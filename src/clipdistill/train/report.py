@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from clipdistill.models.factory import parse_spec
 from clipdistill.paths import atomic_path
 
 log = logging.getLogger(__name__)
@@ -84,18 +85,26 @@ def openclip_state(student, state: dict) -> dict:
 def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) -> Path:
     """Write `student.pt` (open_clip weights of the student, from its full `state`) and `summary.json`."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    from clipdistill.models.composed_inherit import ComposedStudent, save_inherited
+
     weights = output_dir / "student.pt"
-    tmp = atomic_path(weights)
-    try:
-        torch.save(openclip_state(student, state), tmp)
-        os.replace(tmp, weights)
-    finally:
-        tmp.unlink(missing_ok=True)
+    inherited = getattr(student, "image", student)
+    if isinstance(inherited, ComposedStudent):  # the composed teacher's towers: every weight, reloadable whole
+        prefix = "image." if inherited is not student else ""
+        save_inherited(inherited, weights, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    else:
+        tmp = atomic_path(weights)
+        try:
+            torch.save(openclip_state(student, state), tmp)
+            os.replace(tmp, weights)
+        finally:
+            tmp.unlink(missing_ok=True)
     summary = {**summary, "student_weights": str(weights)}
-    if cfg.student.text == "own":
-        summary["student_reload_spec"] = f"{cfg.student.spec.split('@')[0]}@{weights}"
+    spec = parse_spec(cfg.student.spec)
+    if cfg.student.text == "own" or isinstance(inherited, ComposedStudent):
+        summary["student_reload_spec"] = str(spec.with_checkpoint(weights))
     else:  # the image tower of a preset built at the teacher's width; text comes from the teacher
-        summary["student_reload"] = f"create_student('{cfg.student.spec.removeprefix('student:').split('@')[0]}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
+        summary["student_reload"] = f"create_student('{spec.name}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
     _atomic_json(output_dir / "summary.json", summary)
     _atomic_json(output_dir / "config.json", cfg.to_dict())
     return weights
