@@ -7,10 +7,11 @@ import pytest
 import torch
 from fake_clip import class_index, lookup_model, one_hot
 
+from clipdistill.data.filter import parse_data_filter, split_classes
 from clipdistill.data.shards import dataset_info, iter_samples
 from clipdistill.errors import UserError
 from clipdistill.eval import runner
-from clipdistill.eval.base2novel import base2novel_metrics, harmonic_mean, parse_data_filter, split_classes
+from clipdistill.eval.base2novel import base2novel_metrics, harmonic_mean
 
 CLASSES = ("cat", "dog", "bird", "frog")  # base: cat, dog; novel: bird, frog
 # Per class: how many of its 10 images are right. A wrong image points at the other class of its own

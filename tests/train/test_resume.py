@@ -19,6 +19,7 @@ from tiny_models import base_config
 
 from clipdistill.train.config import config_from_dict
 from clipdistill.train.engine import train
+from clipdistill.train.lock import LOCK
 
 
 def _env() -> dict:
@@ -89,6 +90,22 @@ def _same_weights(a: Path, b: Path) -> None:
     assert not diff, f"weights differ after resume: {diff}"
 
 
+def _listing(folder: Path) -> list[str]:
+    """The files under `folder`; TensorBoard's event files (one per session, named by time, host and
+    pid) as one pattern."""
+    names = {str(p.relative_to(folder)) for p in folder.rglob("*")}
+    return sorted({n.split("events.out.tfevents.")[0] + "events.out.tfevents.*" if "events.out.tfevents." in n else n
+                   for n in names})
+
+
+def _assert_clean_after_resume(run: Path, ref: Path) -> None:
+    """Issue 23: no temporary file (`.NAME.tmpPID`) and no run lock survives the kill and the resume: the
+    resumed run's output directory, checkpoints/ included, lists exactly the uninterrupted run's files."""
+    leftovers = [str(p) for p in run.rglob("*") if ".tmp" in p.name or p.name == LOCK]
+    assert not leftovers, f"left behind in {run}: {leftovers}"
+    assert _listing(run) == _listing(ref), f"{run} lists {_listing(run)}, the uninterrupted run {_listing(ref)}"
+
+
 def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
     rng = random.Random(11)
     changes = {"steps": 16, "checkpoint_every": 3, "data.workers": 2, "optim.accum_steps": 2}
@@ -100,3 +117,4 @@ def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 16 and summary["steps_this_session"] == 16 - killed_at
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
+    _assert_clean_after_resume(tmp_path / "run", tmp_path / "ref")

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from test_resume import _command, _run_and_kill, _same_weights
+from test_resume import _assert_clean_after_resume, _command, _run_and_kill, _same_weights
 from tiny_models import base_config
 
 from clipdistill.train.config import config_from_dict
@@ -50,3 +50,4 @@ def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     assert summary["world"] == 2 and summary["steps_this_session"] == 12 - killed_at
     assert "text_retrieval_recall@1" in summary["eval"]["caps:train"]
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
+    _assert_clean_after_resume(tmp_path / "run", tmp_path / "ref")

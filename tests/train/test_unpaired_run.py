@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from test_resume import _command, _run_and_kill, _same_weights
+from test_resume import _assert_clean_after_resume, _command, _run_and_kill, _same_weights
 from tiny_models import base_config
 
 from clipdistill.data.loader import resolve_shards
@@ -141,6 +141,7 @@ def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 12 and summary["unpaired_samples"] == 12 * 4
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")
+    _assert_clean_after_resume(tmp_path / "run", tmp_path / "ref")
 
 
 def test_caches_of_two_teachers_are_refused(tiny, mixed_root, tmp_path):

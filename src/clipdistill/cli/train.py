@@ -131,9 +131,11 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         head = build_dclip_extras(teacher, shards, args.out, overwrite=args.overwrite)
         print(f"DCLIP meta-teacher head {head}; enriched embeddings stored in {args.out}")
     skipped = sum(sum(s["skipped"].values()) for s in info.shards)
+    unreadable = [note for s in info.shards for note in s.get("unreadable", [])]
     print(
         f"teacher cache {args.out}: {info.samples} samples x {info.augmentations} views, {len(info.shards)} shards, "
         f"embedding width {info.embed_dim}, skipped {skipped}, fingerprint {info.fingerprint}"
+        + "".join(f"; {note}" for note in unreadable)
     )
     return 0
 

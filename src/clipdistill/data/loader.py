@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipdistill.data.augment import AugmentPolicy, replay, sample_params, stable_seed
-from clipdistill.data.shards import IMAGE_EXTS, Sample, SkipCounter, dataset_info, decode_image
+from clipdistill.data.shards import IMAGE_EXTS, Sample, SkipCounter, dataset_info, decode_image, shard_name
 from clipdistill.errors import UserError
 from clipdistill.models.base import ImageConfig
 
@@ -69,12 +69,6 @@ def resolve_shards(spec: str, data_root: str | Path | None = None) -> tuple[list
 def _shard_sort_key(p: Path) -> tuple:
     stem = p.name.split(".", 1)[0]
     return (str(p.parent), int(stem) if stem.isdigit() else 0, p.name)
-
-
-def shard_name(path: str | Path) -> str:
-    """A shard's identity independent of where the data root lives: `dataset/split/file`."""
-    p = Path(str(path).removeprefix("file:"))
-    return "/".join(p.parts[-3:])
 
 
 def shard_identity(paths: list[Path]) -> list[dict]:

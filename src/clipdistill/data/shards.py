@@ -26,6 +26,7 @@ from clipdistill.paths import data_root
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LOST_IN_SHARD = "lost in unreadable shard"  # the SkipCounter reason of samples a shard read error lost
 
 
 @dataclass
@@ -41,12 +42,18 @@ class Sample:
 
 @dataclass
 class SkipCounter:
-    """Samples skipped while reading, by reason (e.g. 'undecodable image', 'no caption')."""
+    """Samples skipped while reading, by reason (e.g. 'undecodable image', 'no caption').
+
+    `unreadable` holds one line per shard that could not be read to its end ("shard ... unreadable
+    after sample K ..."): its lost samples are counted under LOST_IN_SHARD where they can be known.
+    """
 
     reasons: dict[str, int] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
 
-    def add(self, reason: str) -> None:
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+    def add(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
 
     @property
     def total(self) -> int:
@@ -131,6 +138,12 @@ def _lines(path: Path) -> list[str]:
     return lines
 
 
+def shard_name(path: str | Path) -> str:
+    """A shard's identity independent of where the data root lives: `dataset/split/file`."""
+    p = Path(str(path).removeprefix("file:"))
+    return "/".join(p.parts[-3:])
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to RGB, forcing a full decode so truncated files fail here."""
     with Image.open(io.BytesIO(data)) as img:
@@ -139,21 +152,115 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def _raw_samples(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[dict]:
-    def on_error(exn: Exception) -> bool:
-        skipped.add("unreadable shard data")
-        log.warning("skipping unreadable shard data: %s", exn)
-        return True
+    yield from read_records(shards, skipped)
 
-    urls = [str(p) for p in shards]
-    # Read exactly the shards given: callers split shards across ranks and workers themselves, and
-    # evaluation on rank 0 of a DDP run must see the whole split.
-    yield from wds.WebDataset(
-        urls, shardshuffle=False, handler=on_error, empty_check=False, nodesplitter=_all, workersplitter=_all
-    )
+
+def read_records(shards: Iterable[Path], skipped: SkipCounter, *, warn: bool = True) -> Iterator[dict]:
+    """Undecoded webdataset records of `shards` in stored order, one shard after the other.
+
+    A shard that cannot be read to its end (truncated, corrupt, empty file) is counted in samples, not
+    error events: the samples it lost are added to `skipped` under LOST_IN_SHARD, from the shard's
+    index (`shard_size`) when there is one, else from the tar headers that could be read, and one line
+    "shard NAME unreadable after sample K ..." is added to `skipped.unreadable` (and logged once).
+    """
+    for path in shards:
+        errors: list[Exception] = []
+
+        def on_error(exn: Exception, errors=errors) -> bool:
+            errors.append(exn)
+            return True
+
+        # Read exactly the shards given: callers split shards across ranks and workers themselves, and
+        # evaluation on rank 0 of a DDP run must see the whole split.
+        read: set[str] = set()
+        n = 0
+        for raw in wds.WebDataset(
+            [str(path)], shardshuffle=False, handler=on_error, empty_check=False, nodesplitter=_all,
+            workersplitter=_all,
+        ):
+            read.add(raw.get("__key__", ""))
+            n += 1
+            yield raw
+        if not errors and not _ends_cleanly(Path(path)):
+            # Python's tarfile takes a header cut short for the end of the archive: no error is raised
+            errors.append(EOFError("the tar ends without its end-of-archive blocks (truncated)"))
+        if errors:
+            note = _lost_in_shard(Path(path), n, read, skipped)
+            if warn:
+                log.warning("%s (%s)", note, _one_line(errors[0]))
+
+
+def _ends_cleanly(path: Path) -> bool:
+    """Whether a plain `.tar` shard ends with the two zero blocks every tar writer puts after the last
+    member (a gzip shard's truncation is an error of its own)."""
+    if not path.name.endswith(".tar"):
+        return True
+    try:
+        size = path.stat().st_size
+        if size % 512:
+            return False
+        with path.open("rb") as f:
+            f.seek(max(0, size - 1024))
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return True  # the reader reports an unreadable file
+
+
+def _lost_in_shard(path: Path, n: int, read: set[str], skipped: SkipCounter) -> str:
+    """Count what an unreadable shard lost (see `read_records`) and return its one-line note."""
+    note = f"shard {shard_name(path)} unreadable after sample {n}"
+    total = shard_size(path)
+    if total is not None and total >= n:
+        skipped.add(LOST_IN_SHARD, total - n)
+        note += f": {total - n} of its {total} samples lost"
+    else:
+        seen = _keys_in_headers(path) - read
+        skipped.add(LOST_IN_SHARD, len(seen))
+        note += (f": {len(seen)} more sample(s) named in its readable tar headers lost, " if seen else ": ")
+        note += "the rest of the shard is unknown (no shard index gives its sample count)"
+    skipped.unreadable.append(note)
+    return note
+
+
+def _one_line(exn: Exception) -> str:
+    return " ".join(str(exn.args[0] if exn.args else exn).split())[:200]
+
+
+def _keys_in_headers(path: Path) -> set[str]:
+    """Sample keys named by the tar headers of `path` that can be read (a truncated shard's prefix)."""
+    import tarfile
+
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                base, _, ext = member.name.rpartition("/")[2].partition(".")
+                if member.isreg() and ext and not base.startswith("__"):
+                    keys.add(member.name[: len(member.name) - len(ext) - 1])
+    except Exception:  # noqa: BLE001 - a broken shard raises many types; what was read is the answer
+        pass
+    return keys
 
 
 def _all(urls):
     return urls
+
+
+def shard_size(path: Path) -> int | None:
+    """A shard's sample count from an index, or None: the split folder's `sizes.json` (open_clip's
+    `{"0.tar": 16}`), or the data root's MANIFEST.json for a one-shard split."""
+    import json
+
+    try:
+        sizes = json.loads((path.parent / "sizes.json").read_text())
+        return int(sizes[path.name])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        entry = json.loads((path.parent.parent.parent / "MANIFEST.json").read_text())[path.parent.parent.name][path.parent.name]
+        return int(entry["num_samples"]) if int(entry["num_shards"]) == 1 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def iter_samples(

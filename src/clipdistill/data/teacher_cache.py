@@ -40,8 +40,8 @@ import torch
 from tqdm import tqdm
 
 from clipdistill.data.augment import AUG_WIDTH, AugmentPolicy, replay_many, sample_params, stable_seed
-from clipdistill.data.loader import decode_record, read_raw, shard_identity, shard_name
-from clipdistill.data.shards import SkipCounter
+from clipdistill.data.loader import decode_record, shard_identity, shard_name
+from clipdistill.data.shards import SkipCounter, read_records
 from clipdistill.errors import UserError
 from clipdistill.models.base import ClipModel
 from clipdistill.paths import atomic_path
@@ -315,7 +315,8 @@ def build_cache(
             meta = _build_shard(teacher, path, folder, shard_fp, augmentations, policy, seed, pooled, text, batch_size, dtype)
         else:
             log.info("teacher cache: shard %s already done", ident["name"])
-        entries.append({**ident, "dir": folder.name, **{k: meta[k] for k in ("samples", "texts", "skipped", "augmentations")}})
+        entries.append({**ident, "dir": folder.name, **{k: meta[k] for k in ("samples", "texts", "skipped", "augmentations")},
+                        **({"unreadable": meta["unreadable"]} if meta.get("unreadable") else {})})
         pooled_dim = meta.get("pooled_dim") or pooled_dim
     info = {
         "format": FORMAT,
@@ -367,7 +368,7 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
         centre.clear()
 
     bar = tqdm(desc=f"teacher cache {name}", unit="img", leave=False)
-    for raw in read_raw([path], skipped):
+    for raw in read_records([path], skipped):
         sample = decode_record(raw, skipped, text=text)
         if sample is None:
             continue
@@ -394,7 +395,7 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
     np.save(tmp / "aug.npy", np.stack(augs) if n else np.zeros((0, k, AUG_WIDTH), np.float32))
     np.save(tmp / "image.npy", image.astype(dtype))
     meta = {"name": name, "fingerprint": shard_fp, "samples": n, "texts": len(captions), "augmentations": k,
-            "skipped": dict(skipped.reasons), "pooled_dim": None}
+            "skipped": dict(skipped.reasons), "unreadable": list(skipped.unreadable), "pooled_dim": None}
     if pooled:
         pooled_arr = np.concatenate(pooled_out).reshape(n, k, -1) if n else np.zeros((0, k, 0), np.float32)
         np.save(tmp / "pooled.npy", pooled_arr.astype(dtype))

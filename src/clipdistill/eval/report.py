@@ -109,7 +109,8 @@ def format_record(record: dict) -> str:
     every = int(extra.get("every") or 1)
     caption = (f"{row_label(record)} on {record['dataset']}:{extra.get('split', 'test')} ({record.get('task')}): "
                f"{extra.get('samples', '?')} samples{f' (1 in {every})' if every > 1 else ''}, "
-               f"{extra.get('skipped', 0)} skipped, {extra.get('seconds', 0):.1f} s")
+               f"{extra.get('skipped', 0)} skipped, {extra.get('seconds', 0):.1f} s"
+               + "".join(f"; {note}" for note in extra.get("unreadable", [])))
     task = str(record.get("task", ""))
     rows = [[metric_label(m, task), percent(v)] for m, v in record["metrics"].items() if isinstance(v, (int, float))]
     return caption + "\n\n" + _table(["metric", "%"], rows)

@@ -301,6 +301,7 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
             "samples": n,
             "skipped": skipped.total,
             "skipped_reasons": dict(skipped.reasons),
+            **({"unreadable": list(skipped.unreadable)} if skipped.unreadable else {}),
             "version": __version__,
             **extra,
         },

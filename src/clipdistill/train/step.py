@@ -126,7 +126,14 @@ def distiller_args(
         )
     if texts is not None:
         pair_t = (Outputs(image=None, text=s["t_text"], scale=s["scale"]), texts[0])
+    # The step's loss inputs, detached (no copy: the same storage), for `nonfinite_grads` to re-run the
+    # step's loss term by term on the same batch; the next step's call replaces them.
+    _last_step.update(s={k: v.detach() for k, v in s.items()}, teacher=teacher, own_text=own_text,
+                      unpaired=unpaired, texts=texts)
     return student, teacher, pair_u, pair_t
+
+
+_last_step: dict = {}
 
 
 def last_good(out: Path, step: int | None) -> str:
@@ -154,13 +161,55 @@ def check_finite(loss: torch.Tensor, logs: dict, step: int, advice: Callable[[],
 
 
 def nonfinite_grads(student: nn.Module, distiller: nn.Module) -> str:
-    """Which loss term's (or the student's) parameters hold non-finite gradients, for the message."""
+    """Which loss term's (or the student's) parameters hold non-finite gradients, for the message.
+
+    When no term's own parameters do, the step's loss is re-run term by term on the same batch (the
+    inputs `distiller_args` last saw) and the terms whose gradient with respect to the student's
+    outputs is non-finite are named.
+    """
     names = [(f"student.{n}", p) for n, p in student.named_parameters()]
     names += [(f"distiller.{n}", p) for n, p in distiller.named_parameters()]
     bad = [n for n, p in names if p.grad is not None and not torch.isfinite(p.grad).all()]
     terms = sorted({n.split(".")[2] for n in bad if n.startswith("distiller.terms.")})
     if terms:
         return f"in the parameters of term {', '.join(repr(t) for t in terms)}"
+    terms = _terms_with_nonfinite_grads(distiller)
+    if terms:
+        where = f" (first in {bad[0]})" if bad else ""
+        return (f"from term {', '.join(repr(t) for t in terms)}{where}: the step re-run term by term on the same "
+                "batch gives that term a non-finite gradient")
     if bad:
         return f"in {bad[0]} ({len(bad)} parameter tensor(s) in all)"
     return "in no single parameter (the norm itself overflowed)"
+
+
+def _terms_with_nonfinite_grads(distiller: nn.Module) -> list[str]:
+    """The weighted terms whose loss on the last step's batch has a non-finite gradient with respect to
+    the student's outputs (each term alone: the other weights set to 0 for the re-run)."""
+    weights = getattr(distiller, "weights", None)
+    if not _last_step or not isinstance(weights, dict):
+        return []
+    step = _last_step
+    leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in step["s"].items()}
+    args = distiller_args(leaves, step["teacher"], own_text=step["own_text"], unpaired=step["unpaired"],
+                          texts=step["texts"])
+    inputs = [v for v in leaves.values() if v.requires_grad]
+    found = []
+    saved = dict(weights)
+    try:
+        for name, weight in saved.items():
+            if weight <= 0:
+                continue
+            weights.update({k: (w if k == name else 0.0) for k, w in saved.items()})
+            try:
+                with torch.enable_grad():
+                    loss, _ = distiller(*args)
+                    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            except Exception:  # noqa: BLE001 - a diagnosis only: the message falls back to the parameters
+                continue
+            if not torch.isfinite(loss) or any(g is not None and not torch.isfinite(g).all() for g in grads):
+                found.append(name)
+    finally:
+        weights.update(saved)
+        _last_step.clear()
+    return found
