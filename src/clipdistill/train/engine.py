@@ -38,7 +38,7 @@ import logging
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ import torch
 from clipdistill.data.augment import stable_seed
 from clipdistill.data.loader import worker_error_message
 from clipdistill.errors import UserError
+from clipdistill.models.pruning import L0Config, mask_student, masked_part, prune_student
 from clipdistill.train import build, setup
 from clipdistill.train.accumulate import cached_backward
 from clipdistill.train.checkpoint import has_checkpoint, load_checkpoint
@@ -63,7 +64,7 @@ from clipdistill.train.distributed import (
     wrap,
 )
 from clipdistill.train.lock import RunLock, remove_stale_temp_files
-from clipdistill.train.optim import make_optimizer, make_scheduler, param_groups
+from clipdistill.train.optim import L0_GROUPS, make_optimizer, make_scheduler, param_groups
 from clipdistill.train.report import RunLogger, write_summary
 from clipdistill.train.resume import restore_run, save_run
 from clipdistill.train.signals import Terminated, sigterm_raises
@@ -139,6 +140,9 @@ class Run:
         check_streams(self.streams, cfg, info.world)
         self._build_optimiser()
         self.total_steps, self.dataset_size = plan_steps(self.paired, cfg)
+        if self.masked is not None:  # the sparsity ramp: student.sparsity_warmup steps, by default half the run
+            warmup = cfg.student.sparsity_warmup
+            self.masked.cfg.warmup_steps = self.total_steps // 2 if warmup is None else warmup
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.optim)
         self.step = 0
         self.last_logs: dict = {}
@@ -189,7 +193,11 @@ class Run:
         teacher_dim = setup.teacher_width(cache, self.teacher)
         self.student = build.build_student(
             cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0, **cfg.student.build_kwargs()
-        ).to(dev)
+        )
+        if cfg.student.sparsity is not None:  # automatic inheritance: L0 masks over the inherited student
+            self.student = mask_student(self.student, L0Config(target_sparsity=cfg.student.sparsity))
+        self.student = self.student.to(dev)
+        self.masked = masked_part(self.student)
         self.own_text = cfg.student.text == "own"
         self.distiller = setup.build_distiller(
             cfg, self.student, self.teacher, cache, self.mode, teacher_dim, dev
@@ -225,7 +233,7 @@ class Run:
     def _build_optimiser(self) -> None:
         groups = param_groups(self.student, self.distiller, self.cfg.optim)
         self.optimizer = make_optimizer(groups, self.cfg.optim)
-        self.params = [p for g in groups for p in g["params"]]
+        self.params = [p for g in groups if g["name"] not in L0_GROUPS for p in g["params"]]  # clipped
         # Gradients synchronised by hand (identical on every rank; averaged to keep them bit-identical).
         self.replicated = [p for p in self.distiller.parameters() if p.requires_grad]
         if self.fsdp:
@@ -277,17 +285,23 @@ class Run:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
-        _, logs, full = cached_backward(
-            forward,
-            len(micro),
-            lambda s: self.distiller(*args(s)),
-            batch_grad_scale=float(self.info.world),
-            no_sync=no_sync_context(self.wrapped),
-            device=self.device,
-            check=lambda loss, logs: check_finite(loss, logs, self.step, self._last_good),
-        )
+        with self._mask_rng():
+            _, logs, full = cached_backward(
+                forward,
+                len(micro),
+                lambda s: self.distiller(*args(s)),
+                batch_grad_scale=float(self.info.world),
+                no_sync=no_sync_context(self.wrapped),
+                device=self.device,
+                check=lambda loss, logs: check_finite(loss, logs, self.step, self._last_good),
+            )
         all_reduce_mean_([p.grad for p in self.replicated if p.grad is not None])
         out = {k: float(v) for k, v in logs.items() if v.numel() == 1}
+        if self.masked is not None:  # automatic inheritance: the Lagrangian on the expected sparsity
+            penalty, l0_logs = self.masked.penalty(self.step)
+            penalty.backward()  # the same on every rank: no synchronisation needed
+            out["loss"] = out.get("loss", 0.0) + float(penalty.detach())
+            out.update({k: float(v) for k, v in l0_logs.items()})
         if self.cfg.optim.grad_clip is not None:
             norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
             if not torch.isfinite(norm):
@@ -298,9 +312,23 @@ class Run:
                 )
             out["grad_norm"] = float(norm)
         self.optimizer.step()
+        if self.masked is not None:
+            self.masked.constrain_()
         self.scheduler.step()
         self.distiller.update(*args(full))  # `full`: the (detached) full-batch outputs the loss saw
         return out
+
+    @contextmanager
+    def _mask_rng(self):
+        """Automatic inheritance samples its L0 masks from torch's RNG: seeded per (seed, step, rank) for the
+        step (the caller's RNG untouched), so a resumed run draws the masks the uninterrupted one drew."""
+        if self.masked is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stable_seed(self.cfg.seed, "l0", self.step, self.info.rank))
+            yield
 
     def _last_good(self) -> str:
         return last_good(self.out, getattr(self, "last_checkpoint_step", None))
@@ -378,7 +406,7 @@ class Run:
             "unpaired_skipped": dict(unpaired.state.skipped.reasons) if unpaired is not None else None,
             "teacher_mode": self.mode,
             "student_spec": cfg.student.spec,
-            "student_init": cfg.student.build_kwargs(),
+            "student_init": self._student_init(),
             "trained_on": {
                 "pairs": list(cfg.data.train),
                 "unpaired_images": list(cfg.data.unpaired),
@@ -387,9 +415,39 @@ class Run:
             "eval": self.last_eval,
             "world": self.info.world,
         }
+        student = self.student
+        if self.masked is not None:  # automatic inheritance: the run ships the pruned dense student
+            student, final_state, summary["sparsity"] = self._pruned()
         if self.info.is_main:
-            summary["student_weights"] = str(write_summary(self.out, summary, self.student, final_state, cfg))
+            summary["student_weights"] = str(write_summary(self.out, summary, student, final_state, cfg))
         return summary
+
+    def _student_init(self) -> dict:
+        """How the student started; with automatic inheritance, its sparsity target and ramp too."""
+        init = self.cfg.student.build_kwargs()
+        if self.masked is not None:
+            init.update(sparsity=self.cfg.student.sparsity, sparsity_warmup=self.masked.cfg.warmup_steps)
+        return init
+
+    def _pruned(self) -> tuple:
+        """(the pruned student, its full state, the sparsity record: target, final expected sparsity and
+        parameter counts per tower before and after pruning)."""
+        from clipdistill.models.pruning import tower_params
+
+        masked = self.masked
+        with torch.no_grad():
+            expected = {tower: round(float(v), 6) for tower, v in masked.expected_sparsity().items()}
+        pruned = prune_student(self.student)
+        inner = pruned if masked is self.student else pruned.image
+        record = {
+            "target": self.cfg.student.sparsity,
+            "warmup_steps": masked.cfg.warmup_steps,
+            "expected": expected,
+            "params_before": tower_params(masked.base.model),
+            "params_after": tower_params(inner.model),
+            "towers": list(masked.cfg.towers),
+        }
+        return pruned, pruned.state_dict(), record
 
     def _finished_summary(self) -> dict:
         """The summary of a run that had already reached its last step (left as it is on disk)."""

@@ -17,16 +17,26 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+L0_GROUPS = ("l0_masks", "l0_lambdas")  # automatic inheritance: constant lr, no weight decay, no clipping
+
+
 def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups: "student", "student_no_decay" and the Distiller's groups, with cfg.groups overrides."""
+    """AdamW groups: "student", "student_no_decay", the Distiller's groups and, for a masked student
+    (automatic inheritance, student.sparsity), "l0_masks" and "l0_lambdas"; with cfg.groups overrides."""
+    from clipdistill.models.pruning import masked_part
+
+    masked = masked_part(student)
+    l0 = masked.param_groups() if masked is not None else []
+    skip = {id(p) for g in l0 for p in g["params"]}
     decay, no_decay = [], []
     for name, p in student.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (no_decay if _no_decay(name, p) else decay).append(p)
     groups = [
         {"name": "student", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"name": "student_no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
         *distiller.param_groups(cfg.lr, cfg.weight_decay),
+        *l0,
     ]
     groups = [g for g in groups if g["params"]]
     known = [g["name"] for g in groups]
@@ -59,10 +69,17 @@ def make_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.AdamW:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, o: OptimConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup + cosine (or constant) over `total_steps` optimiser steps (`lr_factor`)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
-    )
+    """Warmup + cosine (or constant) over `total_steps` optimiser steps (`lr_factor`); the L0 masks and
+    lambdas of automatic inheritance keep their lr (TinyCLIP's constant mask and Lagrangian rates)."""
+
+    def schedule(s: int) -> float:
+        return lr_factor(s, total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+
+    def constant(s: int) -> float:
+        return 1.0
+
+    lambdas = [constant if g.get("name") in L0_GROUPS else schedule for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def apply_changed_optim(

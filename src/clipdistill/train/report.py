@@ -82,6 +82,23 @@ def openclip_state(student, state: dict) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+PRUNED_DIR = "student_pruned"
+
+
+def pruned_folder(output_dir: Path, student) -> Path | None:
+    """For a pruned student (automatic inheritance), write its open_clip model as a folder `openclip:DIR`
+    rebuilds (the pruned per-layer sizes in its config, models/pruned.py) and return it; else None."""
+    from clipdistill.models.export import export_openclip
+    from clipdistill.models.openclip import PRUNED_KEY
+
+    model = getattr(student, "image", student)
+    if not getattr(getattr(model, "model", None), PRUNED_KEY, None):
+        return None
+    folder = output_dir / PRUNED_DIR
+    export_openclip(model, folder, verify=True)
+    return folder
+
+
 def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) -> Path:
     """Write `student.pt` (open_clip weights of the student, from its full `state`) and `summary.json`."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +118,14 @@ def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) ->
             tmp.unlink(missing_ok=True)
     summary = {**summary, "student_weights": str(weights)}
     spec = parse_spec(cfg.student.spec)
-    if cfg.student.text == "own" or isinstance(inherited, ComposedStudent):
+    pruned = pruned_folder(output_dir, student)
+    if pruned is not None:  # automatic inheritance: the pruned architecture, rebuilt from its folder
+        reload = f"openclip:{pruned}"
+        if cfg.student.text == "own":
+            summary["student_reload_spec"] = reload
+        else:
+            summary["student_reload"] = f"{reload} (its image tower) + the teacher's text tower"
+    elif cfg.student.text == "own" or isinstance(inherited, ComposedStudent):
         summary["student_reload_spec"] = str(spec.with_checkpoint(weights))
     else:  # the image tower of a preset built at the teacher's width; text comes from the teacher
         summary["student_reload"] = f"create_student('{spec.name}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
