@@ -134,22 +134,58 @@ def worker(args: argparse.Namespace) -> None:
     edges = set((result.pairs.i * args.n + result.pairs.j).tolist())
     found_edge = np.array([(a * args.n + b) in edges for a, b in zip(pi, pj)])
     same = result.labels[pi] == result.labels[pj]
-    np.savez(Path(args.workdir) / f"result_{args.index}_{args.n}.npz", i=result.pairs.i, j=result.pairs.j,
-             d=result.pairs.d, keep=result.keep)
+    np.savez(
+        Path(args.workdir) / f"result_{args.index}_{args.n}.npz",
+        i=result.pairs.i,
+        j=result.pairs.j,
+        d=result.pairs.d,
+        keep=result.keep,
+    )
     search = result.stats["search"]
-    print(json.dumps({
-        "seconds": round(seconds, 2), "recall": float(same.mean()), "edge_recall": float(found_edge.mean()),
-        "peak_mb": round(peak_mb, 1), "peak_anon_mb": round(sampler.peak_mb, 1),
-        "planted_pairs": len(pi), "pairs_found": len(result.pairs), "kept_fraction": result.stats["kept_fraction"],
-        "index": search["index"], "nprobe": search.get("nprobe"), "nlist": search.get("nlist"), "pca": search["pca"],
-        "sample_recall": search.get("sample_recall"), "stage_seconds": result.stats["seconds"],
-        "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": round(seconds, 2),
+                "recall": float(same.mean()),
+                "edge_recall": float(found_edge.mean()),
+                "peak_mb": round(peak_mb, 1),
+                "peak_anon_mb": round(sampler.peak_mb, 1),
+                "planted_pairs": len(pi),
+                "pairs_found": len(result.pairs),
+                "kept_fraction": result.stats["kept_fraction"],
+                "index": search["index"],
+                "nprobe": search.get("nprobe"),
+                "nlist": search.get("nlist"),
+                "pca": search["pca"],
+                "sample_recall": search.get("sample_recall"),
+                "stage_seconds": result.stats["seconds"],
+                "load_average_before": round(load, 2),
+                "load_average_after": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 def _run_worker(args: argparse.Namespace, n: int, index: str, emb: Path, groups: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--n", str(n), "--index", index, "--emb", str(emb), "--groups",
-           str(groups), "--workdir", str(args.workdir), "--beta", str(args.beta), "--k", str(args.k)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--n",
+        str(n),
+        "--index",
+        index,
+        "--emb",
+        str(emb),
+        "--groups",
+        str(groups),
+        "--workdir",
+        str(args.workdir),
+        "--beta",
+        str(args.beta),
+        "--k",
+        str(args.k),
+    ]
     print(f"running N={n} index={index} ...", flush=True)
     # Passive OpenMP waiting: on a shared, oversubscribed CPU spinning threads cost 2-3x (measured).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -166,10 +202,13 @@ def agreement(workdir: Path, n: int) -> dict:
     a, e = (np.load(workdir / f"result_{kind}_{n}.npz") for kind in ("ivf", "flat"))
     pa, pe = set((a["i"] * n + a["j"]).tolist()), set((e["i"] * n + e["j"]).tolist())
     return {
-        "exact_pairs": len(pe), "approx_pairs": len(pa), "pairs_recall_vs_exact": len(pa & pe) / max(1, len(pe)),
+        "exact_pairs": len(pe),
+        "approx_pairs": len(pa),
+        "pairs_recall_vs_exact": len(pa & pe) / max(1, len(pe)),
         "pairs_precision_vs_exact": len(pa & pe) / max(1, len(pa)),
         "keep_decisions_identical": float(np.mean(a["keep"] == e["keep"])),
-        "kept_fraction_exact": float(e["keep"].mean()), "kept_fraction_approx": float(a["keep"].mean()),
+        "kept_fraction_exact": float(e["keep"].mean()),
+        "kept_fraction_approx": float(a["keep"].mean()),
     }
 
 
@@ -201,7 +240,9 @@ def main() -> None:
         if str(n) not in results:
             results[str(n)] = _run_worker(args, n, "ivf", emb, groups)
         exact = _run_worker(args, n, "flat", emb, groups)
-        results[str(n)]["exact"] = {k: exact[k] for k in ("seconds", "recall", "peak_mb", "pairs_found", "kept_fraction")}
+        results[str(n)]["exact"] = {
+            k: exact[k] for k in ("seconds", "recall", "peak_mb", "pairs_found", "kept_fraction")
+        }
         results[str(n)]["agreement_with_exact"] = agreement(args.workdir, n)
     base = results[str(sizes[0])]["seconds"]
     for n in sizes:

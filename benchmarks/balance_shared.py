@@ -45,8 +45,11 @@ def main() -> None:
         keys += [f"{name}/{s.key}" for s in samples]
     emb = np.concatenate(parts)
     rows = {}
-    for source, sel in [("flickr8k+cifar10", slice(None)), ("flickr8k", slice(0, len(parts[0]))),
-                        ("cifar10", slice(len(parts[0]), None))]:
+    for source, sel in [
+        ("flickr8k+cifar10", slice(None)),
+        ("flickr8k", slice(0, len(parts[0]))),
+        ("cifar10", slice(len(parts[0]), None)),
+    ]:
         e = Embeddings(array=np.ascontiguousarray(emb[sel]), keys=keys[sel])
         result = balance(e, BalanceConfig(sweep=tuple(BETAS), plots=False))
         rows[source] = {"n": len(e), "sweep": result.stats["sweep"]}
@@ -55,10 +58,14 @@ def main() -> None:
     tmp = RESULTS / ".balance_shared.json.tmp"
     tmp.write_text(json.dumps(out, indent=2))
     os.replace(tmp, RESULTS / "balance_shared.json")
-    lines = ["| beta | " + " | ".join(f"{k} (n={v['n']})" for k, v in rows.items()) + " |",
-             "|---|" + "---|" * len(rows)]
+    lines = [
+        "| beta | " + " | ".join(f"{k} (n={v['n']})" for k, v in rows.items()) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     for i, beta in enumerate(BETAS):
-        lines.append(f"| {beta} | " + " | ".join(f"{v['sweep'][i]['kept_fraction']:.3f}" for v in rows.values()) + " |")
+        lines.append(
+            f"| {beta} | " + " | ".join(f"{v['sweep'][i]['kept_fraction']:.3f}" for v in rows.values()) + " |"
+        )
     (RESULTS / "balance_shared.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

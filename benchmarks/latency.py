@@ -28,7 +28,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--teacher", default=None, help="folder of a built teacher, timed as teacher:DIR")
     parser.add_argument("--model", action="append", default=[], help="extra model specs")
     parser.add_argument("--threads", type=int, default=2)
@@ -45,9 +47,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = [f"teacher:{args.teacher}"] if args.teacher else []
     models += args.model
-    cmd = ["bench-latency", "--students", "--threads", str(args.threads), "--batch-sizes", "1", "64",
-           "--repeats", str(args.repeats), "--repeats-large", str(args.repeats_large),
-           "--json", str(args.out / "latency.json"), "--markdown", str(args.out / "latency.md")]
+    cmd = [
+        "bench-latency",
+        "--students",
+        "--threads",
+        str(args.threads),
+        "--batch-sizes",
+        "1",
+        "64",
+        "--repeats",
+        str(args.repeats),
+        "--repeats-large",
+        str(args.repeats_large),
+        "--json",
+        str(args.out / "latency.json"),
+        "--markdown",
+        str(args.out / "latency.md"),
+    ]
     for spec in models:
         cmd += ["--model", spec]
     return clipdistill(cmd)

@@ -45,16 +45,29 @@ FREEZE_MIN = 4  # prefixes are stored after this many blocks; deeper freezing ru
 # name: (split, every, captions, mirror views). CIFAR-10 train: every 4th image, centre views only (the
 # budget of collecting prefixes on this 2-core CPU); Flickr8k train: every image and its mirror image.
 TRAIN = {"flickr8k": ("train", 1, True, True), "cifar10": ("train", 4, False, False)}
-EVAL = {"cifar10": ("test", 5), "cifar100-916": ("test", 1), "imagenet-1k-sample": ("test", 1),
-        "flickr8k": ("test", 1), "dev": ("dev", 1), "dtd-10": ("test", 1), "mnist": ("test", 5)}
-RETENTION = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "acc1"),
-             "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
+EVAL = {
+    "cifar10": ("test", 5),
+    "cifar100-916": ("test", 1),
+    "imagenet-1k-sample": ("test", 1),
+    "flickr8k": ("test", 1),
+    "dev": ("dev", 1),
+    "dtd-10": ("test", 1),
+    "mnist": ("test", 5),
+}
+RETENTION = {
+    "cifar10": ("cifar10", "acc1"),
+    "cifar100-916": ("cifar100-916", "acc1"),
+    "imagenet_top5": ("imagenet-1k-sample", "acc5"),
+    "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
+}
 CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
 RESOLUTIONS = (128, 160)
 # The teacher's own image tower (TinyCLIP inheritance: every block and the head) at a lower resolution.
 INHERIT_RESOLUTIONS = (192,)
-PREFIX_KEYS = {"lite0": [("pretrained", r) for r in RESOLUTIONS] + [("random", 128)],
-               "lite2i": [("inherit", r) for r in INHERIT_RESOLUTIONS]}
+PREFIX_KEYS = {
+    "lite0": [("pretrained", r) for r in RESOLUTIONS] + [("random", 128)],
+    "lite2i": [("inherit", r) for r in INHERIT_RESOLUTIONS],
+}
 # Feature distillation alone (CLIP-KD FD, MSE between normalised embeddings, weight 2000), from the ridge
 # head. On Flickr8k dev (seed 0, 128 px) the CLIP task loss beside it lowered the retrieval mean below the
 # frozen-trunk floor (28.1 with freeze 5 against 33.0): with 6,000 captioned images it fits the training
@@ -70,7 +83,9 @@ class Student:
     freeze: int
     head_only: bool = False  # the floor: trunk frozen whole, the linear head fitted in closed form (epochs 0)
     epochs: float = 10.0
-    family: str = "lite0"  # lite0: EfficientNet-Lite0 preset; lite2i: the teacher's own Lite2 tower, inherited
+    family: str = (
+        "lite0"  # lite0: EfficientNet-Lite0 preset; lite2i: the teacher's own Lite2 tower, inherited
+    )
 
     @property
     def tower(self) -> str:
@@ -122,13 +137,19 @@ def _dataset(name: str) -> str:
     return "flickr8k" if name == "dev" else name
 
 
-def collected(kind: str, name: str, split: str, every: int, captions: bool, flip: bool, family: str = "lite0") -> dict:
+def collected(
+    kind: str, name: str, split: str, every: int, captions: bool, flip: bool, family: str = "lite0"
+) -> dict:
     """{prefix key: Activations} of one set (computed once, then loaded from runs/students/cache)."""
     from clipdistill.data.shards import dataset_info, iter_samples, subsample
     from clipdistill.models.freeze import split_image_tower
     from clipdistill.train.prefix import collect
 
-    path = WORK / "cache" / (f"{kind}-{name}-{split}-{every}" + ("" if family == "lite0" else f"-{family}") + ".pt")
+    path = (
+        WORK
+        / "cache"
+        / (f"{kind}-{name}-{split}-{every}" + ("" if family == "lite0" else f"-{family}") + ".pt")
+    )
     if path.exists():
         return torch.load(path, weights_only=False)
     t = teacher()
@@ -185,8 +206,13 @@ def deeper(acts, model, freeze: int):
 
     blocks = split_image_tower(model, FREEZE_MIN)[1].blocks[: freeze - FREEZE_MIN].eval()
     with torch.no_grad():
-        views = [torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)]) for v in acts.prefix]
-    return Activations(torch.stack(views), acts.teacher_image, acts.text, acts.text_owner, acts.keys, acts.labels)
+        views = [
+            torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)])
+            for v in acts.prefix
+        ]
+    return Activations(
+        torch.stack(views), acts.teacher_image, acts.text, acts.text_owner, acts.keys, acts.labels
+    )
 
 
 def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
@@ -205,8 +231,10 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
     if st.head_only:
         for m in (suffix.conv_head, suffix.bn2):
             freeze_module(m)
-    train_sets = {name: deeper(collected("train", name, split, every, caps, flip, st.family)[key], model, freeze)
-                  for name, (split, every, caps, flip) in TRAIN.items()}
+    train_sets = {
+        name: deeper(collected("train", name, split, every, caps, flip, st.family)[key], model, freeze)
+        for name, (split, every, caps, flip) in TRAIN.items()
+    }
     cfg = SuffixTrainConfig(losses=RECIPE, epochs=st.epochs, seed=seed)
     dev_tag = f"{st.name}-f{st.freeze}-s{seed}-dev"
     dev_cell, dev_weights = CELLS / "cells" / f"{dev_tag}.json", WORK / "weights" / f"{dev_tag}.pt"
@@ -217,22 +245,39 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         log, minutes = {**dev["train"], "weights_of": dev_tag}, dev["train_minutes"]
     else:
         t0 = time.time()
-        log = train_suffix(suffix, train_sets["flickr8k"], train_sets["cifar10"], cfg,
-                           teacher_scale=float(teacher().logit_scale()))
+        log = train_suffix(
+            suffix,
+            train_sets["flickr8k"],
+            train_sets["cifar10"],
+            cfg,
+            teacher_scale=float(teacher().logit_scale()),
+        )
         minutes = round((time.time() - t0) / 60, 2)
         weights = WORK / "weights" / f"{tag}.pt"
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(suffix.state_dict(), weights)
-    result = {"name": st.name, "student": asdict(st), "seed": seed, "recipe": RECIPE, "train": log,
-              "train_minutes": minutes,
-              "trained_on": {"pairs": "flickr8k:train", "unpaired_images": "cifar10:train (every 4th)",
-                             "views": "centre crops; Flickr8k also mirrored"},
-              "metrics": {}}
+    result = {
+        "name": st.name,
+        "student": asdict(st),
+        "seed": seed,
+        "recipe": RECIPE,
+        "train": log,
+        "train_minutes": minutes,
+        "trained_on": {
+            "pairs": "flickr8k:train",
+            "unpaired_images": "cifar10:train (every 4th)",
+            "views": "centre crops; Flickr8k also mirrored",
+        },
+        "metrics": {},
+    }
     for name, (split, every) in EVAL.items():
         if dev_only and name != "dev":
             continue
-        acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False, st.family)[key], model,
-                      freeze)
+        acts = deeper(
+            collected("eval", name, split, every, name in ("flickr8k", "dev"), False, st.family)[key],
+            model,
+            freeze,
+        )
         result["metrics"][name] = metrics(name, embed(suffix, acts.prefix[0]), acts)
     _write(out, result)
     return result
@@ -258,15 +303,20 @@ def teacher_metrics() -> dict:
 
 def select_freeze(candidates=(5, 4)) -> int:
     """Freeze depth with the best Flickr8k dev Ret mean at 128 px, seed 0 (dev only, never a test split)."""
-    floor = run_cell(Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0), 0, dev_only=True)
+    floor = run_cell(
+        Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0), 0, dev_only=True
+    )
     scores: dict = {"head only (floor)": floor["metrics"]["dev"]["ret_mean"]}
     print("dev ret_mean", scores, flush=True)
     for f in candidates:
-        scores[f] = run_cell(Student("lite0-128", "pretrained", 128, f), 0, dev_only=True)["metrics"]["dev"]["ret_mean"]
+        scores[f] = run_cell(Student("lite0-128", "pretrained", 128, f), 0, dev_only=True)["metrics"]["dev"][
+            "ret_mean"
+        ]
         print("dev ret_mean", scores, flush=True)
     best = max(candidates, key=scores.get)
-    (CELLS / "selection.json").write_text(json.dumps({"metric": "flickr8k dev ret_mean", "scores": scores,
-                                                      "selected": best}, indent=2))
+    (CELLS / "selection.json").write_text(
+        json.dumps({"metric": "flickr8k dev ret_mean", "scores": scores, "selected": best}, indent=2)
+    )
     return best
 
 
@@ -284,11 +334,15 @@ def latency(threads: int = 2, rounds: int = 3) -> dict:
     from clipdistill.models.students import CachedTextStandIn, ImageOnlyStudent
 
     torch.set_num_threads(threads)
-    settings = dict(batch_sizes=[1], warmup=5, repeats=30, repeats_large=1, onnx=True, towers=["image"], threads=threads)
+    settings = dict(
+        batch_sizes=[1], warmup=5, repeats=30, repeats_large=1, onnx=True, towers=["image"], threads=threads
+    )
     t = teacher()
     t._ort_session, t.feature_cache = None, None  # time the tower itself, not the cache
     models = {"teacher": t}
-    for tower, (family, size) in sorted({st.tower: (st.family, st.image_size) for st in grid(selected_freeze())}.items()):
+    for tower, (family, size) in sorted(
+        {st.tower: (st.family, st.image_size) for st in grid(selected_freeze())}.items()
+    ):
         image = student_model("random" if family == "lite0" else "inherit", size, family=family)
         models[tower] = ImageOnlyStudent(image, CachedTextStandIn(512)).image
     times: dict[str, dict[str, list[float]]] = {k: {"torch": [], "onnx": []} for k in models}
@@ -298,8 +352,13 @@ def latency(threads: int = 2, rounds: int = 3) -> dict:
             times[name]["torch"].append(row["torch_ms_b1"])
             times[name]["onnx"].append(row["onnx_ms_b1"])
     med = {k: {rt: statistics.median(v) for rt, v in d.items()} for k, d in times.items()}
-    result = {"threads": threads, "rounds": rounds, "ms_b1": med, "all_ms_b1": times,
-              "speedup": {k: {rt: med["teacher"][rt] / med[k][rt] for rt in ("torch", "onnx")} for k in med}}
+    result = {
+        "threads": threads,
+        "rounds": rounds,
+        "ms_b1": med,
+        "all_ms_b1": times,
+        "speedup": {k: {rt: med["teacher"][rt] / med[k][rt] for rt in ("torch", "onnx")} for k in med},
+    }
     _write(CELLS / "latency.json", result)
     return result
 
@@ -331,7 +390,11 @@ def main() -> None:
             for st in grid(selected_freeze()):
                 if not args.only or st.name in args.only:
                     r = run_cell(st, seed)
-                    print(st.name, seed, {k: round(v.get("acc1", v.get("ret_mean", 0)), 4) for k, v in r["metrics"].items()})
+                    print(
+                        st.name,
+                        seed,
+                        {k: round(v.get("acc1", v.get("ret_mean", 0)), 4) for k, v in r["metrics"].items()},
+                    )
     if args.latency:
         print(json.dumps(latency(args.threads)["speedup"], indent=2))
     if args.render:

@@ -36,7 +36,9 @@ def captions(name: str, split: str, every: int) -> list[str]:
     return caps
 
 
-def train_text(student, ids: torch.Tensor, acts, *, epochs: float, seed: int, batch: int = 256, lr: float = 1e-4) -> dict:
+def train_text(
+    student, ids: torch.Tensor, acts, *, epochs: float, seed: int, batch: int = 256, lr: float = 1e-4
+) -> dict:
     from clipdistill.losses.base import Outputs
     from clipdistill.losses.config import parse_loss_config
     from clipdistill.losses.distiller import Distiller
@@ -62,7 +64,9 @@ def train_text(student, ids: torch.Tensor, acts, *, epochs: float, seed: int, ba
         t_img, t_txt = acts.teacher_image[0, idx], acts.text[rows]
         s_txt = student.text_features(ids[rows]).embedding
         scale = student.logit_scale()
-        loss, _ = distiller(Outputs(image=t_img, text=s_txt, scale=scale), Outputs(image=t_img, text=t_txt, scale=scale_t))
+        loss, _ = distiller(
+            Outputs(image=t_img, text=s_txt, scale=scale), Outputs(image=t_img, text=t_txt, scale=scale_t)
+        )
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -76,8 +80,12 @@ def text_latency(layers: int, threads: int = 2) -> dict:
 
     torch.set_num_threads(threads)
     t = teacher()
-    ids = t.tokenize(["a man in a red shirt is climbing a rock wall while his friend holds the rope below him ."
-                      " a child in a blue jacket watches them from the grass nearby"])[:, :32]
+    ids = t.tokenize(
+        [
+            "a man in a red shirt is climbing a rock wall while his friend holds the rope below him ."
+            " a child in a blue jacket watches them from the grass nearby"
+        ]
+    )[:, :32]
     assert (ids != t.text_tower.tokenizer.pad_token_id).sum() == 32  # a full 32-token caption
     student = ComposedStudent(t, text_layers=layers).eval()
     rounds = {"teacher": [], "student": []}
@@ -85,8 +93,14 @@ def text_latency(layers: int, threads: int = 2) -> dict:
         rounds["teacher"].append(text_latency_ms(lambda x: t.text_head(t.text_tower(x)[0]), ids))
         rounds["student"].append(text_latency_ms(student.text, ids))
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    return {"layers": layers, "tokens": 32, "threads": threads, "torch_ms_b1": med, "all_ms": rounds,
-            "speedup_torch": med["teacher"] / med["student"]}
+    return {
+        "layers": layers,
+        "tokens": 32,
+        "threads": threads,
+        "torch_ms_b1": med,
+        "all_ms": rounds,
+        "speedup_torch": med["teacher"] / med["student"],
+    }
 
 
 def run(layers: int, seed: int, epochs: float) -> dict:
@@ -113,15 +127,27 @@ def run(layers: int, seed: int, epochs: float) -> dict:
     model = student_model("pretrained", 128, seed)
     _, suffix = split_image_tower(model, freeze)
     suffix.load_state_dict(torch.load(WORK / "weights" / f"{st.name}-f{freeze}-s{seed}.pt"))
-    result = {"text_layers": layers, "seed": seed, "image_student": f"{st.name}-f{freeze}-s{seed}", "train": log,
-              "epochs": epochs, "metrics": {}}
+    result = {
+        "text_layers": layers,
+        "seed": seed,
+        "image_student": f"{st.name}-f{freeze}-s{seed}",
+        "train": log,
+        "epochs": epochs,
+        "metrics": {},
+    }
     with torch.no_grad():
         for name, (split, every) in EVAL.items():
-            acts = deeper(collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[key], model, freeze)
+            acts = deeper(
+                collected("eval", name, split, every, name in ("flickr8k", "dev"), False)[key], model, freeze
+            )
             image = embed(suffix, acts.prefix[0])
             if acts.text is not None:
-                text = torch.cat([student.text_features(c).embedding for c in t.tokenize(
-                    captions(_dataset(name), split, every)).split(256)])
+                text = torch.cat(
+                    [
+                        student.text_features(c).embedding
+                        for c in t.tokenize(captions(_dataset(name), split, every)).split(256)
+                    ]
+                )
                 m = retrieval_metrics(image, text, acts.text_owner)
                 m["ret_mean"] = statistics.fmean(m.values())
             else:
@@ -131,7 +157,8 @@ def run(layers: int, seed: int, epochs: float) -> dict:
                 classes = student_class_embeddings(student, info.classnames, info.templates)
                 m = classification_metrics(zeroshot_logits(image, classes), acts.labels)
                 m["teacher_text_acc1"] = classification_metrics(
-                    zeroshot_logits(image, class_embeddings(_dataset(name))), acts.labels)["acc1"]
+                    zeroshot_logits(image, class_embeddings(_dataset(name))), acts.labels
+                )["acc1"]
             result["metrics"][name] = m
     _write(out, result)
     return result
@@ -155,7 +182,11 @@ def main() -> None:
     for layers in args.layers:
         for seed in args.seeds:
             r = run(layers, seed, args.epochs)
-            print(layers, seed, {k: round(v.get("acc1", v.get("ret_mean", 0)), 4) for k, v in r["metrics"].items()})
+            print(
+                layers,
+                seed,
+                {k: round(v.get("acc1", v.get("ret_mean", 0)), 4) for k, v in r["metrics"].items()},
+            )
 
 
 if __name__ == "__main__":

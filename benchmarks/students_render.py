@@ -8,10 +8,18 @@ import statistics
 from pathlib import Path
 
 FIGURES = ("cifar10", "cifar100-916", "flickr8k_ret_mean", "imagenet_top5")
-SOURCES = {"cifar10": ("cifar10", "acc1"), "cifar100-916": ("cifar100-916", "acc1"),
-           "imagenet_top5": ("imagenet-1k-sample", "acc5"), "flickr8k_ret_mean": ("flickr8k", "ret_mean")}
-LABELS = {"cifar10": "CIFAR-10 top-1", "cifar100-916": "cifar100-916 top-1", "flickr8k_ret_mean": "Flickr8k Ret mean",
-          "imagenet_top5": "IN-1k-sample top-5"}
+SOURCES = {
+    "cifar10": ("cifar10", "acc1"),
+    "cifar100-916": ("cifar100-916", "acc1"),
+    "imagenet_top5": ("imagenet-1k-sample", "acc5"),
+    "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
+}
+LABELS = {
+    "cifar10": "CIFAR-10 top-1",
+    "cifar100-916": "cifar100-916 top-1",
+    "flickr8k_ret_mean": "Flickr8k Ret mean",
+    "imagenet_top5": "IN-1k-sample top-5",
+}
 CHANCE = {"dtd-10": ("acc1", 1 / 47), "mnist": ("acc1", 1 / 10)}
 README_START, README_END = "<!-- students summary -->", "<!-- /students summary -->"
 
@@ -33,32 +41,59 @@ def _retention(cells: list[dict], teacher: dict) -> tuple[dict, dict, dict]:
 
 def summarise(cells_dir: Path, grid) -> list[dict]:
     teacher = json.loads((cells_dir / "teacher.json").read_text())
-    latency = json.loads((cells_dir / "latency.json").read_text()) if (cells_dir / "latency.json").exists() else None
+    latency = (
+        json.loads((cells_dir / "latency.json").read_text())
+        if (cells_dir / "latency.json").exists()
+        else None
+    )
     rows = []
     for st in grid:
-        cells = sorted((json.loads(p.read_text()) for p in (cells_dir / "cells").glob(f"{st.name}-f{st.freeze}-s*.json")
-                        if not p.stem.endswith("-dev")), key=lambda c: c["seed"])
+        cells = sorted(
+            (
+                json.loads(p.read_text())
+                for p in (cells_dir / "cells").glob(f"{st.name}-f{st.freeze}-s*.json")
+                if not p.stem.endswith("-dev")
+            ),
+            key=lambda c: c["seed"],
+        )
         if not cells:
             continue
         retention, retention_std, absolute = _retention(cells, teacher)
-        means = [statistics.fmean(c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
-                                  for f in FIGURES) for c in cells]
+        means = [
+            statistics.fmean(
+                c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
+                for f in FIGURES
+            )
+            for c in cells
+        ]
         speed = (latency or {}).get("speedup", {}).get(st.tower, {})
-        rows.append({
-            "name": st.name, "init": st.init, "image_size": st.image_size, "text": "teacher", "freeze": st.freeze,
-            "trains": "linear head only" if st.head_only else f"blocks {st.freeze}-6, conv head, linear head",
-            "speedup_ort": round(speed["onnx"], 2) if speed else None,
-            "speedup_torch": round(speed["torch"], 2) if speed else None,
-            "retention": retention, "retention_std": retention_std,
-            "retention_mean": round(statistics.fmean(means), 4), "retention_mean_std": round(_mean_std(means)[1], 4),
-            "percent": absolute,
-            "chance_level": {ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
-                             for ds, (m, _) in CHANCE.items()},
-            "seeds": [c["seed"] for c in cells],
-            "train_minutes": round(statistics.fmean(c["train_minutes"] for c in cells), 1),
-            "epochs": st.epochs,
-            "trained_on": cells[0]["trained_on"],
-        })
+        rows.append(
+            {
+                "name": st.name,
+                "init": st.init,
+                "image_size": st.image_size,
+                "text": "teacher",
+                "freeze": st.freeze,
+                "trains": "linear head only"
+                if st.head_only
+                else f"blocks {st.freeze}-6, conv head, linear head",
+                "speedup_ort": round(speed["onnx"], 2) if speed else None,
+                "speedup_torch": round(speed["torch"], 2) if speed else None,
+                "retention": retention,
+                "retention_std": retention_std,
+                "retention_mean": round(statistics.fmean(means), 4),
+                "retention_mean_std": round(_mean_std(means)[1], 4),
+                "percent": absolute,
+                "chance_level": {
+                    ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
+                    for ds, (m, _) in CHANCE.items()
+                },
+                "seeds": [c["seed"] for c in cells],
+                "train_minutes": round(statistics.fmean(c["train_minutes"] for c in cells), 1),
+                "epochs": st.epochs,
+                "trained_on": cells[0]["trained_on"],
+            }
+        )
     return rows
 
 
@@ -70,57 +105,107 @@ def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
     image = next((r for r in image_rows if r["name"] == "lite0-128"), None)
     rows = []
     for layers in sorted({p.stem.split("-")[0] for p in (cells_dir / "both").glob("text*-s*.json")}):
-        cells = sorted((json.loads(p.read_text()) for p in (cells_dir / "both").glob(f"{layers}-s*.json")),
-                       key=lambda c: c["seed"])
+        cells = sorted(
+            (json.loads(p.read_text()) for p in (cells_dir / "both").glob(f"{layers}-s*.json")),
+            key=lambda c: c["seed"],
+        )
         retention, retention_std, absolute = _retention(cells, teacher)
         n = layers.removeprefix("text")
         text_speed = latency.get(n, {}).get("speedup_torch")
-        rows.append({
-            "name": f"lite0-128 + minilm-l{n} (inherited)", "init": "pretrained image, inherited text", "image_size": 128,
-            "text": "own", "text_layers": int(n), "text_speedup_torch_b1_32tok": round(text_speed, 2) if text_speed else None,
-            "speedup_ort": image["speedup_ort"] if image else None, "speedup_torch": image["speedup_torch"] if image else None,
-            "retention": retention, "retention_std": retention_std,
-            "retention_mean": round(statistics.fmean(retention.values()), 4),
-            "retention_mean_std": round(_mean_std([statistics.fmean(
-                c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]] for f in FIGURES)
-                for c in cells])[1], 4),
-            "percent": absolute, "seeds": [c["seed"] for c in cells],
-            "chance_level": {ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
-                             for ds, (m, _) in CHANCE.items()},
-            "train_minutes": round(statistics.fmean(c["train"]["seconds"] for c in cells) / 60, 1),
-            "trained_on": {"texts": "flickr8k:train captions", "image_tower": "lite0-128 of the same seed"},
-        })
+        rows.append(
+            {
+                "name": f"lite0-128 + minilm-l{n} (inherited)",
+                "init": "pretrained image, inherited text",
+                "image_size": 128,
+                "text": "own",
+                "text_layers": int(n),
+                "text_speedup_torch_b1_32tok": round(text_speed, 2) if text_speed else None,
+                "speedup_ort": image["speedup_ort"] if image else None,
+                "speedup_torch": image["speedup_torch"] if image else None,
+                "retention": retention,
+                "retention_std": retention_std,
+                "retention_mean": round(statistics.fmean(retention.values()), 4),
+                "retention_mean_std": round(
+                    _mean_std(
+                        [
+                            statistics.fmean(
+                                c["metrics"][SOURCES[f][0]][SOURCES[f][1]]
+                                / teacher[SOURCES[f][0]][SOURCES[f][1]]
+                                for f in FIGURES
+                            )
+                            for c in cells
+                        ]
+                    )[1],
+                    4,
+                ),
+                "percent": absolute,
+                "seeds": [c["seed"] for c in cells],
+                "chance_level": {
+                    ds: round(100 * statistics.fmean(c["metrics"][ds][m] for c in cells), 1)
+                    for ds, (m, _) in CHANCE.items()
+                },
+                "train_minutes": round(statistics.fmean(c["train"]["seconds"] for c in cells) / 60, 1),
+                "trained_on": {
+                    "texts": "flickr8k:train captions",
+                    "image_tower": "lite0-128 of the same seed",
+                },
+            }
+        )
     return rows
 
 
 def teacher_row(cells_dir: Path) -> dict:
     t = json.loads((cells_dir / "teacher.json").read_text())
     return {f: round(100 * t[SOURCES[f][0]][SOURCES[f][1]], 2) for f in FIGURES} | {
-        ds: round(100 * t[ds][m], 1) for ds, (m, _) in CHANCE.items()}
+        ds: round(100 * t[ds][m], 1) for ds, (m, _) in CHANCE.items()
+    }
 
 
 def table(rows: list[dict], teacher: dict) -> str:
-    head = ["student", "init", "px", "speed ORT / torch", *[LABELS[f] for f in FIGURES], "mean retention", "seeds",
-            "train min"]
+    head = [
+        "student",
+        "init",
+        "px",
+        "speed ORT / torch",
+        *[LABELS[f] for f in FIGURES],
+        "mean retention",
+        "seeds",
+        "train min",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append("| teacher (Lite2 260 px) | - | 260 | 1x / 1x | " + " | ".join(f"{teacher[f]:.1f}" for f in FIGURES)
-                 + " | 100% | - | - |")
+    lines.append(
+        "| teacher (Lite2 260 px) | - | 260 | 1x / 1x | "
+        + " | ".join(f"{teacher[f]:.1f}" for f in FIGURES)
+        + " | 100% | - | - |"
+    )
     for r in rows:
         speed = f"{r['speedup_ort']:.1f}x / {r['speedup_torch']:.1f}x" if r["speedup_ort"] else "-"
         one = len(r["seeds"]) == 1  # no spread from one seed: say so instead of printing ± 0
-        cells = [f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f}%)" if one else
-                 f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
-                 for f in FIGURES]
-        mean = (f"{100 * r['retention_mean']:.1f}% (one seed)" if one else
-                f"{100 * r['retention_mean']:.1f} ± {100 * r['retention_mean_std']:.1f}%")
-        lines.append(f"| {r['name']} | {r['init']} | {r['image_size']} | {speed} | " + " | ".join(cells)
-                     + f" | {mean} | {len(r['seeds'])} | {r['train_minutes']} |")
+        cells = [
+            f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f}%)"
+            if one
+            else f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
+            for f in FIGURES
+        ]
+        mean = (
+            f"{100 * r['retention_mean']:.1f}% (one seed)"
+            if one
+            else f"{100 * r['retention_mean']:.1f} ± {100 * r['retention_mean_std']:.1f}%"
+        )
+        lines.append(
+            f"| {r['name']} | {r['init']} | {r['image_size']} | {speed} | "
+            + " | ".join(cells)
+            + f" | {mean} | {len(r['seeds'])} | {r['train_minutes']} |"
+        )
     return "\n".join(lines)
 
 
 def chance_table(rows: list[dict], teacher: dict) -> str:
-    lines = ["| model | DTD-10 top-1 (chance 2.1) | MNIST top-1 (chance 10) |", "|---|---|---|",
-             f"| teacher | {teacher['dtd-10']} | {teacher['mnist']} |"]
+    lines = [
+        "| model | DTD-10 top-1 (chance 2.1) | MNIST top-1 (chance 10) |",
+        "|---|---|---|",
+        f"| teacher | {teacher['dtd-10']} | {teacher['mnist']} |",
+    ]
     lines += [f"| {r['name']} | {r['chance_level']['dtd-10']} | {r['chance_level']['mnist']} |" for r in rows]
     return "\n".join(lines)
 
@@ -136,9 +221,20 @@ def plot(rows: list[dict], out: Path) -> None:
         if not r["speedup_ort"]:
             continue
         marker = "s" if r["init"] == "random" else ("^" if "head" in r["name"] else "o")
-        ax.errorbar(r["speedup_ort"], 100 * r["retention_mean"], yerr=100 * r["retention_mean_std"], fmt=marker, capsize=3)
-        ax.annotate(r["name"], (r["speedup_ort"], 100 * r["retention_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.errorbar(
+            r["speedup_ort"],
+            100 * r["retention_mean"],
+            yerr=100 * r["retention_mean_std"],
+            fmt=marker,
+            capsize=3,
+        )
+        ax.annotate(
+            r["name"],
+            (r["speedup_ort"], 100 * r["retention_mean"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("batch-1 speed vs teacher image tower (ONNX Runtime, 2 threads)")
     ax.set_ylabel("mean retention of the teacher (%)")
@@ -158,10 +254,17 @@ def render(cells_dir: Path, results: Path, grid) -> None:
         md += "\n\nSetting `both` (the student's own text tower, inherited from MiniLM-L6: every 2nd layer, the teacher's text head):\n\n"
         lines = table(both, teacher).split("\n")
         md += "\n".join(lines[:2] + lines[3:])  # the teacher's row is the one above
-        md += "".join(f"\n\nText tower speed vs MiniLM-L6 (batch 1, 32 tokens, PyTorch, 2 threads): {r['text_speedup_torch_b1_32tok']}x"
-                      for r in both[:1] if r["text_speedup_torch_b1_32tok"])
+        md += "".join(
+            f"\n\nText tower speed vs MiniLM-L6 (batch 1, 32 tokens, PyTorch, 2 threads): {r['text_speedup_torch_b1_32tok']}x"
+            for r in both[:1]
+            if r["text_speedup_torch_b1_32tok"]
+        )
     rows = rows + both
-    full = md + "\n\nNear chance for this teacher (reported apart, in no mean; top-1 %):\n\n" + chance_table(rows, teacher)
+    full = (
+        md
+        + "\n\nNear chance for this teacher (reported apart, in no mean; top-1 %):\n\n"
+        + chance_table(rows, teacher)
+    )
     for name, text in (("students.json", json.dumps(rows, indent=2)), ("students.md", full + "\n")):
         tmp = results / f".{name}.tmp"
         tmp.write_text(text)

@@ -64,13 +64,21 @@ def subset_shard(spec: str, n: int, folder: Path, data_root: str | None) -> tupl
 
 def epoch_seconds(cfg: dict) -> dict:
     summary = train(config_from_dict(cfg))
-    return {"seconds": summary["seconds"], "images_per_s": summary["images_per_s"], "steps": summary["steps"],
-            "final_loss": summary["final"].get("loss")}
+    return {
+        "seconds": summary["seconds"],
+        "images_per_s": summary["images_per_s"],
+        "steps": summary["steps"],
+        "final_loss": summary["final"].get("loss"),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=f"teacher:{cache_dir() / 'teacher'}", help="teacher spec (default: the demo's teacher)")
+    p.add_argument(
+        "--teacher",
+        default=f"teacher:{cache_dir() / 'teacher'}",
+        help="teacher spec (default: the demo's teacher)",
+    )
     p.add_argument("--student", default="student:vit-t-32", help="student spec (preset)")
     p.add_argument("--student-text", default="teacher", choices=["own", "teacher"])
     p.add_argument("--data", default="flickr8k:train")
@@ -97,7 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
         base = {
             "student": {"spec": args.student, "text": args.student_text},
             "teacher": {"spec": args.teacher},
-            "data": {"train": [data], "batch_size": args.batch_size, "workers": args.workers, "shuffle_buffer": 256},
+            "data": {
+                "train": [data],
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "shuffle_buffer": 256,
+            },
             "losses": RECIPE,
             "optim": {"lr": 1e-3, "warmup_steps": 1},
             "epochs": 1,
@@ -105,9 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
             "checkpoint_every": 10**9,
             "threads": args.threads,
         }
-        online = epoch_seconds({**base, "output_dir": str(tmp / "online"), "teacher": {"spec": args.teacher, "mode": "online"}})
-        cached = epoch_seconds({**base, "output_dir": str(tmp / "cached"),
-                                "teacher": {"spec": args.teacher, "cache": str(tmp / "cache"), "mode": "cached"}})
+        online = epoch_seconds(
+            {**base, "output_dir": str(tmp / "online"), "teacher": {"spec": args.teacher, "mode": "online"}}
+        )
+        cached = epoch_seconds(
+            {
+                **base,
+                "output_dir": str(tmp / "cached"),
+                "teacher": {"spec": args.teacher, "cache": str(tmp / "cache"), "mode": "cached"},
+            }
+        )
     result = {
         "speedup": round(online["seconds"] / max(cached["seconds"], 1e-9), 2),
         "online": online,
@@ -130,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     tmp_file.write_text(json.dumps(result, indent=2))
     os.replace(tmp_file, args.out)
     print(json.dumps({k: result[k] for k in ("speedup", "cache_build_seconds", "samples")}))
-    print(f"online epoch {online['seconds']:.1f} s, cached epoch {cached['seconds']:.1f} s -> speedup {result['speedup']}x")
+    print(
+        f"online epoch {online['seconds']:.1f} s, cached epoch {cached['seconds']:.1f} s -> speedup {result['speedup']}x"
+    )
     return result
 
 

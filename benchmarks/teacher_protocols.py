@@ -38,9 +38,21 @@ def main() -> None:
     teacher = load_teacher(args.teacher)
     OUT.mkdir(parents=True, exist_ok=True)
     for dataset, task, every, train_every in RUNS:
-        record = evaluate(teacher, dataset, "test", task, data_root=args.data_root, every=every,
-                          train_every=train_every, output=OUT / f"{task}_{dataset}.json")
-        print(dataset, task, {k: round(100 * v, 1) for k, v in record["metrics"].items() if isinstance(v, float)})
+        record = evaluate(
+            teacher,
+            dataset,
+            "test",
+            task,
+            data_root=args.data_root,
+            every=every,
+            train_every=train_every,
+            output=OUT / f"{task}_{dataset}.json",
+        )
+        print(
+            dataset,
+            task,
+            {k: round(100 * v, 1) for k, v in record["metrics"].items() if isinstance(v, float)},
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,17 @@ def make_dataset(tmp_path):
     make_dataset("toy", kind="classification", n=8, classes=["a", "b"]) -> root folder (data root).
     """
 
-    def make(name: str, kind: str = "classification", n: int = 8, classes=("cat", "dog"), split="test",
-             shards: int = 1, gz: bool = False, corrupt: tuple[int, ...] = (), no_caption: tuple[int, ...] = ()):
+    def make(
+        name: str,
+        kind: str = "classification",
+        n: int = 8,
+        classes=("cat", "dog"),
+        split="test",
+        shards: int = 1,
+        gz: bool = False,
+        corrupt: tuple[int, ...] = (),
+        no_caption: tuple[int, ...] = (),
+    ):
         rng = np.random.default_rng(0)
         root = tmp_path / "data"
         folder = root / name

@@ -49,8 +49,15 @@ class Data:
         path.write_text(yaml.safe_dump(data))
         return path
 
-    def dataset(self, name: str, *, kind: str = "retrieval", shard: bytes | None = None, nshards: str = "1",
-                classnames: bytes = b"cat\ndog\n") -> Path:
+    def dataset(
+        self,
+        name: str,
+        *,
+        kind: str = "retrieval",
+        shard: bytes | None = None,
+        nshards: str = "1",
+        classnames: bytes = b"cat\ndog\n",
+    ) -> Path:
         """A one-split (`train`) dataset whose shard holds `shard` (None: an empty tar)."""
         folder = self.root / name
         (folder / "train").mkdir(parents=True)
@@ -104,11 +111,32 @@ def distill(d: Data, *extra: str, **changes) -> list[str]:
 
 
 def ev(d: Data, *extra: str, dataset: str = "toy") -> list[str]:
-    return ["eval", "--model", "student:vit-t-32", "--dataset", dataset, "--data-root", str(d.root), "--quiet", *extra]
+    return [
+        "eval",
+        "--model",
+        "student:vit-t-32",
+        "--dataset",
+        dataset,
+        "--data-root",
+        str(d.root),
+        "--quiet",
+        *extra,
+    ]
 
 
 def cache(d: Data, *extra: str, data: str = "caps:train") -> list[str]:
-    return ["cache-teacher", "--teacher", "fake:24", "--data", data, "--data-root", str(d.root), "--out", str(d.out), *extra]
+    return [
+        "cache-teacher",
+        "--teacher",
+        "fake:24",
+        "--data",
+        data,
+        "--data-root",
+        str(d.root),
+        "--out",
+        str(d.out),
+        *extra,
+    ]
 
 
 def bench(*extra: str) -> list[str]:
@@ -120,7 +148,16 @@ def export(d: Data, checkpoint: str, *extra: str) -> list[str]:
 
 
 def demo(d: Data, *extra: str) -> list[str]:
-    return ["demo", "--out", str(d.out), "--data-root", str(d.root), "--teacher-dir", str(d.tmp / "teacher"), *extra]
+    return [
+        "demo",
+        "--out",
+        str(d.out),
+        "--data-root",
+        str(d.root),
+        "--teacher-dir",
+        str(d.tmp / "teacher"),
+        *extra,
+    ]
 
 
 def _write(path: Path, content: bytes) -> str:
@@ -128,8 +165,13 @@ def _write(path: Path, content: bytes) -> str:
     return str(path)
 
 
-UNKNOWN, PATH, NUMBER, FILE, TEXT = "unknown name", "missing or wrong-type path", "zero/negative/NaN number", \
-    "empty or corrupt file", "non-UTF-8 text"
+UNKNOWN, PATH, NUMBER, FILE, TEXT = (
+    "unknown name",
+    "missing or wrong-type path",
+    "zero/negative/NaN number",
+    "empty or corrupt file",
+    "non-UTF-8 text",
+)
 Builder = Callable[[Data], list[str]]
 CASES: list[tuple[str, str, Builder]] = [
     # --- distill
@@ -142,7 +184,11 @@ CASES: list[tuple[str, str, Builder]] = [
     (UNKNOWN, "distill-teacher-prefix", lambda d: distill(d, "teacher.spec=nosuch:x")),
     (UNKNOWN, "distill-student-text", lambda d: distill(d, "student.text=mine")),
     (UNKNOWN, "distill-student-init", lambda d: distill(d, "student.init=imagenet")),
-    (UNKNOWN, "distill-student-init-not-for-preset", lambda d: distill(d, "student.spec=student:vit-t-32", "student.init=pretrained")),
+    (
+        UNKNOWN,
+        "distill-student-init-not-for-preset",
+        lambda d: distill(d, "student.spec=student:vit-t-32", "student.init=pretrained"),
+    ),
     (PATH, "distill-config-missing", lambda d: ["distill", "--config", str(d.tmp / "none.yaml")]),
     (PATH, "distill-config-dir", lambda d: ["distill", "--config", str(d.tmp)]),
     (PATH, "distill-output-dir-is-file", lambda d: distill(d, f"output_dir={d.file}")),
@@ -161,48 +207,169 @@ CASES: list[tuple[str, str, Builder]] = [
     (NUMBER, "distill-workers-negative", lambda d: distill(d, "data.workers=-1")),
     (NUMBER, "distill-student-freeze-negative", lambda d: distill(d, "student.freeze=-1")),
     (NUMBER, "distill-student-image-size-8", lambda d: distill(d, "student.image_size=8")),
-    (FILE, "distill-keep-matches-nothing", lambda d: distill(d, "--keep", _write(d.tmp / "keep.txt", b"nokey\n"))),
+    (
+        FILE,
+        "distill-keep-matches-nothing",
+        lambda d: distill(d, "--keep", _write(d.tmp / "keep.txt", b"nokey\n")),
+    ),
     (FILE, "distill-keep-empty", lambda d: distill(d, "--keep", _write(d.tmp / "keep.txt", b""))),
     (FILE, "distill-empty-tar", lambda d: (d.dataset("hollow"), distill(d, "data.train=[hollow:train]"))[1]),
-    (FILE, "distill-zero-byte-shard", lambda d: (d.dataset("zero", shard=b""), distill(d, "data.train=[zero:train]"))[1]),
-    (FILE, "distill-garbage-shard", lambda d: (d.dataset("junk", shard=b"junk" * 300), distill(d, "data.train=[junk:train]"))[1]),
-    (FILE, "distill-nshards-not-integer", lambda d: (d.dataset("ns", nshards="two"), distill(d, "data.train=[ns:train]"))[1]),
-    (FILE, "distill-config-invalid-yaml", lambda d: ["distill", "--config", _write(d.tmp / "bad.yaml", b"a: [1,\n")]),
-    (FILE, "distill-config-not-a-mapping", lambda d: ["distill", "--config", _write(d.tmp / "bad.yaml", b"- 1\n- 2\n")]),
+    (
+        FILE,
+        "distill-zero-byte-shard",
+        lambda d: (d.dataset("zero", shard=b""), distill(d, "data.train=[zero:train]"))[1],
+    ),
+    (
+        FILE,
+        "distill-garbage-shard",
+        lambda d: (d.dataset("junk", shard=b"junk" * 300), distill(d, "data.train=[junk:train]"))[1],
+    ),
+    (
+        FILE,
+        "distill-nshards-not-integer",
+        lambda d: (d.dataset("ns", nshards="two"), distill(d, "data.train=[ns:train]"))[1],
+    ),
+    (
+        FILE,
+        "distill-config-invalid-yaml",
+        lambda d: ["distill", "--config", _write(d.tmp / "bad.yaml", b"a: [1,\n")],
+    ),
+    (
+        FILE,
+        "distill-config-not-a-mapping",
+        lambda d: ["distill", "--config", _write(d.tmp / "bad.yaml", b"- 1\n- 2\n")],
+    ),
     (FILE, "distill-truncated-cache", lambda d: distill(d, f"teacher.cache={d.damaged_cache()}")),
     (FILE, "distill-resume-without-checkpoint", lambda d: distill(d, "--resume")),
-    (TEXT, "distill-config-latin1", lambda d: ["distill", "--config", _write(d.tmp / "l1.yaml", "steps: 2 # caf\xe9\n".encode("latin-1"))]),
+    (
+        TEXT,
+        "distill-config-latin1",
+        lambda d: [
+            "distill",
+            "--config",
+            _write(d.tmp / "l1.yaml", "steps: 2 # caf\xe9\n".encode("latin-1")),
+        ],
+    ),
     # --- eval
-    (UNKNOWN, "eval-model-prefix", lambda d: ["eval", "--model", "nope:x", "--dataset", "toy", "--data-root", str(d.root)]),
+    (
+        UNKNOWN,
+        "eval-model-prefix",
+        lambda d: ["eval", "--model", "nope:x", "--dataset", "toy", "--data-root", str(d.root)],
+    ),
     (UNKNOWN, "eval-dataset", lambda d: ev(d, dataset="tyo")),
     (UNKNOWN, "eval-split", lambda d: ev(d, "--split", "val")),
     (UNKNOWN, "eval-task", lambda d: ev(d, "--task", "base2nvel")),
-    (UNKNOWN, "eval-student-preset", lambda d: ["eval", "--model", "student:nosuch", "--dataset", "toy", "--data-root", str(d.root)]),
-    (PATH, "eval-data-root-missing", lambda d: ["eval", "--model", "student:vit-t-32", "--dataset", "toy", "--data-root", str(d.tmp / "no")]),
+    (
+        UNKNOWN,
+        "eval-student-preset",
+        lambda d: ["eval", "--model", "student:nosuch", "--dataset", "toy", "--data-root", str(d.root)],
+    ),
+    (
+        PATH,
+        "eval-data-root-missing",
+        lambda d: [
+            "eval",
+            "--model",
+            "student:vit-t-32",
+            "--dataset",
+            "toy",
+            "--data-root",
+            str(d.tmp / "no"),
+        ],
+    ),
     (PATH, "eval-output-is-dir", lambda d: (d.out.mkdir(), ev(d, "--output", str(d.out)))[1]),
     (PATH, "eval-output-under-file", lambda d: ev(d, "--output", f"{d.file}/rec.json")),
     (NUMBER, "eval-every-0", lambda d: ev(d, "--every", "0")),
     (NUMBER, "eval-batch-0", lambda d: ev(d, "--batch-size", "0")),
     (NUMBER, "eval-threads-0", lambda d: ev(d, "--threads", "0")),
-    (FILE, "eval-classnames-empty", lambda d: (d.dataset("cls", kind="classification", classnames=b"\n"), ev(d, "--split", "train", dataset="cls"))[1]),
-    (FILE, "eval-nshards-not-integer", lambda d: (d.dataset("ns", kind="classification", nshards="x"), ev(d, "--split", "train", dataset="ns"))[1]),
-    (FILE, "eval-dataset-type-unknown", lambda d: (d.dataset("odd", kind="pictures"), ev(d, "--split", "train", dataset="odd"))[1]),
-    (TEXT, "eval-classnames-latin1", lambda d: (d.dataset("cls", kind="classification", classnames="caf\xe9\n".encode("latin-1")), ev(d, "--split", "train", dataset="cls"))[1]),
+    (
+        FILE,
+        "eval-classnames-empty",
+        lambda d: (
+            d.dataset("cls", kind="classification", classnames=b"\n"),
+            ev(d, "--split", "train", dataset="cls"),
+        )[1],
+    ),
+    (
+        FILE,
+        "eval-nshards-not-integer",
+        lambda d: (
+            d.dataset("ns", kind="classification", nshards="x"),
+            ev(d, "--split", "train", dataset="ns"),
+        )[1],
+    ),
+    (
+        FILE,
+        "eval-dataset-type-unknown",
+        lambda d: (d.dataset("odd", kind="pictures"), ev(d, "--split", "train", dataset="odd"))[1],
+    ),
+    (
+        TEXT,
+        "eval-classnames-latin1",
+        lambda d: (
+            d.dataset("cls", kind="classification", classnames="caf\xe9\n".encode("latin-1")),
+            ev(d, "--split", "train", dataset="cls"),
+        )[1],
+    ),
     # --- cache-teacher
     (UNKNOWN, "cache-dataset", lambda d: cache(d, data="cpas:train")),
-    (UNKNOWN, "cache-teacher-prefix", lambda d: ["cache-teacher", "--teacher", "nope:x", "--data", "caps:train", "--data-root", str(d.root), "--out", str(d.out)]),
-    (PATH, "cache-out-is-file", lambda d: ["cache-teacher", "--teacher", "fake:24", "--data", "caps:train", "--data-root", str(d.root), "--out", str(d.file)]),
+    (
+        UNKNOWN,
+        "cache-teacher-prefix",
+        lambda d: [
+            "cache-teacher",
+            "--teacher",
+            "nope:x",
+            "--data",
+            "caps:train",
+            "--data-root",
+            str(d.root),
+            "--out",
+            str(d.out),
+        ],
+    ),
+    (
+        PATH,
+        "cache-out-is-file",
+        lambda d: [
+            "cache-teacher",
+            "--teacher",
+            "fake:24",
+            "--data",
+            "caps:train",
+            "--data-root",
+            str(d.root),
+            "--out",
+            str(d.file),
+        ],
+    ),
     (PATH, "cache-data-glob-matches-nothing", lambda d: cache(d, data=str(d.tmp / "none" / "*.tar"))),
     (NUMBER, "cache-augmentations-0", lambda d: cache(d, "--augmentations", "0")),
     (NUMBER, "cache-batch-0", lambda d: cache(d, "--batch-size", "0")),
     (NUMBER, "cache-dclip-2-views", lambda d: cache(d, "--dclip", "--augmentations", "2")),
-    (FILE, "cache-dclip-on-classification", lambda d: cache(d, "--dclip", "--augmentations", "1", data="toy:test")),
-    (FILE, "cache-nshards-not-integer", lambda d: (d.dataset("ns", nshards="1.5"), cache(d, data="ns:train"))[1]),
+    (
+        FILE,
+        "cache-dclip-on-classification",
+        lambda d: cache(d, "--dclip", "--augmentations", "1", data="toy:test"),
+    ),
+    (
+        FILE,
+        "cache-nshards-not-integer",
+        lambda d: (d.dataset("ns", nshards="1.5"), cache(d, data="ns:train"))[1],
+    ),
     # --- export
     (PATH, "export-checkpoint-missing", lambda d: export(d, str(d.tmp / "none.pt"))),
-    (PATH, "export-out-is-file", lambda d: ["export", "--checkpoint", "student:vit-t-32", "--format", "onnx", "--out", str(d.file)]),
+    (
+        PATH,
+        "export-out-is-file",
+        lambda d: ["export", "--checkpoint", "student:vit-t-32", "--format", "onnx", "--out", str(d.file)],
+    ),
     (UNKNOWN, "export-spec-prefix", lambda d: export(d, "nope:x")),
-    (FILE, "export-checkpoint-not-a-checkpoint", lambda d: export(d, _write(d.tmp / "junk.pt", b"not a pickle at all"))),
+    (
+        FILE,
+        "export-checkpoint-not-a-checkpoint",
+        lambda d: export(d, _write(d.tmp / "junk.pt", b"not a pickle at all")),
+    ),
     (FILE, "export-checkpoint-empty", lambda d: export(d, _write(d.tmp / "empty.pt", b""))),
     # --- bench-latency
     (NUMBER, "bench-repeats-0", lambda d: bench("--repeats", "0")),
@@ -211,30 +378,173 @@ CASES: list[tuple[str, str, Builder]] = [
     (NUMBER, "bench-threads-0", lambda d: bench("--threads", "0")),
     (NUMBER, "bench-warmup-negative", lambda d: bench("--warmup", "-1")),
     (PATH, "bench-json-is-dir", lambda d: bench("--json", str(d.tmp))),
-    (PATH, "bench-results-missing", lambda d: bench("--results", str(d.tmp / "none.json"), "--plot", str(d.out / "p.png"))),
+    (
+        PATH,
+        "bench-results-missing",
+        lambda d: bench("--results", str(d.tmp / "none.json"), "--plot", str(d.out / "p.png")),
+    ),
     (UNKNOWN, "bench-model-prefix", lambda d: ["bench-latency", "--model", "nope:x", "--no-onnx"]),
     # --- balance / cluster
-    (NUMBER, "balance-nan-embeddings", lambda d: ["balance", "--embeddings", str(d.embeddings(nan=True)), "--beta", "0.3", "--out", str(d.out), "--no-plots"]),
-    (NUMBER, "balance-beta-out-of-range", lambda d: ["balance", "--embeddings", str(d.embeddings(nan=False)), "--beta", "5", "--out", str(d.out)]),
-    (NUMBER, "balance-recall-0", lambda d: ["balance", "--embeddings", str(d.embeddings(nan=False)), "--beta", "0.3", "--recall", "0", "--out", str(d.out)]),
-    (NUMBER, "cluster-nan-embeddings", lambda d: ["cluster", "--embeddings", str(d.embeddings(nan=True)), "--k", "2", "--out", str(d.out), "--no-plots"]),
-    (NUMBER, "cluster-k-0", lambda d: ["cluster", "--embeddings", str(d.embeddings(nan=False)), "--k", "0", "--out", str(d.out), "--no-plots"]),
-    (PATH, "balance-embeddings-missing", lambda d: ["balance", "--embeddings", str(d.tmp / "none.npz"), "--beta", "0.3", "--out", str(d.out)]),
-    (FILE, "balance-embeddings-corrupt", lambda d: ["balance", "--embeddings", _write(d.tmp / "bad.npz", b"not an npz"), "--beta", "0.3", "--out", str(d.out)]),
+    (
+        NUMBER,
+        "balance-nan-embeddings",
+        lambda d: [
+            "balance",
+            "--embeddings",
+            str(d.embeddings(nan=True)),
+            "--beta",
+            "0.3",
+            "--out",
+            str(d.out),
+            "--no-plots",
+        ],
+    ),
+    (
+        NUMBER,
+        "balance-beta-out-of-range",
+        lambda d: [
+            "balance",
+            "--embeddings",
+            str(d.embeddings(nan=False)),
+            "--beta",
+            "5",
+            "--out",
+            str(d.out),
+        ],
+    ),
+    (
+        NUMBER,
+        "balance-recall-0",
+        lambda d: [
+            "balance",
+            "--embeddings",
+            str(d.embeddings(nan=False)),
+            "--beta",
+            "0.3",
+            "--recall",
+            "0",
+            "--out",
+            str(d.out),
+        ],
+    ),
+    (
+        NUMBER,
+        "cluster-nan-embeddings",
+        lambda d: [
+            "cluster",
+            "--embeddings",
+            str(d.embeddings(nan=True)),
+            "--k",
+            "2",
+            "--out",
+            str(d.out),
+            "--no-plots",
+        ],
+    ),
+    (
+        NUMBER,
+        "cluster-k-0",
+        lambda d: [
+            "cluster",
+            "--embeddings",
+            str(d.embeddings(nan=False)),
+            "--k",
+            "0",
+            "--out",
+            str(d.out),
+            "--no-plots",
+        ],
+    ),
+    (
+        PATH,
+        "balance-embeddings-missing",
+        lambda d: ["balance", "--embeddings", str(d.tmp / "none.npz"), "--beta", "0.3", "--out", str(d.out)],
+    ),
+    (
+        FILE,
+        "balance-embeddings-corrupt",
+        lambda d: [
+            "balance",
+            "--embeddings",
+            _write(d.tmp / "bad.npz", b"not an npz"),
+            "--beta",
+            "0.3",
+            "--out",
+            str(d.out),
+        ],
+    ),
     # --- teacher build
-    (NUMBER, "teacher-build-epochs-0", lambda d: ["teacher", "build", "--data", "caps", "--data-root", str(d.root), "--out", str(d.out), "--epochs", "0"]),
-    (UNKNOWN, "teacher-build-dataset", lambda d: ["teacher", "build", "--data", "cpas", "--data-root", str(d.root), "--out", str(d.out)]),
-    (FILE, "teacher-build-classification-set", lambda d: ["teacher", "build", "--data", "toy", "--data-root", str(d.root), "--out", str(d.out)]),
-    (PATH, "teacher-build-out-is-file", lambda d: ["teacher", "build", "--data", "caps", "--data-root", str(d.root), "--out", str(d.file), "--epochs", "1"]),
+    (
+        NUMBER,
+        "teacher-build-epochs-0",
+        lambda d: [
+            "teacher",
+            "build",
+            "--data",
+            "caps",
+            "--data-root",
+            str(d.root),
+            "--out",
+            str(d.out),
+            "--epochs",
+            "0",
+        ],
+    ),
+    (
+        UNKNOWN,
+        "teacher-build-dataset",
+        lambda d: ["teacher", "build", "--data", "cpas", "--data-root", str(d.root), "--out", str(d.out)],
+    ),
+    (
+        FILE,
+        "teacher-build-classification-set",
+        lambda d: ["teacher", "build", "--data", "toy", "--data-root", str(d.root), "--out", str(d.out)],
+    ),
+    (
+        PATH,
+        "teacher-build-out-is-file",
+        lambda d: [
+            "teacher",
+            "build",
+            "--data",
+            "caps",
+            "--data-root",
+            str(d.root),
+            "--out",
+            str(d.file),
+            "--epochs",
+            "1",
+        ],
+    ),
     # --- losses / compare
-    (TEXT, "losses-check-latin1", lambda d: ["losses", "--check", _write(d.tmp / "l1.yaml", "losses: {clip: 1.0} # caf\xe9\n".encode("latin-1"))]),
+    (
+        TEXT,
+        "losses-check-latin1",
+        lambda d: [
+            "losses",
+            "--check",
+            _write(d.tmp / "l1.yaml", "losses: {clip: 1.0} # caf\xe9\n".encode("latin-1")),
+        ],
+    ),
     (PATH, "losses-check-dir", lambda d: ["losses", "--check", str(d.tmp)]),
-    (UNKNOWN, "losses-check-unknown-term", lambda d: ["losses", "--check", _write(d.tmp / "r.yaml", b"losses: {crdd: 1}\n")]),
+    (
+        UNKNOWN,
+        "losses-check-unknown-term",
+        lambda d: ["losses", "--check", _write(d.tmp / "r.yaml", b"losses: {crdd: 1}\n")],
+    ),
     (FILE, "compare-not-json", lambda d: ["compare", _write(d.tmp / "r.json", b"{nope")]),
-    (TEXT, "compare-latin1", lambda d: ["compare", _write(d.tmp / "r.json", "{\"a\": \"caf\xe9\"}".encode("latin-1"))]),
+    (
+        TEXT,
+        "compare-latin1",
+        lambda d: ["compare", _write(d.tmp / "r.json", '{"a": "caf\xe9"}'.encode("latin-1"))],
+    ),
     # --- data get / list (refused before the Hub is asked)
     (UNKNOWN, "data-get-dataset", lambda d: ["data", "get", "cifar1O", "--root", str(d.out)]),
-    (UNKNOWN, "data-get-split", lambda d: ["data", "get", "cifar10", "--splits", "test,tr*in", "--root", str(d.out)]),
+    (
+        UNKNOWN,
+        "data-get-split",
+        lambda d: ["data", "get", "cifar10", "--splits", "test,tr*in", "--root", str(d.out)],
+    ),
     (PATH, "data-get-root-is-file", lambda d: ["data", "get", "cifar10", "--root", str(d.file)]),
     (PATH, "data-list-root-missing", lambda d: ["data", "list", "--root", str(d.tmp / "none")]),
     # --- demo (refused before the teacher is built)
@@ -242,7 +552,11 @@ CASES: list[tuple[str, str, Builder]] = [
     (UNKNOWN, "demo-student-not-a-preset", lambda d: demo(d, "--student", "openclip:ViT-B-32")),
     (NUMBER, "demo-epochs-negative", lambda d: demo(d, "--epochs", "-1")),
     # --- students
-    (PATH, "students-check-weights-missing", lambda d: ["students", "--check", "--weights", str(d.tmp / "none.pth")]),
+    (
+        PATH,
+        "students-check-weights-missing",
+        lambda d: ["students", "--check", "--weights", str(d.tmp / "none.pth")],
+    ),
 ]
 
 
@@ -272,5 +586,18 @@ def test_bad_input_gives_one_line_and_exit_2(data, kind, argv, capsys, caplog):
 def test_the_table_covers_every_class_and_command():
     assert set(Counter(kind for kind, _, _ in CASES)) == {UNKNOWN, PATH, NUMBER, FILE, TEXT}
     commands = {i.split("-")[0] for _, i, _ in CASES}
-    assert commands == {"distill", "eval", "cache", "export", "bench", "balance", "cluster", "teacher", "losses", "compare",
-                        "data", "demo", "students"}
+    assert commands == {
+        "distill",
+        "eval",
+        "cache",
+        "export",
+        "bench",
+        "balance",
+        "cluster",
+        "teacher",
+        "losses",
+        "compare",
+        "data",
+        "demo",
+        "students",
+    }

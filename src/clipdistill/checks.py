@@ -23,9 +23,13 @@ def check_output_dir(path: str | Path, what: str = "output_dir") -> Path:
         raise UserError(f"{what} '{path}' is a file, not a folder; pass a folder path (new or existing)")
     parent = _existing_ancestor(path)
     if not parent.is_dir():
-        raise UserError(f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder; pass another path")
+        raise UserError(
+            f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder; pass another path"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} '{path}' cannot be written: no write permission in '{parent}'; pass another folder")
+        raise UserError(
+            f"{what} '{path}' cannot be written: no write permission in '{parent}'; pass another folder"
+        )
     return path
 
 
@@ -36,7 +40,9 @@ def check_output_file(path: str | Path, what: str = "--output") -> Path:
         raise UserError(f"{what} '{path}' is a folder; pass a file path such as {path / 'record.json'}")
     parent = _existing_ancestor(path.parent)
     if not parent.is_dir():
-        raise UserError(f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder; pass another path")
+        raise UserError(
+            f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder; pass another path"
+        )
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{what} '{path}' is not writable (permissions of '{parent}'); pass another path")
     return path

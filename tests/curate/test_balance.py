@@ -49,8 +49,13 @@ def planted(n: int = 1500, dim: int = 32, groups: int = 120, seed: int = 0, spre
 
 def planted_pairs(gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pair of rows in the same planted group."""
-    pairs = [(a, b) for g in np.unique(gid[gid >= 0]) for a in np.flatnonzero(gid == g) for b in np.flatnonzero(gid == g)
-             if a < b]
+    pairs = [
+        (a, b)
+        for g in np.unique(gid[gid >= 0])
+        for a in np.flatnonzero(gid == g)
+        for b in np.flatnonzero(gid == g)
+        if a < b
+    ]
     return np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
 
 
@@ -211,14 +216,18 @@ def test_beta_for_keep_and_curve_agree_with_direct_counts():
     under = pairs.under(beta)
     assert frac == len(np.unique(connected_components(n, under.i, under.j))) / n
     # no other threshold among the pair distances gets closer to the target
-    fracs = [len(np.unique(connected_components(n, *(lambda p: (p.i, p.j))(pairs.under(b))))) / n
-             for b in np.unique(pairs.d)[::7]]
+    fracs = [
+        len(np.unique(connected_components(n, *(lambda p: (p.i, p.j))(pairs.under(b))))) / n
+        for b in np.unique(pairs.d)[::7]
+    ]
     assert abs(frac - 0.9) <= min(abs(f - 0.9) for f in fracs) + 1e-12
 
 
 def test_target_keep_end_to_end(tmp_path):
     x, _ = planted(seed=7)
-    result = balance(Embeddings(x), BalanceConfig(target_keep=0.9, search=SearchConfig(index="ivf", pca=16)), tmp_path)
+    result = balance(
+        Embeddings(x), BalanceConfig(target_keep=0.9, search=SearchConfig(index="ivf", pca=16)), tmp_path
+    )
     assert abs(result.stats["kept_fraction"] - 0.9) < 0.01
     assert len(load_keep_list(tmp_path / "keep.txt")) == result.stats["kept"]
 
@@ -232,8 +241,21 @@ def test_keep_list_filters_iter_samples(make_dataset, tmp_path):
     x[5], x[9] = x[2], x[2] + 1e-3  # rows 2, 5, 9 are near-duplicates
     keys = np.array([f"s{i:07d}" for i in range(12)])
     np.savez(tmp_path / "emb.npz", embeddings=x, keys=keys)
-    assert main(["balance", "--embeddings", str(tmp_path / "emb.npz"), "--beta", "0.1", "--out", str(tmp_path / "o"),
-                 "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "balance",
+                "--embeddings",
+                str(tmp_path / "emb.npz"),
+                "--beta",
+                "0.1",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     kept = load_keep_list(tmp_path / "o")
     assert len(kept) == 10 and "s0000002" in kept
     shards = dataset_info("toy", root).shards("test")
@@ -245,13 +267,21 @@ def test_cli_sweep_table_plots_and_errors(tmp_path, capsys):
     np.save(tmp_path / "e.npy", x)
     (tmp_path / "e.keys.txt").write_text("".join(f"k{i}\n" for i in range(len(x))))
     out = tmp_path / "o"
-    assert main(["balance", "--embeddings", str(tmp_path / "e.npy"), "--sweep", "0.1,0.2,0.3", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["balance", "--embeddings", str(tmp_path / "e.npy"), "--sweep", "0.1,0.2,0.3", "--out", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "kept_frac" in printed and "0.3000" in printed
     stats = json.loads((out / "stats.json").read_text())
     assert [r["beta"] for r in stats["sweep"]] == [0.1, 0.2, 0.3]
     assert (out / "kept_vs_beta.png").stat().st_size > 1000 and not (out / "keep.txt").exists()
-    assert main(["balance", "--embeddings", str(tmp_path / "missing.npy"), "--beta", "0.2", "--out", str(out)]) == 2
+    assert (
+        main(["balance", "--embeddings", str(tmp_path / "missing.npy"), "--beta", "0.2", "--out", str(out)])
+        == 2
+    )
     (tmp_path / "e.keys.txt").write_text("only-one\n")
     with pytest.raises(UserError, match="1 lines for 400"):
         load_embeddings(tmp_path / "e.npy")
@@ -270,7 +300,9 @@ def test_reads_a_teacher_cache_folder(tmp_path):
         np.save(folder / "image.npy", image)
         (folder / "keys.json").write_text(json.dumps([f"{s}-{i}" for i in range(len(image))]))
         shards.append({"name": f"{s}.tar", "dir": f"{s:05d}", "samples": len(image)})
-    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"shards": shards, "parts": {"augment": {"center_view": True}}}))
+    (tmp_path / "cache" / "cache.json").write_text(
+        json.dumps({"shards": shards, "parts": {"augment": {"center_view": True}}})
+    )
     emb = load_embeddings(tmp_path / "cache")
     assert emb.key_list() == [f"0-{i}" for i in range(4)] + [f"1-{i}" for i in range(5)]
     assert np.array_equal(emb.array, np.concatenate([v[:, 0] for v in views]).astype(np.float32))
@@ -294,10 +326,18 @@ def test_sharded_two_processes_equal_single_process(tmp_path):
     x, _ = planted(n=3000, groups=250, seed=9)
     np.savez(tmp_path / "e.npz", embeddings=x, keys=np.array([f"k{i}" for i in range(len(x))]))
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.start_processes(_sharded_worker, args=(2, init, str(tmp_path / "e.npz"), str(tmp_path / "sharded")), nprocs=2,
-                       join=True, start_method="spawn")
-    single = balance(load_embeddings(tmp_path / "e.npz"),
-                     BalanceConfig(beta=BETA, search=SearchConfig(index="ivf", pca=16, nprobe=4)), tmp_path / "single")
+    mp.start_processes(
+        _sharded_worker,
+        args=(2, init, str(tmp_path / "e.npz"), str(tmp_path / "sharded")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    single = balance(
+        load_embeddings(tmp_path / "e.npz"),
+        BalanceConfig(beta=BETA, search=SearchConfig(index="ivf", pca=16, nprobe=4)),
+        tmp_path / "single",
+    )
     assert (tmp_path / "sharded" / "keep.txt").read_text() == (tmp_path / "single" / "keep.txt").read_text()
     stats = json.loads((tmp_path / "sharded" / "stats.json").read_text())
     assert stats["search"]["world_size"] == 2 and stats["groups"] == single.stats["groups"] > 100

@@ -65,8 +65,14 @@ def test_errors_and_cli(tmp_path, capsys):
     with pytest.raises(UserError, match="run `clipdistill cluster"):
         load_pseudo_labels(tmp_path / "nothing")
     np.savez(tmp_path / "e.npz", embeddings=x, keys=np.array([f"k{i}" for i in range(len(x))]))
-    assert main(["cluster", "--embeddings", str(tmp_path / "e.npz"), "--k", "3", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(["cluster", "--embeddings", str(tmp_path / "e.npz"), "--k", "3", "--out", str(tmp_path / "c")])
+        == 0
+    )
     assert "3 clusters" in capsys.readouterr().out
     _, by_key = load_pseudo_labels(tmp_path / "c")
     assert set(by_key) == {f"k{i}" for i in range(50)} and set(by_key.values()) == {0, 1, 2}
-    assert main(["cluster", "--embeddings", str(tmp_path / "e.npz"), "--k", "99", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(["cluster", "--embeddings", str(tmp_path / "e.npz"), "--k", "99", "--out", str(tmp_path / "d")])
+        == 2
+    )

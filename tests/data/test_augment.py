@@ -70,7 +70,9 @@ def test_replay_follows_each_models_resolution_and_normalisation():
     diff = np.abs(np.asarray(pil_l, float) - np.asarray(pil_s, float)).mean()
     other = replay_pil(img, sample_params(AugmentPolicy(), 60, 40, 1, np.random.default_rng(4))[0], 16)
     assert diff < 0.5 * np.abs(np.asarray(other, float) - np.asarray(pil_s, float)).mean()
-    assert torch.allclose(xs, (torch.from_numpy(np.asarray(pil_s, np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.5, atol=1e-6)
+    assert torch.allclose(
+        xs, (torch.from_numpy(np.asarray(pil_s, np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.5, atol=1e-6
+    )
 
 
 def test_jitter_is_applied_before_resizing_so_colours_agree():

@@ -27,7 +27,13 @@ VIEWS = {"student": ImageConfig(size=8, resize=8)}
 
 
 def _cfg(shards, **kw) -> StreamConfig:
-    return StreamConfig(shards=shards, batch_size=kw.pop("batch_size", 4), views=kw.pop("views", VIEWS), shuffle_buffer=5, **kw)
+    return StreamConfig(
+        shards=shards,
+        batch_size=kw.pop("batch_size", 4),
+        views=kw.pop("views", VIEWS),
+        shuffle_buffer=5,
+        **kw,
+    )
 
 
 def _take(loader, n: int) -> list[dict]:

@@ -35,7 +35,9 @@ def test_cache_holds_the_teachers_embeddings_of_each_view_and_caption(shards, tm
     assert info.shards[0]["skipped"] == {"undecodable image": 1}
     assert teacher.images_seen == 27
     assert info.logit_scale == pytest.approx(50.0)
-    sample = next(s for s in (decode_record(r, SkipCounter()) for r in read_raw(shards[1:], SkipCounter())) if s)
+    sample = next(
+        s for s in (decode_record(r, SkipCounter()) for r in read_raw(shards[1:], SkipCounter())) if s
+    )
     shard, row = cache.lookup("caps/train/1.tar", sample.key)
     views = replay_many(sample.image, np.asarray(shard.aug[row]), teacher.image_config)
     with torch.no_grad():
@@ -43,7 +45,9 @@ def test_cache_holds_the_teachers_embeddings_of_each_view_and_caption(shards, tm
         t = teacher.text_features(teacher.tokenize(sample.captions)).embedding
     np.testing.assert_allclose(shard.image[row], f.embedding.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(shard.pooled[row], f.pooled.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.stack([shard.text_row(row, c) for c in range(2)]), t.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([shard.text_row(row, c) for c in range(2)]), t.numpy(), rtol=1e-5, atol=1e-6
+    )
     assert cache.lookup("caps/train/0.tar", "s0000004") is None  # the corrupt sample
     assert not list(tmp_path.glob("c/shards/.*")) and not list(tmp_path.glob("c/.*"))
 
@@ -103,7 +107,14 @@ class _CachingTeacher(FakeTeacher):
 
 def test_centre_views_use_the_teachers_feature_cache_random_views_bypass_it(shards, tmp_path):
     teacher = _CachingTeacher()
-    build_cache(teacher, shards[:1], tmp_path / "c", augmentations=3, policy=AugmentPolicy(center_view=True), batch_size=100)
+    build_cache(
+        teacher,
+        shards[:1],
+        tmp_path / "c",
+        augmentations=3,
+        policy=AugmentPolicy(center_view=True),
+        batch_size=100,
+    )
     assert teacher.calls == [(4, True), (8, False)]
     assert teacher.feature_cache is not None
 
@@ -114,8 +125,24 @@ def test_cache_teacher_cli(shards, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(factory._ADAPTERS, "fake", lambda rest: FakeTeacher())
     data = str(shards[0].parent.parent) + ":train"
-    rc = main(["cache-teacher", "--teacher", "fake:24", "--data", data, "--augmentations", "2",
-               "--out", str(tmp_path / "c"), "--augment", "flip=0.0"])
+    rc = main(
+        [
+            "cache-teacher",
+            "--teacher",
+            "fake:24",
+            "--data",
+            data,
+            "--augmentations",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+            "--augment",
+            "flip=0.0",
+        ]
+    )
     assert rc == 0 and "9 samples x 2 views" in capsys.readouterr().out
     assert TeacherCache(tmp_path / "c").info.policy.flip == 0.0
-    assert main(["cache-teacher", "--teacher", "fake:24", "--data", "nope:train", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(["cache-teacher", "--teacher", "fake:24", "--data", "nope:train", "--out", str(tmp_path / "d")])
+        == 2
+    )

@@ -7,14 +7,18 @@ import pytest
 from clipdistill.data.texts import load_corpus, parse_wordnet_line, sample_texts
 from clipdistill.errors import UserError
 
-NOUN = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 | a member of the genus "
-        "Canis (probably descended from the common wolf); \"the dog barked all night\"  ")
+NOUN = (
+    "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 | a member of the genus "
+    'Canis (probably descended from the common wolf); "the dog barked all night"  '
+)
 ADJ = "00001740 00 a 01 able(p) 0 005 = 05207437 n 0000 | (usually followed by `to') having the necessary means  "
 
 
 def test_parse_wordnet_lines():
-    assert parse_wordnet_line(NOUN) == ("dog, domestic dog, Canis familiaris: a member of the genus Canis (probably "
-                                        'descended from the common wolf); "the dog barked all night"')
+    assert parse_wordnet_line(NOUN) == (
+        "dog, domestic dog, Canis familiaris: a member of the genus Canis (probably "
+        'descended from the common wolf); "the dog barked all night"'
+    )
     assert parse_wordnet_line(ADJ).startswith("able: (usually followed by")
     assert parse_wordnet_line("  1 This software and database is being provided") is None
 
@@ -22,7 +26,9 @@ def test_parse_wordnet_lines():
 def test_wordnet_folder_and_file_corpus(tmp_path, monkeypatch):
     (tmp_path / "wn").mkdir()
     for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
-        (tmp_path / "wn" / name).write_text("  1 licence header\n" + (NOUN if name == "data.noun" else ADJ) + "\n")
+        (tmp_path / "wn" / name).write_text(
+            "  1 licence header\n" + (NOUN if name == "data.noun" else ADJ) + "\n"
+        )
     monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "wn"))
     assert len(load_corpus("wordnet")) == 4 and len(load_corpus("wordnet:noun")) == 1
     with pytest.raises(UserError, match="unknown WordNet part"):

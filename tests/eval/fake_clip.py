@@ -20,8 +20,9 @@ def _pixels(img) -> Tensor:
 
 
 class LookupClip(ClipModel):
-    def __init__(self, vectors: dict[bytes, Tensor], text_index: Callable[[str], int], dim: int,
-                 text_bias: float = 0.0) -> None:
+    def __init__(
+        self, vectors: dict[bytes, Tensor], text_index: Callable[[str], int], dim: int, text_bias: float = 0.0
+    ) -> None:
         super().__init__()
         self.vectors, self.text_index, self.embed_dim = vectors, text_index, dim
         self.name = "fake"
@@ -53,9 +54,11 @@ class LookupClip(ClipModel):
 
 def class_index(classnames: Sequence[str]) -> Callable[[str], int]:
     """The index of the (longest) class name that appears as a word in a prompt; 0 when none does."""
+
     def index(text: str) -> int:
         hits = [i for i, c in enumerate(classnames) if re.search(rf"\b{re.escape(c)}\b", text)]
         return max(hits, key=lambda i: len(classnames[i])) if hits else 0
+
     return index
 
 
@@ -65,8 +68,15 @@ def caption_index(text: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def lookup_model(root, name: str, vector: Callable[[int, object], Tensor], text_index: Callable[[str], int],
-                 dim: int, splits: Sequence[str] = ("test",), **kw) -> LookupClip:
+def lookup_model(
+    root,
+    name: str,
+    vector: Callable[[int, object], Tensor],
+    text_index: Callable[[str], int],
+    dim: int,
+    splits: Sequence[str] = ("test",),
+    **kw,
+) -> LookupClip:
     """A LookupClip whose image embedding for the i-th sample of each split is `vector(i, sample)`."""
     info = dataset_info(name, root)
     vectors = {}
@@ -82,4 +92,6 @@ def one_hot(i: int, dim: int) -> Tensor:
 
 def perfect_classifier(root, name: str, classnames: Sequence[str], splits=("test",), **kw) -> LookupClip:
     n = len(classnames)
-    return lookup_model(root, name, lambda i, s: one_hot(s.label, n), class_index(classnames), n, splits, **kw)
+    return lookup_model(
+        root, name, lambda i, s: one_hot(s.label, n), class_index(classnames), n, splits, **kw
+    )

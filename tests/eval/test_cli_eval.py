@@ -45,9 +45,23 @@ def test_wrong_split(toy, capsys):
 
 
 def test_wrong_task(toy, capsys):
-    rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--task", "base2nvel", "--data-root", str(toy)])
+    rc = main(
+        ["eval", "--model", "fake:x", "--dataset", "toy", "--task", "base2nvel", "--data-root", str(toy)]
+    )
     one_line_error(capsys, rc, "unknown task", "did you mean 'base2novel'")
-    rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--task", "zeroshot_retrieval", "--data-root", str(toy)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "fake:x",
+            "--dataset",
+            "toy",
+            "--task",
+            "zeroshot_retrieval",
+            "--data-root",
+            str(toy),
+        ]
+    )
     one_line_error(capsys, rc, "needs a retrieval dataset")
 
 
@@ -73,13 +87,31 @@ def test_help(cmd, capsys):
 
 def test_eval_prints_table_writes_json_and_compare_reads_it(toy, tmp_path, capsys):
     out = tmp_path / "results" / "fake-toy.json"
-    rc = main(["eval", "--model", "fake:perfect", "--dataset", "toy", "--data-root", str(toy), "--quiet",
-               "--output", str(out), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "fake:perfect",
+            "--dataset",
+            "toy",
+            "--data-root",
+            str(toy),
+            "--quiet",
+            "--output",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     assert "| top-1 | 100.0 |" in printed and "10 samples" in printed
     rec = json.loads(out.read_text())
-    assert rec["model"] == "fake:perfect" and rec["pretrained"] == "random" and rec["task"] == "zeroshot_classification"
+    assert (
+        rec["model"] == "fake:perfect"
+        and rec["pretrained"] == "random"
+        and rec["task"] == "zeroshot_classification"
+    )
     assert rec["metrics"]["acc1"] == 1.0 and rec["clipdistill"]["spec"] == "fake:perfect"
     rc = main(["compare", str(tmp_path / "results" / "*.json")])
     table = capsys.readouterr().out
@@ -89,15 +121,44 @@ def test_eval_prints_table_writes_json_and_compare_reads_it(toy, tmp_path, capsy
 
 
 def _rec(spec, dataset, task, metrics, every=1):
-    return {"dataset": dataset, "model": spec, "pretrained": "random", "task": task, "metrics": metrics,
-            "clipdistill": {"spec": spec, "split": "test", "every": every, "samples": 10, "skipped": 0, "seconds": 1.0}}
+    return {
+        "dataset": dataset,
+        "model": spec,
+        "pretrained": "random",
+        "task": task,
+        "metrics": metrics,
+        "clipdistill": {
+            "spec": spec,
+            "split": "test",
+            "every": every,
+            "samples": 10,
+            "skipped": 0,
+            "seconds": 1.0,
+        },
+    }
 
 
 def test_compare_table_across_models_and_datasets():
     records = [
-        _rec("a", "cifar10", "zeroshot_classification", {"acc1": 0.4, "acc5": 0.9, "mean_per_class_recall": 0.41}),
-        _rec("b", "cifar10", "zeroshot_classification", {"acc1": 0.25, "acc5": 0.7, "mean_per_class_recall": 0.2}, every=5),
-        _rec("a", "flickr8k", "zeroshot_retrieval", {"text_retrieval_recall@1": 0.267, "image_retrieval_recall@1": 0.2034}),
+        _rec(
+            "a",
+            "cifar10",
+            "zeroshot_classification",
+            {"acc1": 0.4, "acc5": 0.9, "mean_per_class_recall": 0.41},
+        ),
+        _rec(
+            "b",
+            "cifar10",
+            "zeroshot_classification",
+            {"acc1": 0.25, "acc5": 0.7, "mean_per_class_recall": 0.2},
+            every=5,
+        ),
+        _rec(
+            "a",
+            "flickr8k",
+            "zeroshot_retrieval",
+            {"text_retrieval_recall@1": 0.267, "image_retrieval_recall@1": 0.2034},
+        ),
         _rec("b", "cifar10", "base2novel", {"base_acc1": 0.5, "novel_acc1": 0.25, "hm": 1 / 3}),
     ]
     assert compare(records) == (

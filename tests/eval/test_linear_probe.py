@@ -71,7 +71,9 @@ def test_select_c_refines_around_the_best_grid_value():
     best, scores = select_c(xs, y.numpy(), ProbeConfig(c_grid=(1e-4, 1.0), max_iter=300))
     grid_best = max((1e-4, 1.0), key=lambda c: (scores[c], -c))
     assert set(scores) == {1e-4, 1.0, grid_best * 10**-0.5, grid_best * 10**0.5}
-    assert scores[best] == max(scores.values()) and best == min(c for c, s in scores.items() if s == scores[best])
+    assert scores[best] == max(scores.values()) and best == min(
+        c for c, s in scores.items() if s == scores[best]
+    )
 
 
 def test_probe_logits_cover_classes_missing_from_train():
@@ -93,20 +95,35 @@ def test_runner_end_to_end_with_feature_cache(make_dataset, tmp_path):
     root = make_dataset("toy", n=15, classes=CLASSES, split="test")
     model = perfect_classifier(root, "toy", CLASSES, splits=("train", "test"))
     model.spec = "fake:perfect"
-    rec = runner.evaluate(model, "toy", task="linear_probe", data_root=root, probe_config=FAST, progress=False)
+    rec = runner.evaluate(
+        model, "toy", task="linear_probe", data_root=root, probe_config=FAST, progress=False
+    )
     assert rec["task"] == "linear_probe"
     assert rec["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
     extra = rec["clipdistill"]
-    assert extra["samples"] == 15 and extra["probe"]["train_samples"] == 40 and extra["train_split"] == "train"
+    assert (
+        extra["samples"] == 15 and extra["probe"]["train_samples"] == 40 and extra["train_split"] == "train"
+    )
     assert f"{extra['probe']['C']:g}" in extra["probe"]["val_scores"] and extra["probe"]["val_acc1"] == 1.0
     assert len(list((tmp_path / "cache" / "image_features").glob("*.pt"))) == 2
     seen = model.images_seen
     assert seen == 40 + 15 + 2  # both splits + one probe image per split
-    again = runner.evaluate(model, "toy", task="linear_probe", data_root=root, probe_config=FAST, progress=False)
+    again = runner.evaluate(
+        model, "toy", task="linear_probe", data_root=root, probe_config=FAST, progress=False
+    )
     assert model.images_seen == seen + 2  # features from the cache, only the probes ran
     assert again["metrics"] == rec["metrics"]
-    runner.evaluate(model, "toy", task="linear_probe", data_root=root, every=2, train_every=4,
-                    probe_config=FAST, progress=False, cache=False)
+    runner.evaluate(
+        model,
+        "toy",
+        task="linear_probe",
+        data_root=root,
+        every=2,
+        train_every=4,
+        probe_config=FAST,
+        progress=False,
+        cache=False,
+    )
     assert model.images_seen == seen + 2 + 10 + 8
 
 

@@ -11,11 +11,13 @@ from clipdistill.eval import runner
 from clipdistill.eval.retrieval import retrieval_metrics
 
 # scores[i, t]: image i x text t. Texts 0,1 belong to image 0; 2,3 to image 1; 4,5 to image 2.
-SCORES = 0.5 * torch.tensor([
-    [0.9, 0.1, 0.5, 0.4, 0.3, 0.2],  # image 0: own text 0 ranks 1st
-    [0.5, 0.6, 0.1, 0.2, 0.3, 0.4],  # image 1: own texts rank 6th and 5th
-    [0.2, 0.3, 0.45, 0.15, 0.35, 0.05],  # image 2: own text 4 ranks 2nd
-])
+SCORES = 0.5 * torch.tensor(
+    [
+        [0.9, 0.1, 0.5, 0.4, 0.3, 0.2],  # image 0: own text 0 ranks 1st
+        [0.5, 0.6, 0.1, 0.2, 0.3, 0.4],  # image 1: own texts rank 6th and 5th
+        [0.2, 0.3, 0.45, 0.15, 0.35, 0.05],  # image 2: own text 4 ranks 2nd
+    ]
+)
 OWNER = [0, 0, 1, 1, 2, 2]
 
 
@@ -69,8 +71,12 @@ def test_matches_a_loop_reference_on_random_embeddings():
 def test_random_embeddings_score_about_chance():
     g = torch.Generator().manual_seed(1)
     n = 200
-    m = retrieval_metrics(torch.randn(n, 64, generator=g), torch.randn(5 * n, 64, generator=g),
-                          [t // 5 for t in range(5 * n)], ks=(10,))
+    m = retrieval_metrics(
+        torch.randn(n, 64, generator=g),
+        torch.randn(5 * n, 64, generator=g),
+        [t // 5 for t in range(5 * n)],
+        ks=(10,),
+    )
     assert m["image_retrieval_recall@10"] == pytest.approx(10 / n, abs=0.03)
     # 5 captions per image among 1,000 texts: P(one in top 10) = 1 - C(995,10)/C(1000,10) ~ 0.049
     assert m["text_retrieval_recall@10"] == pytest.approx(0.049, abs=0.035)
@@ -94,7 +100,9 @@ def test_perfect_model_retrieves_everything(make_dataset):
 def test_wrong_captions_score_zero_at_1(make_dataset):
     root = make_dataset("caps", kind="retrieval", n=6)
     # every image embeds as the next sample's captions: never its own at rank 1, always within 2
-    model = lookup_model(root, "caps", lambda i, s: one_hot((i + 1) % 6, 6) + 0.5 * one_hot(i, 6), caption_index, 6)
+    model = lookup_model(
+        root, "caps", lambda i, s: one_hot((i + 1) % 6, 6) + 0.5 * one_hot(i, 6), caption_index, 6
+    )
     m = runner.evaluate(model, "caps", data_root=root, progress=False)["metrics"]
     assert m["text_retrieval_recall@1"] == 0.0 and m["image_retrieval_recall@1"] == 0.0
     assert m["text_retrieval_recall@5"] == 1.0 and m["image_retrieval_recall@5"] == 1.0

@@ -41,12 +41,14 @@ def test_fill_templates_is_class_major_and_rejects_templates_without_placeholder
 
 def test_classification_metrics_hand_computed():
     # 4 images, 5 classes. Ranks of the true class: 1, 1, 3, 6th-impossible -> 5 (last).
-    logits = torch.tensor([
-        [0.9, 0.1, 0.0, 0.0, 0.0],  # target 0, rank 1
-        [0.1, 0.9, 0.0, 0.0, 0.0],  # target 1, rank 1
-        [0.5, 0.4, 0.3, 0.2, 0.1],  # target 2, rank 3
-        [0.5, 0.4, 0.3, 0.2, 0.1],  # target 4, rank 5
-    ])
+    logits = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0],  # target 0, rank 1
+            [0.1, 0.9, 0.0, 0.0, 0.0],  # target 1, rank 1
+            [0.5, 0.4, 0.3, 0.2, 0.1],  # target 2, rank 3
+            [0.5, 0.4, 0.3, 0.2, 0.1],  # target 4, rank 5
+        ]
+    )
     m = classification_metrics(logits, torch.tensor([0, 1, 2, 4]))
     assert m["acc1"] == pytest.approx(0.5)
     assert m["acc5"] == pytest.approx(1.0)
@@ -65,7 +67,9 @@ def test_label_shuffled_logits_score_about_chance():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (3000,), generator=g)
     shuffled = labels[torch.randperm(len(labels), generator=g)]
-    m = classification_metrics(torch.nn.functional.one_hot(shuffled, 10).float() + 0.01 * torch.rand(3000, 10, generator=g), labels)
+    m = classification_metrics(
+        torch.nn.functional.one_hot(shuffled, 10).float() + 0.01 * torch.rand(3000, 10, generator=g), labels
+    )
     assert m["acc1"] == pytest.approx(0.1, abs=0.03)
     assert m["acc5"] == pytest.approx(0.5, abs=0.05)
     assert m["mean_per_class_recall"] == pytest.approx(0.1, abs=0.03)
@@ -74,7 +78,9 @@ def test_label_shuffled_logits_score_about_chance():
 def test_perfect_model_scores_100(make_dataset):
     root = make_dataset("toy", n=20, classes=CLASSES)
     model = perfect_classifier(root, "toy", CLASSES)
-    torch.testing.assert_close(class_embeddings(model, CLASSES, ["a photo of a {c}.", "a {c}."]), torch.eye(5))
+    torch.testing.assert_close(
+        class_embeddings(model, CLASSES, ["a photo of a {c}.", "a {c}."]), torch.eye(5)
+    )
     rec = runner.evaluate(model, "toy", data_root=root, progress=False)
     assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "toy"
     assert rec["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
@@ -90,8 +96,7 @@ def test_label_shuffled_model_scores_about_chance(make_dataset):
     model = lookup_model(root, "toy", lambda i, s: one_hot(int(wrong[i]), 5), class_index(CLASSES), 5)
     rec = runner.evaluate(model, "toy", data_root=root, progress=False)
     assert rec["metrics"]["acc1"] == pytest.approx(0.2, abs=0.08)
-    assert rec["metrics"]["acc1"] == pytest.approx(
-        sum(int(wrong[i]) == i % 5 for i in range(200)) / 200)
+    assert rec["metrics"]["acc1"] == pytest.approx(sum(int(wrong[i]) == i % 5 for i in range(200)) / 200)
 
 
 def test_every_subsamples_and_says_so(make_dataset, tmp_path):
@@ -153,7 +158,10 @@ def test_zeroshot_logits_are_cosine_similarities():
 
 
 def test_split_spec_names_model_and_weights():
-    assert runner.split_spec("openclip:ViT-B-32/laion2b_s34b_b79k") == ("openclip:ViT-B-32", "laion2b_s34b_b79k")
+    assert runner.split_spec("openclip:ViT-B-32/laion2b_s34b_b79k") == (
+        "openclip:ViT-B-32",
+        "laion2b_s34b_b79k",
+    )
     assert runner.split_spec("student:vit-t-32@/ck/last.pt") == ("student:vit-t-32", "/ck/last.pt")
     assert runner.split_spec("teacher:/t/dir") == ("teacher", "/t/dir")
     assert runner.split_spec("hf:openai/clip-vit-base-patch32") == ("hf", "openai/clip-vit-base-patch32")

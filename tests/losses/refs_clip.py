@@ -13,18 +13,26 @@ import torch
 from clipdistill.losses import Distiller, Outputs, parse_loss_config
 
 
-def make_pair(n: int, d_s: int, d_t: int, seed: int, s: float = 5.0, s_t: float = 7.0) -> tuple[Outputs, Outputs]:
+def make_pair(
+    n: int, d_s: int, d_t: int, seed: int, s: float = 5.0, s_t: float = 7.0
+) -> tuple[Outputs, Outputs]:
     """Random float64 student and teacher outputs (student with a masked view), leaves with grad."""
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    student = Outputs(image=leaf(n, d_s), text=leaf(n, d_s), scale=torch.tensor(s, dtype=torch.float64).requires_grad_(),
-                      image_masked=leaf(n, d_s))
-    teacher = Outputs(image=torch.randn(n, d_t, generator=g, dtype=torch.float64),
-                      text=torch.randn(n, d_t, generator=g, dtype=torch.float64),
-                      scale=torch.tensor(s_t, dtype=torch.float64))
+    student = Outputs(
+        image=leaf(n, d_s),
+        text=leaf(n, d_s),
+        scale=torch.tensor(s, dtype=torch.float64).requires_grad_(),
+        image_masked=leaf(n, d_s),
+    )
+    teacher = Outputs(
+        image=torch.randn(n, d_t, generator=g, dtype=torch.float64),
+        text=torch.randn(n, d_t, generator=g, dtype=torch.float64),
+        scale=torch.tensor(s_t, dtype=torch.float64),
+    )
     return student, teacher
 
 
@@ -45,7 +53,9 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 
 def linear(weight: np.ndarray, bias: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.array([sum(weight[o, i] * v[i] for i in range(v.shape[0])) + bias[o] for o in range(weight.shape[0])])
+    return np.array(
+        [sum(weight[o, i] * v[i] for i in range(v.shape[0])) + bias[o] for o in range(weight.shape[0])]
+    )
 
 
 def log_softmax(row) -> list[float]:
@@ -101,7 +111,9 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 def contrastive_grads(p: np.ndarray, k: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
     """g_p[i] = sum_j (P_ij - [i=j]) k_j / (tau N), g_k[j] = sum_i (P_ij - [i=j]) p_i / (tau N)."""
     n = p.shape[0]
-    prob = np.array([[math.exp(v) for v in log_softmax([float(p[i] @ k[j]) / tau for j in range(n)])] for i in range(n)])
+    prob = np.array(
+        [[math.exp(v) for v in log_softmax([float(p[i] @ k[j]) / tau for j in range(n)])] for i in range(n)]
+    )
     g_p, g_k = np.zeros_like(p), np.zeros_like(k)
     for i in range(n):
         for j in range(n):

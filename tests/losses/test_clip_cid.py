@@ -81,9 +81,15 @@ def test_cluster_matches_reference_with_width_mismatch():
     with torch.no_grad():
         term.classifier.add_(0.1 * torch.randn_like(term.classifier))  # W_s no longer equals W
     out = term(student, teacher)
-    assert out["cluster"].item() == pytest.approx(ref_cluster(term, student, teacher, labels, 0.7, 0.2), rel=1e-10)
-    assert out["cluster/cls"].item() == pytest.approx(ref_cluster(term, student, teacher, labels, 1.0, 0.2), rel=1e-10)
-    assert out["cluster/kl"].item() == pytest.approx(ref_cluster(term, student, teacher, labels, 0.0, 0.2), rel=1e-10)
+    assert out["cluster"].item() == pytest.approx(
+        ref_cluster(term, student, teacher, labels, 0.7, 0.2), rel=1e-10
+    )
+    assert out["cluster/cls"].item() == pytest.approx(
+        ref_cluster(term, student, teacher, labels, 1.0, 0.2), rel=1e-10
+    )
+    assert out["cluster/kl"].item() == pytest.approx(
+        ref_cluster(term, student, teacher, labels, 0.0, 0.2), rel=1e-10
+    )
 
 
 def test_cluster_margin_matches_arccos_reference():
@@ -103,7 +109,9 @@ def test_cluster_negative_sampling_keeps_positives_and_is_per_step():
     assert classes.numel() == 6 and set(labels.tolist()) <= set(classes.tolist())
     assert torch.equal(classes, term.sampled_classes(labels))  # same step: same sample (and on every rank)
     value = term(student, teacher)["cluster"].item()
-    assert value == pytest.approx(ref_cluster(term, student, teacher, labels, 1.0, 0.07, classes.tolist()), rel=1e-10)
+    assert value == pytest.approx(
+        ref_cluster(term, student, teacher, labels, 1.0, 0.07, classes.tolist()), rel=1e-10
+    )
     assert value < ref_cluster(term, student, teacher, labels, 1.0, 0.07)  # fewer negatives, smaller CE
     samples = {tuple(classes.tolist())}
     for _ in range(3):
@@ -121,7 +129,9 @@ def test_cluster_labels_default_to_nearest_centre():
 
 
 def test_cluster_gradcheck_inputs_and_classifier():
-    term = ClusterDistill(make_ctx(3, 4), centres_array=centres_array(6, 4), alpha=0.6, neg_ratio=0.5, margin=0.2, tau=0.5)
+    term = ClusterDistill(
+        make_ctx(3, 4), centres_array=centres_array(6, 4), alpha=0.6, neg_ratio=0.5, margin=0.2, tau=0.5
+    )
     labels = torch.tensor([1, 5, 5])
     teacher = make_outputs(3, 4, 9, labels)
     img = make_outputs(3, 3, 10).image.requires_grad_()

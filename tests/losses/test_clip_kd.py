@@ -32,8 +32,10 @@ WIDTHS = [(5, 5), (3, 5)]
 
 
 def projectors(dist) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
-    return {m: (np_(dist.projectors[m].weight), np_(dist.projectors[m].bias)) if m in dist.projectors else None
-            for m in ("image", "text")}
+    return {
+        m: (np_(dist.projectors[m].weight), np_(dist.projectors[m].bias)) if m in dist.projectors else None
+        for m in ("image", "text")
+    }
 
 
 def test_crd_matches_loop_reference_with_unprojected_features():
@@ -149,15 +151,32 @@ def test_afd_matches_loop_reference(d_s, d_t, faithful):
     for key, mod, layer in (("x", "image", term.fuse_image), ("y", "text", term.fuse_text)):
         s_n = project_rows(np_(getattr(s, mod)), proj[mod])
         t_n = np.array([unit(r) for r in np_(getattr(t, mod))])
-        fused[key] = np.array([unit(linear(np_(layer.weight), np_(layer.bias), np.concatenate([a, b]))) for a, b in zip(s_n, t_n)])
+        fused[key] = np.array(
+            [
+                unit(linear(np_(layer.weight), np_(layer.bias), np.concatenate([a, b])))
+                for a, b in zip(s_n, t_n)
+            ]
+        )
     assert term.fuse_image.in_features == 2 * d_t and term.fuse_image.out_features == d_t
-    assert out["afd"].item() == pytest.approx(clip_loss(logits(fused["x"], fused["y"], scale, normalize=False)), rel=1e-10)
+    assert out["afd"].item() == pytest.approx(
+        clip_loss(logits(fused["x"], fused["y"], scale, normalize=False)), rel=1e-10
+    )
 
 
 @pytest.mark.parametrize(
     "name,opts",
-    [("crd", {}), ("fd", {}), ("fd", {"form": "cosine"}), ("mfd", {}), ("gd", {}), ("gd", {"faithful": True}),
-     ("icl", {}), ("icl", {"faithful": True}), ("afd", {}), ("afd", {"faithful": True})],
+    [
+        ("crd", {}),
+        ("fd", {}),
+        ("fd", {"form": "cosine"}),
+        ("mfd", {}),
+        ("gd", {}),
+        ("gd", {"faithful": True}),
+        ("icl", {}),
+        ("icl", {"faithful": True}),
+        ("afd", {}),
+        ("afd", {"faithful": True}),
+    ],
 )
 def test_gradcheck_inputs_and_distiller_parameters(name, opts):
     s, t = make_pair(4, 3, 5, seed=9, s=2.0, s_t=3.0)
@@ -186,14 +205,22 @@ def test_minimum_when_student_reproduces_teacher(name, d_s, d_t):
         g = torch.Generator().manual_seed(11)
         img = torch.randn(6, d_s, generator=g, dtype=torch.float64)
         txt = torch.randn(6, d_s, generator=g, dtype=torch.float64)
-        t = t.replace(image=dist.projectors["image"](img).detach(), text=dist.projectors["text"](txt).detach())
-    student = Outputs(image=img.clone().requires_grad_(), text=txt.clone().requires_grad_(), scale=t.scale.clone().requires_grad_())
+        t = t.replace(
+            image=dist.projectors["image"](img).detach(), text=dist.projectors["text"](txt).detach()
+        )
+    student = Outputs(
+        image=img.clone().requires_grad_(),
+        text=txt.clone().requires_grad_(),
+        scale=t.scale.clone().requires_grad_(),
+    )
     student.image_masked = student.image
     total, _ = dist(student, t)
     assert abs(total.item()) < 1e-12
     grads = torch.autograd.grad(total, [student.image, student.text, *dist.parameters()])
     assert max(g.abs().max().item() for g in grads) < 1e-10
-    moved = student.replace(image=student.image + 0.1, image_masked=student.image + 0.1, scale=student.scale * 1.1)
+    moved = student.replace(
+        image=student.image + 0.1, image_masked=student.image + 0.1, scale=student.scale * 1.1
+    )
     assert dist(moved, t)[0].item() > 1e-8
 
 

@@ -77,7 +77,13 @@ def test_affinity_faithful_gives_no_gradient_to_student_scale():
 
 @pytest.mark.parametrize(
     "name,opts",
-    [("clip", {}), ("kd", {}), ("kd", {"temperature": 2.0, "faithful": True}), ("affinity", {}), ("affinity", {"faithful": True})],
+    [
+        ("clip", {}),
+        ("kd", {}),
+        ("kd", {"temperature": 2.0, "faithful": True}),
+        ("affinity", {}),
+        ("affinity", {"faithful": True}),
+    ],
 )
 def test_gradcheck(name, opts):
     s, t = make_pair(4, 3, 5, seed=7, s=2.0, s_t=3.0)
@@ -89,11 +95,16 @@ def test_gradcheck(name, opts):
     assert torch.autograd.gradcheck(fn, (s.image, s.text, s.scale))
 
 
-@pytest.mark.parametrize("name,opts", [("kd", {}), ("kd", {"temperature": 3.0}), ("affinity", {}), ("crd", {})])
+@pytest.mark.parametrize(
+    "name,opts", [("kd", {}), ("kd", {"temperature": 3.0}), ("affinity", {}), ("crd", {})]
+)
 def test_minimum_when_student_reproduces_teacher(name, opts):
     _, t = make_pair(6, 4, 4, seed=8)
-    student = Outputs(image=t.image.clone().requires_grad_(), text=t.text.clone().requires_grad_(),
-                      scale=t.scale.clone().requires_grad_())
+    student = Outputs(
+        image=t.image.clone().requires_grad_(),
+        text=t.text.clone().requires_grad_(),
+        scale=t.scale.clone().requires_grad_(),
+    )
     term = build(name, 4, 4, **opts).terms[name]
     at_teacher = term(student, t)[name]
     grads = torch.autograd.grad(at_teacher, [student.image, student.text, student.scale])
@@ -103,8 +114,11 @@ def test_minimum_when_student_reproduces_teacher(name, opts):
         assert abs(at_teacher.item()) < 1e-12
     g = torch.Generator().manual_seed(9)
     for _ in range(3):
-        moved = Outputs(image=t.image + 0.3 * torch.randn(t.image.shape, generator=g, dtype=torch.float64),
-                        text=t.text, scale=t.scale * 1.2)
+        moved = Outputs(
+            image=t.image + 0.3 * torch.randn(t.image.shape, generator=g, dtype=torch.float64),
+            text=t.text,
+            scale=t.scale * 1.2,
+        )
         assert term(moved, t)[name].item() > at_teacher.item()
 
 

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 def make_outputs(n: int, d: int, scale: float, seed: int) -> Outputs:
     g = torch.Generator().manual_seed(seed)
-    return Outputs(image=torch.randn(n, d, generator=g), text=torch.randn(n, d, generator=g), scale=torch.tensor(scale))
+    return Outputs(
+        image=torch.randn(n, d, generator=g), text=torch.randn(n, d, generator=g), scale=torch.tensor(scale)
+    )
 
 
 # ---- references (loops, numpy float64) ----------------------------------------------------------
@@ -130,7 +132,11 @@ def test_eduattention_alpha_starts_at_zero_and_layer_shapes():
     term = ComKDKL(make_ctx(3, 5), attn_dim=4)
     edu = term.edu
     assert float(edu.alpha.detach()) == 0.0 and edu.divisor == pytest.approx(2.0)
-    assert edu.fc_q.weight.shape == (4, 3) and edu.fc_k.weight.shape == (4, 5) and edu.fc_v.weight.shape == (5, 5)
+    assert (
+        edu.fc_q.weight.shape == (4, 3)
+        and edu.fc_k.weight.shape == (4, 5)
+        and edu.fc_v.weight.shape == (5, 5)
+    )
     assert ComKDKL(make_ctx(3, 5), divisor=7.0).edu.divisor == 7.0
 
 
@@ -144,7 +150,9 @@ def test_comkd_kl_gradcheck_inputs_and_eduattention():
 
     def fn(img, scale, alpha, fc_q):
         params = {"eduattention.alpha": alpha, "eduattention.fc_q.weight": fc_q}
-        return functional_call(term, params, (Outputs(image=img, text=None, scale=scale), teacher))["comkd_kl"]
+        return functional_call(term, params, (Outputs(image=img, text=None, scale=scale), teacher))[
+            "comkd_kl"
+        ]
 
     assert torch.autograd.gradcheck(fn, (img, scale, alpha, fc_q))
 

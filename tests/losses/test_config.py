@@ -18,7 +18,9 @@ RECIPES = sorted(CONFIGS.glob("*.yaml"))
 
 
 def test_numbers_and_mappings_parse_with_default_weights():
-    cfg = parse_loss_config({"clip": 1, "fd": {"form": "cosine"}, "icl": {"weight": 0.5, "faithful": True}, "crd": "1e-3"})
+    cfg = parse_loss_config(
+        {"clip": 1, "fd": {"form": "cosine"}, "icl": {"weight": 0.5, "faithful": True}, "crd": "1e-3"}
+    )
     assert cfg.weights == {"clip": 1.0, "fd": 2000.0, "icl": 0.5, "crd": 0.001}
     assert list(cfg.weights) == ["clip", "fd", "icl", "crd"]  # config order is kept
     assert cfg.options == {"clip": {}, "fd": {"form": "cosine"}, "icl": {"faithful": True}, "crd": {}}
@@ -35,7 +37,9 @@ def test_unknown_term_lists_valid_names_and_suggests():
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("bad", [-1, -0.5, "abc", None, True, [1.0], float("nan"), float("inf"), {"weight": -2}, {"weight": "x"}])
+@pytest.mark.parametrize(
+    "bad", [-1, -0.5, "abc", None, True, [1.0], float("nan"), float("inf"), {"weight": -2}, {"weight": "x"}]
+)
 def test_negative_or_non_numeric_weights_are_refused(bad):
     with pytest.raises(UserError, match="losses.crd weight"):
         parse_loss_config({"crd": bad})

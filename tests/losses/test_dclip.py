@@ -19,9 +19,14 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 def make_outputs(n: int, d: int, seed: int, enriched: bool = False) -> Outputs:
     g = torch.Generator().manual_seed(seed)
-    out = Outputs(image=torch.randn(n, d, generator=g), text=torch.randn(n, d, generator=g), scale=torch.tensor(1.0))
+    out = Outputs(
+        image=torch.randn(n, d, generator=g), text=torch.randn(n, d, generator=g), scale=torch.tensor(1.0)
+    )
     if enriched:
-        out.extra = {"image_enriched": torch.randn(n, d, generator=g), "text_enriched": torch.randn(n, d, generator=g)}
+        out.extra = {
+            "image_enriched": torch.randn(n, d, generator=g),
+            "text_enriched": torch.randn(n, d, generator=g),
+        }
     return out
 
 
@@ -82,7 +87,9 @@ def test_dclip_gradcheck_and_freeze_text():
     teacher = make_outputs(4, 4, 3, enriched=True)
     s = make_outputs(4, 3, 4)
     img, txt = s.image.requires_grad_(), s.text.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: term(s.replace(image=a, text=b), teacher)["dclip"], (img, txt))
+    assert torch.autograd.gradcheck(
+        lambda a, b: term(s.replace(image=a, text=b), teacher)["dclip"], (img, txt)
+    )
     frozen = DclipDistill(make_ctx(3, 4), freeze_text=True)
     frozen(s, teacher)["dclip"].backward()
     assert txt.grad is None and img.grad is not None
@@ -91,7 +98,9 @@ def test_dclip_gradcheck_and_freeze_text():
 def test_dclip_distillation_parts_vanish_when_student_reproduces_teacher():
     term = DclipDistill(make_ctx(4, 4))
     teacher = make_outputs(5, 4, 5, enriched=True)
-    student = teacher.replace(image=teacher.extra["image_enriched"] * 3.0, text=teacher.extra["text_enriched"].clone())
+    student = teacher.replace(
+        image=teacher.extra["image_enriched"] * 3.0, text=teacher.extra["text_enriched"].clone()
+    )
     out = term(student, teacher)
     assert out["dclip/image"].item() == pytest.approx(0.0, abs=1e-12)
     assert out["dclip/text"].item() == pytest.approx(0.0, abs=1e-12)
@@ -147,7 +156,9 @@ def test_head_loss_matches_reference_and_gradcheck():
     img, txt = head(image_tokens, text_tokens)
     value = DclipMetaHead.contrastive_loss(img, txt).item()
     assert value == pytest.approx(_info_nce(img.detach().numpy(), txt.detach().numpy(), 0.05), rel=1e-10)
-    assert torch.autograd.gradcheck(lambda x: DclipMetaHead.contrastive_loss(*head(x, text_tokens), tau=0.5), (image_tokens,))
+    assert torch.autograd.gradcheck(
+        lambda x: DclipMetaHead.contrastive_loss(*head(x, text_tokens), tau=0.5), (image_tokens,)
+    )
 
 
 def test_term_with_head_file_computes_enriched_online(tmp_path):
@@ -155,16 +166,23 @@ def test_term_with_head_file_computes_enriched_online(tmp_path):
     head.save(tmp_path / "head.pt")
     assert DclipMetaHead.load(tmp_path / "head.pt").config == head.config
     term = DclipDistill(make_ctx(3, 4), head=str(tmp_path / "head.pt"))
-    assert {"teacher_image_tokens", "text_tokens"} <= term.needs and DclipDistill.needs == frozenset({"teacher"})
+    assert {"teacher_image_tokens", "text_tokens"} <= term.needs and DclipDistill.needs == frozenset(
+        {"teacher"}
+    )
     assert all(not p.requires_grad for p in term.head.parameters())
     teacher = make_outputs(3, 4, 8)
-    teacher = teacher.replace(image_tokens=torch.randn(3, 2, 6), text_tokens=torch.randn(3, 4, 5),
-                              text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool))
+    teacher = teacher.replace(
+        image_tokens=torch.randn(3, 2, 6),
+        text_tokens=torch.randn(3, 4, 5),
+        text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool),
+    )
     with torch.no_grad():
         img, txt = head(teacher.image_tokens, teacher.text_tokens, teacher.text_mask)
     student = make_outputs(3, 3, 9)
     online = term(student, teacher)["dclip"].item()
-    cached = term(student, teacher.replace(extra={"image_enriched": img, "text_enriched": txt}))["dclip"].item()
+    cached = term(student, teacher.replace(extra={"image_enriched": img, "text_enriched": txt}))[
+        "dclip"
+    ].item()
     assert online == pytest.approx(cached, rel=1e-12)
     with pytest.raises(UserError, match="does not exist"):
         DclipDistill(make_ctx(3, 4), head=str(tmp_path / "nope.pt"))

@@ -125,7 +125,9 @@ def test_param_groups_cover_each_parameter_once_with_overrides():
 
 
 def test_unknown_group_is_refused_with_the_known_ones():
-    with pytest.raises(UserError, match="unknown parameter group 'cluster_classifier'; this recipe's groups: distiller"):
+    with pytest.raises(
+        UserError, match="unknown parameter group 'cluster_classifier'; this recipe's groups: distiller"
+    ):
         distiller({"clip": 1.0, "groups": {"cluster_classifier": {"lr": 1e-6}}})
 
 

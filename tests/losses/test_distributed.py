@@ -38,17 +38,32 @@ def full_batch(step: int) -> tuple[dict, dict]:
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    student = {"image": r(n, D_S), "text": r(n, D_S), "image_masked": r(n, D_S), "image_pooled": r(n, 5),
-               "image_tokens": r(n, 3, 5), "scale": torch.tensor(4.0 + step, dtype=torch.float64)}
-    teacher = {"image": r(n, D_T), "text": r(n, D_T), "image_pooled": r(n, 7), "image_tokens": r(n, 3, 7),
-               "text_tokens": r(n, 4, 7), "text_mask": torch.rand(n, 4, generator=g) > 0.3,
-               "labels": torch.randint(0, 4, (n,), generator=g), "scale": torch.tensor(6.0, dtype=torch.float64),
-               "extra": {"image_enriched": r(n, D_T), "text_enriched": r(n, D_T)}}
+    student = {
+        "image": r(n, D_S),
+        "text": r(n, D_S),
+        "image_masked": r(n, D_S),
+        "image_pooled": r(n, 5),
+        "image_tokens": r(n, 3, 5),
+        "scale": torch.tensor(4.0 + step, dtype=torch.float64),
+    }
+    teacher = {
+        "image": r(n, D_T),
+        "text": r(n, D_T),
+        "image_pooled": r(n, 7),
+        "image_tokens": r(n, 3, 7),
+        "text_tokens": r(n, 4, 7),
+        "text_mask": torch.rand(n, 4, generator=g) > 0.3,
+        "labels": torch.randint(0, 4, (n,), generator=g),
+        "scale": torch.tensor(6.0, dtype=torch.float64),
+        "extra": {"image_enriched": r(n, D_T), "text_enriched": r(n, D_T)},
+    }
     teacher["text_mask"][:, 0] = True
     return student, teacher
 
 
-def make_outputs(student: dict, teacher: dict, rows: slice) -> tuple[Outputs, dict[str, torch.Tensor], Outputs]:
+def make_outputs(
+    student: dict, teacher: dict, rows: slice
+) -> tuple[Outputs, dict[str, torch.Tensor], Outputs]:
     leaves = {k: (v if k == "scale" else v[rows]).clone().requires_grad_() for k, v in student.items()}
     t = {k: v if k in ("scale", "extra") else v[rows] for k, v in teacher.items()}
     t["extra"] = {k: v[rows] for k, v in teacher["extra"].items()}
@@ -70,11 +85,13 @@ def run_term(name: str, rows: slice) -> list[dict]:
         student, leaves, teacher = make_outputs(s_full, t_full, rows)
         total, _ = distiller(student, teacher)
         total.backward()
-        records.append({
-            "loss": total.detach(),
-            "inputs": {k: v.grad for k, v in leaves.items() if v.grad is not None},
-            "params": {k: p.grad.clone() for k, p in distiller.named_parameters() if p.grad is not None},
-        })
+        records.append(
+            {
+                "loss": total.detach(),
+                "inputs": {k: v.grad for k, v in leaves.items() if v.grad is not None},
+                "params": {k: p.grad.clone() for k, p in distiller.named_parameters() if p.grad is not None},
+            }
+        )
         distiller.zero_grad()
         distiller.update(student.detach(), teacher)
     return records
@@ -143,8 +160,12 @@ def test_distributed_equals_single_process(results, name):
             assert set(got["inputs"]) == set(ref["inputs"]), f"step {step} rank {rank}"
             for key, grad in got["inputs"].items():
                 expect = ref["inputs"][key] if key == "scale" else ref["inputs"][key][rows]
-                torch.testing.assert_close(grad, expect, rtol=1e-9, atol=1e-12, msg=f"{name} d/d{key} step {step} rank {rank}")
+                torch.testing.assert_close(
+                    grad, expect, rtol=1e-9, atol=1e-12, msg=f"{name} d/d{key} step {step} rank {rank}"
+                )
             assert set(got["params"]) == set(ref["params"])
             for key, grad in got["params"].items():
-                torch.testing.assert_close(grad, ref["params"][key], rtol=1e-9, atol=1e-12, msg=f"{name} d/d{key}")
+                torch.testing.assert_close(
+                    grad, ref["params"][key], rtol=1e-9, atol=1e-12, msg=f"{name} d/d{key}"
+                )
         assert any(g.abs().sum() > 0 for g in ref["inputs"].values()), f"{name}: no input gradient at all"

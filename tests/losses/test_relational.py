@@ -54,7 +54,12 @@ def ref_relation(sq, sc, tq, tc, mult_t, mult_s, drop_self, bank=None, sq_proj=N
 def ref_total(term, student, teacher, banks=None, keep_self=False, weights=None, taus=(0.04, 0.04)):
     np_s = {m: getattr(student, m).detach().numpy() for m in ("image", "text")}
     np_t = {m: getattr(teacher, m).detach().numpy() for m in ("image", "text")}
-    pairs = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
+    pairs = {
+        "i2t": ("image", "text"),
+        "t2i": ("text", "image"),
+        "i2i": ("image", "image"),
+        "t2t": ("text", "text"),
+    }
     weights = weights or {"i2t": 1.0, "t2i": 1.0, "i2i": 0.5, "t2t": 0.5}
     out = {}
     for rel, (q, c) in pairs.items():
@@ -71,7 +76,9 @@ def ref_total(term, student, teacher, banks=None, keep_self=False, weights=None,
             else:
                 w, b = proj.weight.detach().numpy(), proj.bias.detach().numpy()
                 sq_proj = np.stack([w @ row + b for row in np_s[q]])
-        out[rel] = ref_relation(np_s[q], np_s[c], np_t[q], np_t[c], mult_t, mult_s, intra and not keep_self, bank, sq_proj)
+        out[rel] = ref_relation(
+            np_s[q], np_s[c], np_t[q], np_t[c], mult_t, mult_s, intra and not keep_self, bank, sq_proj
+        )
     return sum(weights[r] * v for r, v in out.items()), out
 
 
@@ -90,7 +97,9 @@ def test_batch_only_matches_loop_reference_with_width_mismatch():
 
 
 def test_keep_self_and_custom_temperatures_and_subset():
-    term = RelationalDistill(make_ctx(4, 4), bank_size=0, keep_self=True, relations="i2i,t2t", tau_intra_t=0.1, tau_intra_s=0.2)
+    term = RelationalDistill(
+        make_ctx(4, 4), bank_size=0, keep_self=True, relations="i2i,t2t", tau_intra_t=0.1, tau_intra_s=0.2
+    )
     student, teacher = make_outputs(5, 4, 10.0, 3), make_outputs(5, 4, 30.0, 4)
     out = term(student, teacher)
     assert set(out) == {"relational", "relational/i2i", "relational/t2t"}
@@ -101,10 +110,18 @@ def test_keep_self_and_custom_temperatures_and_subset():
 
 
 def test_fixed_cross_temperatures():
-    term = RelationalDistill(make_ctx(3, 3), bank_size=0, relations=["i2t"], tau_cross_t=0.5, tau_cross_s=0.25)
+    term = RelationalDistill(
+        make_ctx(3, 3), bank_size=0, relations=["i2t"], tau_cross_t=0.5, tau_cross_s=0.25
+    )
     student, teacher = make_outputs(4, 3, 10.0, 5), make_outputs(4, 3, 30.0, 6)
     expected = ref_relation(
-        student.image.numpy(), student.text.numpy(), teacher.image.numpy(), teacher.text.numpy(), 2.0, 4.0, False
+        student.image.numpy(),
+        student.text.numpy(),
+        teacher.image.numpy(),
+        teacher.text.numpy(),
+        2.0,
+        4.0,
+        False,
     )
     assert term(student, teacher)["relational/i2t"].item() == pytest.approx(expected, rel=1e-10)
 
@@ -135,7 +152,9 @@ def test_bank_is_masked_until_filled():
     expected, _ = ref_total(term, student, teacher, banks={"text": valid})
     assert value == pytest.approx(expected, rel=1e-10)
     # The unfilled (zero) rows would be candidates with cosine 0 if they were not masked.
-    with_zeros, _ = ref_total(term, student, teacher, banks={"text": np.concatenate([valid, np.zeros((5, 5))])})
+    with_zeros, _ = ref_total(
+        term, student, teacher, banks={"text": np.concatenate([valid, np.zeros((5, 5))])}
+    )
     assert value != pytest.approx(with_zeros, rel=1e-6)
 
 
@@ -200,7 +219,9 @@ def test_minimum_when_student_reproduces_teacher():
     term = RelationalDistill(make_ctx(4, 4), bank_size=8, allow_shared_space=True)
     term.update(None, make_outputs(5, 4, 30.0, 40))
     teacher = make_outputs(6, 4, 30.0, 41)
-    student = Outputs(image=teacher.image.clone().requires_grad_(), text=teacher.text.clone(), scale=teacher.scale.clone())
+    student = Outputs(
+        image=teacher.image.clone().requires_grad_(), text=teacher.text.clone(), scale=teacher.scale.clone()
+    )
     loss = term(student, teacher)["relational"]
     assert loss.item() == pytest.approx(0.0, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, student.image)

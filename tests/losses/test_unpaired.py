@@ -71,10 +71,28 @@ def test_relational_unpaired_queries_match_loop_reference_with_bank(float64):
     w, b = proj.weight.detach().numpy(), proj.bias.detach().numpy()
     sq_proj = np.stack([w @ row + b for row in su.image.numpy()])
     banks = {m: np.stack([unit(r) for r in getattr(history, m).numpy()]) for m in ("image", "text")}
-    i2t = ref_relation(su.image.numpy(), s.text.numpy(), tu.image.numpy(), t.text.numpy(), 50.0, 20.0, False,
-                       banks["text"], sq_proj)
-    i2i = ref_relation(su.image.numpy(), su.image.numpy(), tu.image.numpy(), tu.image.numpy(), 25.0, 25.0, True,
-                       banks["image"], sq_proj)
+    i2t = ref_relation(
+        su.image.numpy(),
+        s.text.numpy(),
+        tu.image.numpy(),
+        t.text.numpy(),
+        50.0,
+        20.0,
+        False,
+        banks["text"],
+        sq_proj,
+    )
+    i2i = ref_relation(
+        su.image.numpy(),
+        su.image.numpy(),
+        tu.image.numpy(),
+        tu.image.numpy(),
+        25.0,
+        25.0,
+        True,
+        banks["image"],
+        sq_proj,
+    )
     assert logs["relational/i2t_unpaired"].item() == pytest.approx(i2t, rel=1e-10)
     assert logs["relational/i2i_unpaired"].item() == pytest.approx(i2i, rel=1e-10)
     assert logs["relational/unpaired"].item() == pytest.approx(i2t + 0.5 * i2i, rel=1e-10)
@@ -115,7 +133,9 @@ def _text_only(n: int, d: int, scale: float, seed: int) -> Outputs:
 
 
 def test_corpus_texts_reach_fd_text_side_and_relational_text_queries(float64):
-    dist = Distiller(parse_loss_config({"clip": 1.0, "fd": 2.0, "relational": {"bank_size": 0}}), 5, 5, text_weight=0.25)
+    dist = Distiller(
+        parse_loss_config({"clip": 1.0, "fd": 2.0, "relational": {"bank_size": 0}}), 5, 5, text_weight=0.25
+    )
     s, t = make_outputs(4, 5, 20.0, 1), make_outputs(4, 5, 50.0, 2)
     st, tt = _text_only(3, 5, 20.0, 3), _text_only(3, 5, 50.0, 4)
     st.text.requires_grad_(True)

@@ -26,7 +26,9 @@ def test_same_size_inheritance_reproduces_the_teacher(teacher):
     captions = ["a dog runs on the grass .", "two children play football in a park"]
     ids = teacher.tokenize(captions)
     x = torch.randn(2, 3, 96, 96)
-    student = ComposedStudent(teacher, text_layers=6, image=InheritedImage(teacher, [1, 3, 3, 4, 4, 5, 1])).eval()
+    student = ComposedStudent(
+        teacher, text_layers=6, image=InheritedImage(teacher, [1, 3, 3, 4, 4, 5, 1])
+    ).eval()
     with torch.no_grad():
         assert torch.equal(student.text_features(ids).embedding, teacher.text_features(ids).embedding)
         assert torch.equal(student.image_features(x).embedding, teacher.image_features(x).embedding)
@@ -52,15 +54,18 @@ def test_inherited_image_student_at_lower_resolution_splits_into_prefix_and_suff
 
     student = inherited_image_student(teacher, image_size=64).eval()
     assert student.image_config.size == 64
-    assert student.image_config.resize == round(64 * (teacher.image_config.resize or teacher.image_config.size)
-                                                / teacher.image_config.size)
+    assert student.image_config.resize == round(
+        64 * (teacher.image_config.resize or teacher.image_config.size) / teacher.image_config.size
+    )
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         # full depth at the same input: the teacher's image embedding exactly
         assert torch.equal(student.image_features(x).embedding, teacher.image_features(x).embedding)
         freeze_prefix(student, 3)
         prefix, suffix = split_image_tower(student, 3)
-        torch.testing.assert_close(suffix(prefix(x)), student.image_features(x).embedding, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            suffix(prefix(x)), student.image_features(x).embedding, rtol=1e-5, atol=1e-5
+        )
     assert not any(p.requires_grad for p in prefix.parameters())
     assert all(p.requires_grad for p in suffix.blocks.parameters())
 
@@ -70,7 +75,9 @@ def test_inherited_preset_is_cut_from_the_teacher_and_reloads_from_its_checkpoin
     from clipdistill.models.factory import create_model
     from clipdistill.models.students import create_student, init_choices
 
-    assert init_choices("inherited-lite2") == ["inherit"] and init_choices("inherited-lite2-t3") == ["inherit"]
+    assert init_choices("inherited-lite2") == ["inherit"] and init_choices("inherited-lite2-t3") == [
+        "inherit"
+    ]
     student = create_student("inherited-lite2-t3", init="inherit", teacher=teacher, image_size=64).eval()
     assert student.image_config.size == 64 and student.text.layers == [0, 2, 4]
     with torch.no_grad():

@@ -19,7 +19,13 @@ def teacher(tmp_path_factory):
 
 def test_preprocessing_comes_from_timm_config(teacher):
     cfg = teacher.image_config
-    assert (cfg.size, cfg.resize, cfg.mean, cfg.std, cfg.interpolation) == (260, 292, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert (cfg.size, cfg.resize, cfg.mean, cfg.std, cfg.interpolation) == (
+        260,
+        292,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        "bicubic",
+    )
 
 
 def test_image_features_shapes_and_cache(teacher):
@@ -60,7 +66,10 @@ def test_build_on_tiny_caption_set_and_load_by_spec(make_dataset, tmp_path, monk
     x = torch.randn(2, 3, 260, 260)
     emb = loaded.encode_image(x)
     assert emb.shape == (2, 32)
-    assert loaded.fingerprint() == __import__("json").loads((tmp_path / "teacher" / "teacher.json").read_text())["fingerprint"]
+    assert (
+        loaded.fingerprint()
+        == __import__("json").loads((tmp_path / "teacher" / "teacher.json").read_text())["fingerprint"]
+    )
 
 
 @pytest.mark.slow

@@ -25,10 +25,16 @@ from clipdistill.models.pruning import MaskedClip
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 CONFIGS = {
-    "vit": {"embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-            "text_cfg": TEXT},
-    "conv": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "timm_model_name": "mobilenetv3_small_050", "timm_proj": ""},
-             "text_cfg": TEXT},
+    "vit": {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": TEXT,
+    },
+    "conv": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "timm_model_name": "mobilenetv3_small_050", "timm_proj": ""},
+        "text_cfg": TEXT,
+    },
 }
 
 
@@ -119,16 +125,45 @@ def test_training_run_checkpoint_exports(tmp_path):
         trained.model.logit_scale.fill_(3.0)
     run = tmp_path / "run" / "checkpoints"
     run.mkdir(parents=True)
-    torch.save({"step": 5, "student": trained.state_dict(), "config": {"student": {"spec": f"openclip:{tmp_path / 'oc'}",
-               "text": "own"}}}, run / "last.pt")
+    torch.save(
+        {
+            "step": 5,
+            "student": trained.state_dict(),
+            "config": {"student": {"spec": f"openclip:{tmp_path / 'oc'}", "text": "own"}},
+        },
+        run / "last.pt",
+    )
     loaded = load_for_export(str(tmp_path / "run"))
     assert loaded.raw_logit_scale().item() == 3.0
-    assert main(["export", "--checkpoint", str(run / "last.pt"), "--format", "openclip", "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--format",
+                "openclip",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_export_onnx(tmp_path, capsys):
     export_openclip(_model("vit"), tmp_path / "oc")
-    assert main(["export", "--checkpoint", str(tmp_path / "oc"), "--format", "onnx", "--out", str(tmp_path / "x")]) == 0
+    assert (
+        main(
+            ["export", "--checkpoint", str(tmp_path / "oc"), "--format", "onnx", "--out", str(tmp_path / "x")]
+        )
+        == 0
+    )
     assert (tmp_path / "x" / "image_encoder.onnx").is_file()
     assert "relative error" in capsys.readouterr().out
-    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--format", "onnx", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["export", "--checkpoint", str(tmp_path / "missing"), "--format", "onnx", "--out", str(tmp_path)]
+        )
+        == 2
+    )

@@ -24,16 +24,36 @@ def saved(tmp_path_factory):
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=2,
-                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 36},
+        crop_size={"height": 32, "width": 32},
+        resample=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+    ).save_pretrained(folder)
     return folder, model, tokenizer
 
 

@@ -25,8 +25,20 @@ from clipdistill.models.pruning import (
 def cfg(image=32, width=64, layers=4, head_width=16, t_width=64, t_heads=4, t_layers=4, ctx=16, embed=32):
     return {
         "embed_dim": embed,
-        "vision_cfg": {"image_size": image, "patch_size": 8, "width": width, "layers": layers, "head_width": head_width},
-        "text_cfg": {"context_length": ctx, "vocab_size": 49408, "width": t_width, "heads": t_heads, "layers": t_layers},
+        "vision_cfg": {
+            "image_size": image,
+            "patch_size": 8,
+            "width": width,
+            "layers": layers,
+            "head_width": head_width,
+        },
+        "text_cfg": {
+            "context_length": ctx,
+            "vocab_size": 49408,
+            "width": t_width,
+            "heads": t_heads,
+            "layers": t_layers,
+        },
     }
 
 
@@ -36,7 +48,9 @@ def build(c, seed):
 
 
 def inputs(model, n=3):
-    x = torch.randn(n, 3, model.image_config.size, model.image_config.size, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(
+        n, 3, model.image_config.size, model.image_config.size, generator=torch.Generator().manual_seed(5)
+    )
     return x, model.tokenize(["a cat", "two dogs on the grass", "x"][:n])
 
 
@@ -82,7 +96,10 @@ def test_smaller_student_keeps_teacher_slices():
     teacher = build(cfg(), 0)
     student = build(cfg(image=16, width=32, layers=2, t_width=32, t_heads=2, t_layers=2, ctx=12, embed=24), 1)
     sources = inherit_manual(teacher, student)
-    assert sources["visual.transformer.resblocks.1.mlp.c_fc.weight"] == "visual.transformer.resblocks.2.mlp.c_fc.weight"
+    assert (
+        sources["visual.transformer.resblocks.1.mlp.c_fc.weight"]
+        == "visual.transformer.resblocks.2.mlp.c_fc.weight"
+    )
     t_sd, s_sd = teacher.model.state_dict(), student.model.state_dict()
     assert s_sd["visual.transformer.resblocks.1.attn.in_proj_weight"].shape == (96, 32)
     for key, value in s_sd.items():
@@ -93,7 +110,13 @@ def test_smaller_student_keeps_teacher_slices():
 
 def test_inherit_refuses_incompatible_towers():
     teacher = build(cfg(), 0)
-    conv = build({**cfg(), "vision_cfg": {"image_size": 32, "timm_model_name": "mobilenetv3_small_050", "timm_proj": ""}}, 0)
+    conv = build(
+        {
+            **cfg(),
+            "vision_cfg": {"image_size": 32, "timm_model_name": "mobilenetv3_small_050", "timm_proj": ""},
+        },
+        0,
+    )
     with pytest.raises(UserError, match="ViT image tower"):
         inherit_manual(teacher, conv)
     other = cfg()
@@ -134,7 +157,10 @@ def _randomise(masked, seed):
 
 def _assert_same(masked, pruned, x, ids):
     with torch.no_grad():
-        for a, b in [(masked.image_features(x), pruned.image_features(x)), (masked.text_features(ids), pruned.text_features(ids))]:
+        for a, b in [
+            (masked.image_features(x), pruned.image_features(x)),
+            (masked.text_features(ids), pruned.text_features(ids)),
+        ]:
             assert torch.allclose(a.embedding, b.embedding, atol=1e-5, rtol=1e-4)
             keep = a.pooled.abs().sum(0) > 0
             assert torch.allclose(a.pooled[:, keep], b.pooled, atol=1e-5, rtol=1e-4)
@@ -160,7 +186,11 @@ def test_masked_then_pruned_gives_same_outputs():
 
 def test_penalty_signs_and_target_ramp():
     c = L0Config(target_sparsity=0.5, start_sparsity=0.1, warmup_steps=10)
-    assert c.target(0) == pytest.approx(0.1) and c.target(5) == pytest.approx(0.3) and c.target(50) == pytest.approx(0.5)
+    assert (
+        c.target(0) == pytest.approx(0.1)
+        and c.target(5) == pytest.approx(0.3)
+        and c.target(50) == pytest.approx(0.5)
+    )
     base = build(cfg(layers=2, t_layers=2), 0)
     masked = MaskedClip(base, c).train()
     sparsity = masked.expected_sparsity()

@@ -65,7 +65,10 @@ def test_trailing_padding_is_dropped_exactly(tiny):
     """Causal attention pooled at the end token: encoding without the padding columns gives open_clip's values
     and gradients (float64, so the comparison is tight), and a batch is cut at its longest text."""
     ids = tiny.tokenize(["a cat", "a dog on the grass"])
-    assert trim_padding(ids).shape == (2, 7) and trim_padding(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 1)
+    assert trim_padding(ids).shape == (2, 7) and trim_padding(torch.zeros(2, 5, dtype=torch.long)).shape == (
+        2,
+        1,
+    )
     model = from_config(TINY, name="tiny64").double()
     emb = model.encode_text(ids)
     ref = model.model.encode_text(ids)  # open_clip: the full context of 16
@@ -79,7 +82,9 @@ def test_trailing_padding_is_dropped_exactly(tiny):
     with torch.no_grad():
         traced = torch.jit.trace(TextTower(model), ids[:1])
         assert torch.allclose(traced(longer), model.model.encode_text(longer), atol=1e-12, rtol=0)
-    no_causal = from_config({**TINY, "text_cfg": {**TINY["text_cfg"], "no_causal_mask": True}}, name="nc").double()
+    no_causal = from_config(
+        {**TINY, "text_cfg": {**TINY["text_cfg"], "no_causal_mask": True}}, name="nc"
+    ).double()
     # without the causal mask the padding is attended to, so nothing may be dropped
     assert torch.allclose(no_causal.encode_text(ids), no_causal.model.encode_text(ids), atol=1e-12, rtol=0)
 

@@ -39,7 +39,9 @@ def test_local_weights_file_goes_through_timm_pretrained_path(tmp_path):
     torch.save(src.state_dict(), path)
     loaded = pretrained_classifier(ARCH, str(path))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items())
-    student = create_student("efficientnet-lite0", embed_dim=16, init="pretrained", weights=str(path), image_size=32)
+    student = create_student(
+        "efficientnet-lite0", embed_dim=16, init="pretrained", weights=str(path), image_size=32
+    )
     assert torch.equal(student.model.visual.trunk.conv_stem.weight, src.conv_stem.weight)
 
 
@@ -78,7 +80,9 @@ def test_vit_resolution_is_a_knob():
 
 
 def test_frozen_prefix_keeps_weights_and_batchnorm_statistics():
-    student = build_student("student:efficientnet-lite0", "own", None, 0, init="pretrained", image_size=32, freeze=3)
+    student = build_student(
+        "student:efficientnet-lite0", "own", None, 0, init="pretrained", image_size=32, freeze=3
+    )
     trunk = student.model.visual.trunk
     before = {k: v.clone() for k, v in trunk.state_dict().items()}
     student.train()

@@ -28,7 +28,9 @@ from clipdistill.models.students import (
 
 
 def test_presets_cover_the_spec_ranges():
-    vits = [preset_config(n) for n in list_students() if "timm_model_name" not in preset_config(n)["vision_cfg"]]
+    vits = [
+        preset_config(n) for n in list_students() if "timm_model_name" not in preset_config(n)["vision_cfg"]
+    ]
     convs = [preset_config(n) for n in list_students() if "timm_model_name" in preset_config(n)["vision_cfg"]]
     sizes = {c["vision_cfg"]["image_size"] for c in vits}
     assert min(sizes) == 32 and max(sizes) == 224
@@ -36,7 +38,9 @@ def test_presets_cover_the_spec_ranges():
     assert all(c["vision_cfg"]["image_size"] % c["vision_cfg"]["patch_size"] == 0 for c in vits)
     assert {c["vision_cfg"]["timm_model_name"] for c in convs} >= {"mobilenetv3_large_100"}
     texts = [preset_config(n)["text_cfg"] for n in list_students()]
-    assert all(256 <= t["width"] <= 384 and 4 <= t["layers"] <= 6 and 32 <= t["context_length"] <= 77 for t in texts)
+    assert all(
+        256 <= t["width"] <= 384 and 4 <= t["layers"] <= 6 and 32 <= t["context_length"] <= 77 for t in texts
+    )
 
 
 def test_configs_register_lazily_not_at_import():
@@ -106,13 +110,41 @@ def test_bench_latency_table_and_pareto(tmp_path, capsys):
         assert r["torch_ms_b1"] > 0 and r["onnx_ms_b2"] > 0 and r["onnx_per_s"] > 0 and r["flops"] > 0
     table = latency_table(rows)
     assert table.count("\n") == 4 and "ORT b2 ms" in table
-    result = {"dataset": "cifar10", "model": spec, "pretrained": "", "task": "zeroshot_classification",
-              "metrics": {"acc1": 0.25}}
+    result = {
+        "dataset": "cifar10",
+        "model": spec,
+        "pretrained": "",
+        "task": "zeroshot_classification",
+        "metrics": {"acc1": 0.25},
+    }
     (tmp_path / "r.json").write_text(json.dumps(result))
     out = tmp_path / "p.png"
-    assert main(["bench-latency", "--model", spec, "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
-                 "--warmup", "0", "--towers", "image", "--results", str(tmp_path / "*.json"), "--plot", str(out),
-                 "--json", str(tmp_path / "l.json")]) == 0
+    assert (
+        main(
+            [
+                "bench-latency",
+                "--model",
+                spec,
+                "--threads",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--towers",
+                "image",
+                "--results",
+                str(tmp_path / "*.json"),
+                "--plot",
+                str(out),
+                "--json",
+                str(tmp_path / "l.json"),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "l.json").read_text())["rows"][0]["model"] == spec
     assert pareto_plot(rows, {spec: {"cifar10": 0.25}}, tmp_path / "q.png") == 1

@@ -53,7 +53,9 @@ def test_k_micro_batches_equal_one_big_batch(k):
     model.zero_grad()
     head.zero_grad()
     n = len(x) // k
-    got, _, full = cached_backward(lambda i: model(x[i * n:(i + 1) * n], t[i * n:(i + 1) * n]), k, _loss(head))
+    got, _, full = cached_backward(
+        lambda i: model(x[i * n : (i + 1) * n], t[i * n : (i + 1) * n]), k, _loss(head)
+    )
     assert full["image"].shape == (12, 5) and got.item() == pytest.approx(loss.item(), rel=1e-6)
     for a, b in zip(_grads(model, head), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -68,7 +70,7 @@ def test_plain_accumulation_would_differ():
     ref = _grads(model)
     model.zero_grad()
     for i in range(3):
-        (_loss(head)(model(x[i * 4:(i + 1) * 4], t[i * 4:(i + 1) * 4]))[0] / 3).backward()
+        (_loss(head)(model(x[i * 4 : (i + 1) * 4], t[i * 4 : (i + 1) * 4]))[0] / 3).backward()
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(_grads(model), ref))
 
 
@@ -78,7 +80,7 @@ def test_rng_is_replayed_for_the_second_forward():
     seen = []
 
     def forward(i):
-        out = model(x[i * 6:(i + 1) * 6], t[i * 6:(i + 1) * 6])
+        out = model(x[i * 6 : (i + 1) * 6], t[i * 6 : (i + 1) * 6])
         seen.append(out["image"].detach().clone())
         return out
 

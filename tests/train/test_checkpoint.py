@@ -27,7 +27,9 @@ def test_save_is_atomic_and_round_trips_rng(tmp_path):
     state = {"step": 3, "w": torch.arange(4.0), "rng": rng_state()}
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     save_checkpoint(tmp_path, state)
-    assert has_checkpoint(tmp_path) and not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name]
+    assert has_checkpoint(tmp_path) and not [
+        p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name
+    ]
     loaded = load_checkpoint(tmp_path)
     set_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
@@ -54,8 +56,12 @@ def test_warmup_then_cosine():
 
 def test_param_groups_split_decay_and_apply_overrides():
     student = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    distiller = Distiller(parse_loss_config({"clip": 1.0, "fd": 1.0, "groups": {"distiller": {"lr": 0.5}}}), 4, 6)
-    groups = param_groups(student, distiller, OptimConfig(lr=1e-3, weight_decay=0.1, groups={"student_no_decay": {"lr": 1e-4}}))
+    distiller = Distiller(
+        parse_loss_config({"clip": 1.0, "fd": 1.0, "groups": {"distiller": {"lr": 0.5}}}), 4, 6
+    )
+    groups = param_groups(
+        student, distiller, OptimConfig(lr=1e-3, weight_decay=0.1, groups={"student_no_decay": {"lr": 1e-4}})
+    )
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"student", "student_no_decay", "distiller"}
     assert len(by_name["student"]["params"]) == 1 and by_name["student_no_decay"]["weight_decay"] == 0.0

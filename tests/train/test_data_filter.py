@@ -49,7 +49,9 @@ def test_classes_base_never_yields_a_novel_image_over_whole_shards(cls_root):
 
 
 def test_seeded_split_and_named_classes(cls_root):
-    labels, _ = data_filter(DataConfig(train=["toy10:train"], root=str(cls_root), filter="classes=novel", split_seed=3))
+    labels, _ = data_filter(
+        DataConfig(train=["toy10:train"], root=str(cls_root), filter="classes=novel", split_seed=3)
+    )
     assert labels == frozenset(split_classes(10, 3)[1])
     labels, _ = data_filter(DataConfig(train=["toy10:train"], root=str(cls_root), filter="classes=c1,4"))
     assert labels == frozenset({1, 4})
@@ -58,7 +60,9 @@ def test_seeded_split_and_named_classes(cls_root):
 def test_caption_records_pass_the_class_filter(cls_root, make_dataset):
     root = make_dataset("caps", kind="retrieval", n=5, split="train")  # same data root
     shards = resolve_shards("caps:train", root)[0] + resolve_shards("toy10:train", root)[0]
-    labels, _ = data_filter(DataConfig(train=["caps:train", "toy10:train"], root=str(root), filter="classes=base"))
+    labels, _ = data_filter(
+        DataConfig(train=["caps:train", "toy10:train"], root=str(root), filter="classes=base")
+    )
     assert count_samples(shards, labels) == 5 + 30
 
 
@@ -70,11 +74,14 @@ def test_keep_list(cls_root, tmp_path):
     assert count_samples(resolve_shards("toy10:train", cls_root)[0], None, keys) == 2
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"filter": "classes=base"}, "needs a classification set"),
-    ({"filter": "labels=base", "train": ["toy10:train"]}, "unknown data filter"),
-    ({"keep": "missing.txt"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"filter": "classes=base"}, "needs a classification set"),
+        ({"filter": "labels=base", "train": ["toy10:train"]}, "unknown data filter"),
+        ({"keep": "missing.txt"}, "does not exist"),
+    ],
+)
 def test_impossible_filters_are_refused(cls_root, make_dataset, data, message):
     make_dataset("caps", kind="retrieval", n=5, split="train")
     cfg = DataConfig(**{"train": ["caps:train"], "root": str(cls_root), **data})
@@ -83,8 +90,16 @@ def test_impossible_filters_are_refused(cls_root, make_dataset, data, message):
 
 
 def test_engine_trains_on_the_filtered_set_only(tiny, cls_root, tmp_path):
-    cfg = base_config(cls_root, tmp_path / "run", **{
-        "data.train": ["toy10:train"], "data.filter": "classes=base", "steps": 2, "data.batch_size": 4,
-        "losses": {"ifalign": 1.0}})
+    cfg = base_config(
+        cls_root,
+        tmp_path / "run",
+        **{
+            "data.train": ["toy10:train"],
+            "data.filter": "classes=base",
+            "steps": 2,
+            "data.batch_size": 4,
+            "losses": {"ifalign": 1.0},
+        },
+    )
     summary = train(config_from_dict(cfg))
     assert summary["steps"] == 2

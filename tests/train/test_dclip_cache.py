@@ -56,7 +56,9 @@ def test_extras_hold_the_heads_output_for_every_caption(dclip_cache):
 
 def test_dclip_trains_from_the_cache(dclip_cache, caption_root, tmp_path):
     _, _, root, _ = dclip_cache
-    cfg = base_config(caption_root, tmp_path / "run", **{"teacher.cache": str(root), "losses": {"clip": 1.0, "dclip": 1.0}})
+    cfg = base_config(
+        caption_root, tmp_path / "run", **{"teacher.cache": str(root), "losses": {"clip": 1.0, "dclip": 1.0}}
+    )
     summary = train(config_from_dict(cfg))
     for key in ("dclip/image", "dclip/text", "dclip/contrastive"):
         assert np.isfinite(summary["final"][key]), key
@@ -66,7 +68,9 @@ def test_cache_without_extras_or_with_views_is_refused(tiny, caption_root, tmp_p
     teacher = create_model("fake:24")
     shards = resolve_shards("caps:train", caption_root)[0]
     build_cache(teacher, shards, tmp_path / "plain", augmentations=1)
-    cfg = base_config(caption_root, tmp_path / "run", **{"teacher.cache": str(tmp_path / "plain"), "losses": {"dclip": 1.0}})
+    cfg = base_config(
+        caption_root, tmp_path / "run", **{"teacher.cache": str(tmp_path / "plain"), "losses": {"dclip": 1.0}}
+    )
     with pytest.raises(UserError, match="--dclip"):
         train(config_from_dict(cfg))
     build_cache(teacher, shards, tmp_path / "views", augmentations=2)

@@ -43,7 +43,13 @@ def _grads(run: Run) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     sys.path.insert(0, str(HERE))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     register()
     info = init_distributed()
@@ -51,8 +57,18 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
         batch = torch.load(Path(out) / "batch.pt", weights_only=False)
         # plain DDP step; GradCache micro-batches under no_sync; FSDP2 with micro-batches
         for name, accum, fsdp in (("ddp1", 1, False), ("ddp2", 2, False), ("fsdp2", 2, True)):
-            cfg = config_from_dict(base_config(root, Path(out) / f"{name}-{rank}", **CHANGES, **{
-                "optim.accum_steps": accum, "distributed.fsdp": fsdp, "output_dir": str(Path(out) / name)}))
+            cfg = config_from_dict(
+                base_config(
+                    root,
+                    Path(out) / f"{name}-{rank}",
+                    **CHANGES,
+                    **{
+                        "optim.accum_steps": accum,
+                        "distributed.fsdp": fsdp,
+                        "output_dir": str(Path(out) / name),
+                    },
+                )
+            )
             run = Run(cfg, info)
             n = len(batch["keys"]) // (world * accum)
             micro = [_slice(batch, (rank * accum + i) * n, (rank * accum + i + 1) * n) for i in range(accum)]
@@ -67,7 +83,9 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
                 assert again.step == 1
                 for n, p in again.student.named_parameters():
                     assert torch.equal(_full(p.detach()), weights[n]), n
-                assert again.optimizer.state_dict()["state"].keys() == run.optimizer.state_dict()["state"].keys()
+                assert (
+                    again.optimizer.state_dict()["state"].keys() == run.optimizer.state_dict()["state"].keys()
+                )
             torch.save({"grads": grads, "loss": logs["loss"]}, Path(out) / f"grads{rank}-{name}.pt")
     finally:
         cleanup()
@@ -89,13 +107,23 @@ def test_two_gloo_ranks_match_single_process(tiny, caption_root, tmp_path):
     ref = _grads(run)
     assert any(k.startswith("distiller.") for k in ref) and "student.model.logit_scale" in ref
     # fork: the children inherit the imported modules and registrations (spawn re-imports for ~15 s)
-    mp.start_processes(_worker, args=(2, _free_port(), str(caption_root), str(tmp_path)), nprocs=2,
-                       start_method="fork", join=True)
+    mp.start_processes(
+        _worker,
+        args=(2, _free_port(), str(caption_root), str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
+        join=True,
+    )
     for rank, mode in [(r, m) for m in ("ddp1", "ddp2", "fsdp2") for r in range(2)]:
         got = torch.load(tmp_path / f"grads{rank}-{mode}.pt", weights_only=True)
         assert got["loss"] == pytest.approx(ref_logs["loss"], rel=1e-5)
         assert got["grads"].keys() == ref.keys()
         for name, g in ref.items():
             # float32 sums in another order: compare relative to the tensor's scale
-            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(),
-                                       msg=lambda m, p=name, rank=rank, mode=mode: f"{p} (rank {rank}, {mode}): {m}")
+            torch.testing.assert_close(
+                got["grads"][name],
+                g,
+                rtol=1e-4,
+                atol=1e-5 * g.abs().max().item(),
+                msg=lambda m, p=name, rank=rank, mode=mode: f"{p} (rank {rank}, {mode}): {m}",
+            )

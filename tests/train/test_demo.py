@@ -42,9 +42,18 @@ def test_demo_end_to_end_and_reuse(stand_ins, make_dataset, tmp_path):
     root = make_dataset("flickr8k", kind="retrieval", n=16, split="train")
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "teacher.json").write_text("{}")
-    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), data_root=str(root), teacher_dir=str(tmp_path / "teacher"),
-                          student="student:vit-t-32", student_init="random", image_size=None, freeze=0,
-                          batch_size=8, workers=0, quick=True)
+    cfg = demo.DemoConfig(
+        out=str(tmp_path / "demo"),
+        data_root=str(root),
+        teacher_dir=str(tmp_path / "teacher"),
+        student="student:vit-t-32",
+        student_init="random",
+        image_size=None,
+        freeze=0,
+        batch_size=8,
+        workers=0,
+        quick=True,
+    )
     first = demo.run_demo(cfg)
     table = first["table"]
     assert "| flickr8k (every 50th sample) text_retrieval_recall@1 | 50.0 | 25.0 | 50 |" in table
@@ -54,6 +63,7 @@ def test_demo_end_to_end_and_reuse(stand_ins, make_dataset, tmp_path):
     mtime = (tmp_path / "demo" / "student" / "student.pt").stat().st_mtime
     second = demo.run_demo(cfg)
     assert (tmp_path / "demo" / "student" / "student.pt").stat().st_mtime == mtime  # the student is reused
+
     def figures(t: str) -> list[str]:
         return [line for line in t.splitlines() if "latency" not in line]  # timings vary
 
@@ -64,9 +74,17 @@ def test_demo_trains_a_pretrained_student_from_stored_prefixes(stand_ins, make_d
     root = make_dataset("flickr8k", kind="retrieval", n=16, split="train")
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "teacher.json").write_text("{}")
-    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), data_root=str(root), teacher_dir=str(tmp_path / "teacher"),
-                          image_size=32, batch_size=8, quick=True)
-    assert cfg.student == "student:efficientnet-lite0" and cfg.student_init == "pretrained" and cfg.freeze == 5
+    cfg = demo.DemoConfig(
+        out=str(tmp_path / "demo"),
+        data_root=str(root),
+        teacher_dir=str(tmp_path / "teacher"),
+        image_size=32,
+        batch_size=8,
+        quick=True,
+    )
+    assert (
+        cfg.student == "student:efficientnet-lite0" and cfg.student_init == "pretrained" and cfg.freeze == 5
+    )
     first = demo.run_demo(cfg)
     summary = json.loads((tmp_path / "demo" / "student" / "summary.json").read_text())
     assert summary["images"] == 16 and summary["steps"] == 20 and summary["training"]["ridge_head_cosine"] > 0
@@ -87,8 +105,10 @@ def test_demo_command_help(capsys):
 
 def test_retention_only_where_the_teacher_beats_chance(make_dataset):
     root = make_dataset("ten", classes=[str(i) for i in range(10)])
-    rows = [{"image_params_m": 5.0, "image_latency_ms": 40.0, "metrics": {"ten": {"acc1": 0.12, "acc5": 0.6}}},
-            {"image_params_m": 1.0, "image_latency_ms": 10.0, "metrics": {"ten": {"acc1": 0.15, "acc5": 0.3}}}]
+    rows = [
+        {"image_params_m": 5.0, "image_latency_ms": 40.0, "metrics": {"ten": {"acc1": 0.12, "acc5": 0.6}}},
+        {"image_params_m": 1.0, "image_latency_ms": 10.0, "metrics": {"ten": {"acc1": 0.15, "acc5": 0.3}}},
+    ]
     table = demo.format_table(rows, str(root))
     assert "| ten acc1 | 12.0 | 15.0 | teacher at chance (10.0): no ratio |" in table
     assert "| ten acc5 | 60.0 | 30.0 | teacher at chance (50.0): no ratio |" in table

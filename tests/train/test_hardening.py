@@ -89,8 +89,13 @@ def test_zero_byte_shard_no_stderr_flood(tiny, caption_root, tmp_path):
     cfg = base_config(caption_root, tmp_path / "run", **{"data.train": ["nothing:train"]})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "cli.py").write_text(TINY_CLI_SCRIPT)
-    proc = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no readable sample" in lines[0], proc.stderr[-2000:]
@@ -116,13 +121,21 @@ def test_second_live_run_is_refused(tiny, caption_root, tmp_path):
 
 def test_stale_lock_of_a_killed_run_is_taken_over(tiny, caption_root, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 from clipdistill.train.lock import RunLock
 lock = RunLock({str(out)!r}).__enter__()
 print("locked", flush=True)
 time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"pid {holder.pid}"):
@@ -160,7 +173,11 @@ def test_resume_on_finished_run_changes_nothing(tiny, caption_root, tmp_path, ca
 def test_half_written_files_of_a_killed_run_are_removed(tiny, caption_root, tmp_path):
     out = tmp_path / "run"
     train(config_from_dict(base_config(caption_root, out, steps=2)))
-    planted = [out / "checkpoints" / ".last.pt.tmp4242", out / "checkpoints" / ".last.json.tmp4242", out / ".student.pt.tmp7"]
+    planted = [
+        out / "checkpoints" / ".last.pt.tmp4242",
+        out / "checkpoints" / ".last.json.tmp4242",
+        out / ".student.pt.tmp7",
+    ]
     for p in planted:
         p.write_bytes(b"half a checkpoint")
     summary = train(config_from_dict(base_config(caption_root, out, steps=4)), resume=True)
@@ -186,13 +203,19 @@ def test_sigterm_says_how_to_resume(tiny, caption_root, tmp_path):
     cfg = base_config(caption_root, out, steps=400, checkpoint_every=1)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "cli.py").write_text(TINY_CLI_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "cli.py"), "distill", "--config", str(tmp_path / "run.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         end = time.time() + 120
         while not (out / "checkpoints" / "last.json").exists():
-            assert proc.poll() is None and time.time() < end, proc.stderr.read()[-2000:] if proc.poll() is not None else "slow"
+            assert proc.poll() is None and time.time() < end, (
+                proc.stderr.read()[-2000:] if proc.poll() is not None else "slow"
+            )
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -216,7 +239,11 @@ def test_resume_applies_a_changed_learning_rate(tiny, caption_root, tmp_path, ca
         run = Run(cfg, init_distributed(None, "cpu"), resume=True)
     assert run.step == 2
     assert [g["initial_lr"] for g in run.optimizer.param_groups] == run.scheduler.base_lrs
-    assert all(g["initial_lr"] == pytest.approx(1e-4) for g in run.optimizer.param_groups if g.get("name") == "student")
+    assert all(
+        g["initial_lr"] == pytest.approx(1e-4)
+        for g in run.optimizer.param_groups
+        if g.get("name") == "student"
+    )
     factor = run.scheduler.lr_lambdas[0](2)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.scheduler.base_lrs[0] * factor)
     assert "optim.lr 0.001 -> 0.0001" in caplog.text
@@ -236,11 +263,14 @@ def test_eval_dataset_typo_is_found_before_training(tiny, caption_root, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("change", "words"), [
-    ({"losses": {"clip": 0.0}}, "every loss weight is 0"),
-    ({"losses": {"clip": 0.0, "fd": 0}}, "every loss weight is 0"),
-    ({"threads": 0}, "threads = 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"losses": {"clip": 0.0}}, "every loss weight is 0"),
+        ({"losses": {"clip": 0.0, "fd": 0}}, "every loss weight is 0"),
+        ({"threads": 0}, "threads = 0 must be >= 1"),
+    ],
+)
 def test_silent_accepts_are_refused(caption_root, tmp_path, change, words):
     with pytest.raises(UserError, match=words):
         config_from_dict(base_config(caption_root, tmp_path / "run", **change))
@@ -263,8 +293,11 @@ def test_nan_before_the_first_checkpoint_claims_no_checkpoint(tiny, caption_root
     from clipdistill.losses.clip_kd import FeatureDistill
 
     original = FeatureDistill.forward
-    monkeypatch.setattr(FeatureDistill, "forward",
-                        lambda self, s, t: {k: v * float("nan") for k, v in original(self, s, t).items()})
+    monkeypatch.setattr(
+        FeatureDistill,
+        "forward",
+        lambda self, s, t: {k: v * float("nan") for k, v in original(self, s, t).items()},
+    )
     with pytest.raises(NonFiniteLoss) as err:
         train(config_from_dict(base_config(caption_root, tmp_path / "run")))
     assert "no checkpoint was written yet" in str(err.value) and "step 0" not in str(err.value)
@@ -283,6 +316,9 @@ def test_nan_gradient_names_the_term(tiny, caption_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "clip_grad_norm", poisoned)
     cfg = config_from_dict(base_config(caption_root, tmp_path / "run", losses={"clip": 1.0, "icl": 1.0}))
-    with pytest.raises(NonFiniteLoss, match=r"gradient norm is nan at step 1, non-finite in the parameters of term 'icl' "
-                                            r"\(loss terms: clip=.*icl=.*\); no checkpoint was written yet"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"gradient norm is nan at step 1, non-finite in the parameters of term 'icl' "
+        r"\(loss terms: clip=.*icl=.*\); no checkpoint was written yet",
+    ):
         train(cfg)

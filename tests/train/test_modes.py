@@ -27,30 +27,50 @@ def cache(tiny, caption_root, tmp_path):
 
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_image_only_student_with_masked_view(caption_root, cache, tmp_path, mode):
-    changes = {"student": {"spec": "student:vit-t-32", "text": "teacher"}, "teacher.cache": cache, "teacher.mode": mode,
-               "losses": {"clip": 1.0, "fd": 10.0, "mfd": {"weight": 10.0, "mask_ratio": 0.5}}, "steps": 2}
+    changes = {
+        "student": {"spec": "student:vit-t-32", "text": "teacher"},
+        "teacher.cache": cache,
+        "teacher.mode": mode,
+        "losses": {"clip": 1.0, "fd": 10.0, "mfd": {"weight": 10.0, "mask_ratio": 0.5}},
+        "steps": 2,
+    }
     if mode == "cached":
         changes["teacher.spec"] = None
     run = Run(config_from_dict(base_config(caption_root, tmp_path / mode, **changes)), DistInfo())
-    text_before = {n: p.clone() for n, p in run.student.image.model.named_parameters() if not n.startswith("visual.")}
+    text_before = {
+        n: p.clone() for n, p in run.student.image.model.named_parameters() if not n.startswith("visual.")
+    }
     image_before = run.student.image.model.visual.conv1.weight.clone()
     batch = next(iter(run.loader))
     out = run.forward_module(batch["views"]["student"], None, 123)
     assert out["image"].shape == (8, 24) and out["image_masked"].shape == (8, 24) and "text" not in out
     assert not torch.allclose(out["image_masked"], out["image"])
-    assert torch.equal(out["image_masked"], run.forward_module(batch["views"]["student"], None, 123)["image_masked"])
+    assert torch.equal(
+        out["image_masked"], run.forward_module(batch["views"]["student"], None, 123)["image_masked"]
+    )
     logs = run.train_step([batch])
-    assert {"clip", "fd", "mfd"} <= logs.keys() and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
-    assert all(torch.equal(p, text_before[n]) for n, p in run.student.image.model.named_parameters() if n in text_before)
+    assert {"clip", "fd", "mfd"} <= logs.keys() and all(
+        torch.isfinite(torch.tensor(v)) for v in logs.values()
+    )
+    assert all(
+        torch.equal(p, text_before[n])
+        for n, p in run.student.image.model.named_parameters()
+        if n in text_before
+    )
     assert not torch.equal(run.student.image.model.visual.conv1.weight, image_before)
 
 
 def test_baseline_without_teacher(tiny, caption_root, tmp_path):
-    cfg = base_config(caption_root, tmp_path / "base", **{"teacher.spec": None, "losses": {"clip": 1.0}, "steps": 2})
+    cfg = base_config(
+        caption_root, tmp_path / "base", **{"teacher.spec": None, "losses": {"clip": 1.0}, "steps": 2}
+    )
     summary = Run(config_from_dict(cfg), DistInfo()).run()
     assert summary["teacher_mode"] == "none" and set(summary["final"]) >= {"clip", "loss"}
     with pytest.raises(UserError, match="needs 'teacher'"):
-        Run(config_from_dict({**cfg, "losses": {"clip": 1.0, "crd": 1.0}, "output_dir": str(tmp_path / "x")}), DistInfo())
+        Run(
+            config_from_dict({**cfg, "losses": {"clip": 1.0, "crd": 1.0}, "output_dir": str(tmp_path / "x")}),
+            DistInfo(),
+        )
 
 
 def test_bf16_autocast_trains(tiny, caption_root, tmp_path):

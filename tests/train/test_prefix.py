@@ -25,7 +25,9 @@ def test_collect_then_embed_equals_the_whole_tower(lite0, make_dataset):
     prefix, suffix = split_image_tower(lite0, 5)
     teacher = FakeTeacher(24)
     samples = list(iter_samples(dataset_info("caps", root).shards("train")))
-    acts = collect({"k": (prefix.eval(), lite0)}, teacher, samples, captions=True, flip=True, batch_size=4)["k"]
+    acts = collect({"k": (prefix.eval(), lite0)}, teacher, samples, captions=True, flip=True, batch_size=4)[
+        "k"
+    ]
     assert acts.prefix.shape[:2] == (2, 6) and acts.teacher_image.shape == (2, 6, 24)
     assert acts.text.shape == (12, 24) and acts.text_owner.tolist() == [i // 2 for i in range(12)]
     x = torch.stack([lite0.preprocess(s.image.convert("RGB")) for s in samples])
@@ -54,7 +56,9 @@ def test_ridge_head_recovers_a_linear_target(lite0):
     acts = _synthetic(suffix, 300)
     cos = fit_head(suffix, [acts], ridge=1e-8)
     assert cos > 0.999
-    torch.testing.assert_close(embed(suffix, acts.prefix[0]), F.normalize(acts.teacher_image[0], dim=-1), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        embed(suffix, acts.prefix[0]), F.normalize(acts.teacher_image[0], dim=-1), atol=1e-3, rtol=0
+    )
 
 
 def test_training_lowers_the_loss_and_keeps_batchnorm_statistics(lite0):
@@ -63,8 +67,9 @@ def test_training_lowers_the_loss_and_keeps_batchnorm_statistics(lite0):
     noise = torch.randn(paired.teacher_image.shape, generator=torch.Generator().manual_seed(5))
     paired.teacher_image = paired.teacher_image + paired.teacher_image.std() * noise  # not linear any more
     stats = suffix.bn2.running_mean.clone()
-    cfg = SuffixTrainConfig(losses={"fd": 2000.0}, epochs=4, batch_size=375, unpaired_batch_size=75, warmup_steps=2,
-                            lr=1e-3)
+    cfg = SuffixTrainConfig(
+        losses={"fd": 2000.0}, epochs=4, batch_size=375, unpaired_batch_size=75, warmup_steps=2, lr=1e-3
+    )
     log = train_suffix(suffix, paired, unpaired, cfg, teacher_scale=50.0)
     assert log["steps"] == 16 and log["ridge_head_cosine"] < 0.999
     assert torch.equal(suffix.bn2.running_mean, stats)

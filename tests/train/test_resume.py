@@ -34,7 +34,15 @@ def _command(tmp_path: Path, cfg: dict, nproc: int, resume: bool = False) -> lis
     args = ["distill", "--config", str(cfg_file)] + (["--resume"] if resume else [])
     if nproc == 1:
         return [sys.executable, str(script), *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *args,
+    ]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -70,7 +78,9 @@ def _run_and_kill(cmd: list[str], out: Path, after_step: int, delay: float) -> i
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, (
+                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
             if sidecar.exists() and json.loads(sidecar.read_text())["step"] >= after_step:
                 time.sleep(delay)
                 _kill_tree(proc)
@@ -94,8 +104,12 @@ def _listing(folder: Path) -> list[str]:
     """The files under `folder`; TensorBoard's event files (one per session, named by time, host and
     pid) as one pattern."""
     names = {str(p.relative_to(folder)) for p in folder.rglob("*")}
-    return sorted({n.split("events.out.tfevents.")[0] + "events.out.tfevents.*" if "events.out.tfevents." in n else n
-                   for n in names})
+    return sorted(
+        {
+            n.split("events.out.tfevents.")[0] + "events.out.tfevents.*" if "events.out.tfevents." in n else n
+            for n in names
+        }
+    )
 
 
 def _assert_clean_after_resume(run: Path, ref: Path) -> None:
@@ -103,7 +117,9 @@ def _assert_clean_after_resume(run: Path, ref: Path) -> None:
     resumed run's output directory, checkpoints/ included, lists exactly the uninterrupted run's files."""
     leftovers = [str(p) for p in run.rglob("*") if ".tmp" in p.name or p.name == LOCK]
     assert not leftovers, f"left behind in {run}: {leftovers}"
-    assert _listing(run) == _listing(ref), f"{run} lists {_listing(run)}, the uninterrupted run {_listing(ref)}"
+    assert _listing(run) == _listing(ref), (
+        f"{run} lists {_listing(run)}, the uninterrupted run {_listing(ref)}"
+    )
 
 
 def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
@@ -112,7 +128,9 @@ def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
     ref_cfg = base_config(caption_root, tmp_path / "ref", **changes)
     train(config_from_dict(ref_cfg))
     run_cfg = base_config(caption_root, tmp_path / "run", **changes)
-    killed_at = _run_and_kill(_command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 8), rng.uniform(0, 0.3))
+    killed_at = _run_and_kill(
+        _command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 8), rng.uniform(0, 0.3)
+    )
     assert killed_at < 16 and not (tmp_path / "run" / "summary.json").exists()
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 16 and summary["steps_this_session"] == 16 - killed_at

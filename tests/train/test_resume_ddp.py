@@ -17,7 +17,13 @@ from clipdistill.train.engine import train
 
 
 def _train_worker(rank: int, world: int, port: int, cfg: dict, resume: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     train(config_from_dict(cfg), resume=resume)
 
 
@@ -43,7 +49,9 @@ def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     _fork_run(ref_cfg)
     run_cfg = base_config(caption_root, tmp_path / "run", **changes)
     # The run that gets killed is a real torchrun launch: SIGKILL hits the agent and both workers.
-    killed_at = _run_and_kill(_command(tmp_path, run_cfg, 2), tmp_path / "run", rng.randint(2, 6), rng.uniform(0, 0.3))
+    killed_at = _run_and_kill(
+        _command(tmp_path, run_cfg, 2), tmp_path / "run", rng.randint(2, 6), rng.uniform(0, 0.3)
+    )
     assert killed_at < 12 and not (tmp_path / "run" / "summary.json").exists()
     _fork_run(run_cfg, resume=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

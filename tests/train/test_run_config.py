@@ -15,8 +15,17 @@ BASE = {"teacher": {"cache": "runs/cache"}, "steps": 10}
 
 
 def test_defaults_overrides_and_types():
-    cfg = config_from_dict(BASE, ["optim.lr=5e-4", "data.batch_size=64", "optim.betas=[0.9,0.95]", "eval.every=5",
-                                  "optim.grad_clip=null", "student.spec=student:vit-t-64"])
+    cfg = config_from_dict(
+        BASE,
+        [
+            "optim.lr=5e-4",
+            "data.batch_size=64",
+            "optim.betas=[0.9,0.95]",
+            "eval.every=5",
+            "optim.grad_clip=null",
+            "student.spec=student:vit-t-64",
+        ],
+    )
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.data.batch_size, int) and cfg.data.batch_size == 64
     assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.grad_clip is None and cfg.eval.every == 5
     assert cfg.teacher_mode == "cached" and cfg.student.spec == "student:vit-t-64"

@@ -32,8 +32,13 @@ def mixed_root(make_dataset):
 
 
 def _cfg(root, out, **changes):
-    base = {"data.unpaired": ["toy10:train"], "data.unpaired_batch_size": 4, "data.filter": "classes=base",
-            "losses": LOSSES, "steps": 6}
+    base = {
+        "data.unpaired": ["toy10:train"],
+        "data.unpaired_batch_size": 4,
+        "data.filter": "classes=base",
+        "losses": LOSSES,
+        "steps": 6,
+    }
     return base_config(root, out, **{**base, **changes})
 
 
@@ -70,12 +75,25 @@ def test_unpaired_stream_keeps_base_classes_and_reaches_the_loss(tiny, mixed_roo
 def test_cached_and_online_agree_on_a_mixed_first_step(tiny, mixed_root, tmp_path):
     teacher = create_model("fake:24")
     build_cache(teacher, resolve_shards("caps:train", mixed_root)[0], tmp_path / "cache", augmentations=2)
-    build_cache(teacher, resolve_shards("toy10:train", mixed_root)[0], tmp_path / "cache_u", augmentations=2, text=False)
-    common = {"teacher.cache": str(tmp_path / "cache"), "teacher.unpaired_cache": str(tmp_path / "cache_u"),
-              "optim.grad_clip": None}
-    c_logs, cached, c_micro = _first_step(_cfg(mixed_root, tmp_path / "a", **common, **{"teacher.mode": "cached"}))
+    build_cache(
+        teacher,
+        resolve_shards("toy10:train", mixed_root)[0],
+        tmp_path / "cache_u",
+        augmentations=2,
+        text=False,
+    )
+    common = {
+        "teacher.cache": str(tmp_path / "cache"),
+        "teacher.unpaired_cache": str(tmp_path / "cache_u"),
+        "optim.grad_clip": None,
+    }
+    c_logs, cached, c_micro = _first_step(
+        _cfg(mixed_root, tmp_path / "a", **common, **{"teacher.mode": "cached"})
+    )
     assert "relational/i2t_unpaired" in c_logs
-    o_logs, online, o_micro = _first_step(_cfg(mixed_root, tmp_path / "b", **common, **{"teacher.mode": "online"}))
+    o_logs, online, o_micro = _first_step(
+        _cfg(mixed_root, tmp_path / "b", **common, **{"teacher.mode": "online"})
+    )
     assert c_micro[0]["keys"] == o_micro[0]["keys"]
     assert c_logs.keys() == o_logs.keys() and "fd/unpaired" in c_logs
     for key in c_logs:
@@ -88,7 +106,9 @@ def test_accumulation_over_mixed_micro_batches_equals_one_batch(tiny, mixed_root
     """k = 2 micro-batches of (4 pairs + 2 unpaired) give the gradients of one batch of (8 + 4)."""
     common = {"optim.grad_clip": None, "losses": {"clip": 1.0, "fd": 10.0, "relational": {"bank_size": 0}}}
     one = Run(config_from_dict(_cfg(mixed_root, tmp_path / "one", **common)), DistInfo())
-    two = Run(config_from_dict(_cfg(mixed_root, tmp_path / "two", **common, **{"optim.accum_steps": 2})), DistInfo())
+    two = Run(
+        config_from_dict(_cfg(mixed_root, tmp_path / "two", **common, **{"optim.accum_steps": 2})), DistInfo()
+    )
     b, bu = next(iter(one.loader)), next(iter(one.loader_u))
 
     def split(x: dict) -> list[dict]:
@@ -118,25 +138,49 @@ def test_cached_mode_without_unpaired_cache_is_refused(tiny, mixed_root, tmp_pat
 
 
 def test_corpus_texts_reach_the_text_terms(tiny, mixed_root, corpus, tmp_path):
-    summary = train(config_from_dict(_cfg(mixed_root, tmp_path / "run", **{"data.texts": [corpus], "data.text_batch_size": 6})))
-    for key in ("fd/texts", "relational/texts", "relational/t2i_texts", "relational/t2t_texts", "fd/unpaired"):
+    summary = train(
+        config_from_dict(
+            _cfg(mixed_root, tmp_path / "run", **{"data.texts": [corpus], "data.text_batch_size": 6})
+        )
+    )
+    for key in (
+        "fd/texts",
+        "relational/texts",
+        "relational/t2i_texts",
+        "relational/t2t_texts",
+        "fd/unpaired",
+    ):
         assert key in summary["final"], key
     assert "clip/texts" not in summary["final"] and "crd/texts" not in summary["final"]
 
 
 def test_corpus_texts_need_the_students_own_text_tower(tiny, mixed_root, corpus, tmp_path):
     with pytest.raises(UserError, match="student.text = own"):
-        config_from_dict(_cfg(mixed_root, tmp_path / "x", **{"data.texts": [corpus], "student.text": "teacher"}))
+        config_from_dict(
+            _cfg(mixed_root, tmp_path / "x", **{"data.texts": [corpus], "student.text": "teacher"})
+        )
     with pytest.raises(UserError, match="neither 'wordnet' nor a text file"):
-        train(config_from_dict(_cfg(mixed_root, tmp_path / "y", **{"data.texts": [str(tmp_path / "missing.txt")]})))
+        train(
+            config_from_dict(
+                _cfg(mixed_root, tmp_path / "y", **{"data.texts": [str(tmp_path / "missing.txt")]})
+            )
+        )
 
 
 def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
     rng = random.Random(5)
-    changes = {"steps": 12, "checkpoint_every": 3, "data.workers": 2, "data.texts": [corpus], "data.text_batch_size": 4}
+    changes = {
+        "steps": 12,
+        "checkpoint_every": 3,
+        "data.workers": 2,
+        "data.texts": [corpus],
+        "data.text_batch_size": 4,
+    }
     train(config_from_dict(_cfg(mixed_root, tmp_path / "ref", **changes)))
     run_cfg = _cfg(mixed_root, tmp_path / "run", **changes)
-    killed_at = _run_and_kill(_command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 6), rng.uniform(0, 0.2))
+    killed_at = _run_and_kill(
+        _command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 6), rng.uniform(0, 0.2)
+    )
     assert killed_at < 12
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 12 and summary["unpaired_samples"] == 12 * 4
@@ -145,10 +189,28 @@ def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
 
 
 def test_caches_of_two_teachers_are_refused(tiny, mixed_root, tmp_path):
-    build_cache(create_model("fake:24"), resolve_shards("caps:train", mixed_root)[0], tmp_path / "cache", augmentations=1)
-    build_cache(create_model("fake:24/1"), resolve_shards("toy10:train", mixed_root)[0], tmp_path / "cache_u",
-                augmentations=1, text=False)
-    cfg = _cfg(mixed_root, tmp_path / "x", **{"teacher.cache": str(tmp_path / "cache"), "teacher.spec": None,
-                                               "teacher.unpaired_cache": str(tmp_path / "cache_u"), "student.text": "own"})
+    build_cache(
+        create_model("fake:24"),
+        resolve_shards("caps:train", mixed_root)[0],
+        tmp_path / "cache",
+        augmentations=1,
+    )
+    build_cache(
+        create_model("fake:24/1"),
+        resolve_shards("toy10:train", mixed_root)[0],
+        tmp_path / "cache_u",
+        augmentations=1,
+        text=False,
+    )
+    cfg = _cfg(
+        mixed_root,
+        tmp_path / "x",
+        **{
+            "teacher.cache": str(tmp_path / "cache"),
+            "teacher.spec": None,
+            "teacher.unpaired_cache": str(tmp_path / "cache_u"),
+            "student.text": "own",
+        },
+    )
     with pytest.raises(UserError, match="different teachers"):
         train(config_from_dict(cfg))

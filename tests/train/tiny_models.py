@@ -48,14 +48,22 @@ class FakeTeacher(ClipModel):
         self.images_seen += images.shape[0]
         fmap = F.relu(self.conv(images))
         pooled = fmap.mean((2, 3))
-        return Features(embedding=self.head(pooled), pooled=pooled, tokens=fmap.flatten(2).transpose(1, 2) if tokens else None)
+        return Features(
+            embedding=self.head(pooled),
+            pooled=pooled,
+            tokens=fmap.flatten(2).transpose(1, 2) if tokens else None,
+        )
 
     def text_features(self, text: Tensor, *, tokens: bool = False) -> Features:
         mask = text != 0
         tok = self.words(text)
         pooled = (tok * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return Features(embedding=self.text_head(pooled), pooled=pooled, tokens=tok if tokens else None,
-                        mask=mask if tokens else None)
+        return Features(
+            embedding=self.text_head(pooled),
+            pooled=pooled,
+            tokens=tok if tokens else None,
+            mask=mask if tokens else None,
+        )
 
     def tokenize(self, texts: list[str]) -> Tensor:
         ids = torch.zeros(len(texts), 8, dtype=torch.long)
@@ -90,7 +98,13 @@ def base_config(root, out, **changes) -> dict:
     cfg = {
         "student": {"spec": STUDENT},
         "teacher": {"spec": "fake:24"},
-        "data": {"train": ["caps:train"], "root": str(root), "batch_size": 8, "workers": 0, "shuffle_buffer": 8},
+        "data": {
+            "train": ["caps:train"],
+            "root": str(root),
+            "batch_size": 8,
+            "workers": 0,
+            "shuffle_buffer": 8,
+        },
         "losses": {"clip": 1.0, "crd": 1.0, "fd": 10.0},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "steps": 6,

@@ -52,7 +52,9 @@ def _get(args: argparse.Namespace) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     for name in args.names:
         resolve(name)  # refuse a typo before downloading anything
-    for split in splits or []:  # a split is a folder of the Hub repo: a glob or a path would fetch other files
+    for split in (
+        splits or []
+    ):  # a split is a folder of the Hub repo: a glob or a path would fetch other files
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
             raise UserError(f"--splits: '{split}' is not a split name; pass plain names such as test,train")
     check_output_dir(fetch_root(args.root), "--root" if args.root else "data root")

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("losses", help="list every registered loss term (default weight, needs, source)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--options", action="store_true", help="add a column with each term's options")
-    p.add_argument("--check", metavar="RECIPE", help="validate the `losses:` section of a YAML recipe instead")
+    p.add_argument(
+        "--check", metavar="RECIPE", help="validate the `losses:` section of a YAML recipe instead"
+    )
     p.set_defaults(handler=_handle)
 
 

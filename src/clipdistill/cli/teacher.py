@@ -15,7 +15,9 @@ def _dataset_arg(value: str, data_root: str | None) -> tuple[str, str | None]:
     if (path / "dataset_type.txt").exists():
         return path.name, str(path.parent)
     if "/" in value or path.exists():
-        raise UserError(f"'{value}' is not a dataset folder (no dataset_type.txt); pass a folder like shared/data/flickr8k")
+        raise UserError(
+            f"'{value}' is not a dataset folder (no dataset_type.txt); pass a folder like shared/data/flickr8k"
+        )
     return value, data_root
 
 
@@ -23,16 +25,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("teacher", help="build or check the composed offline teacher")
     tsub = p.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
 
-    b = tsub.add_parser("build", help="align the locked EfficientNet-Lite2 and MiniLM towers LiT-style on image-caption shards")
-    b.add_argument("--data", default="flickr8k", help="image-caption dataset name or folder (default: flickr8k)")
-    b.add_argument("--data-root", default=None, help="datasets folder (default: $CLIPDISTILL_DATA or ../shared/data)")
+    b = tsub.add_parser(
+        "build",
+        help="align the locked EfficientNet-Lite2 and MiniLM towers LiT-style on image-caption shards",
+    )
+    b.add_argument(
+        "--data", default="flickr8k", help="image-caption dataset name or folder (default: flickr8k)"
+    )
+    b.add_argument(
+        "--data-root", default=None, help="datasets folder (default: $CLIPDISTILL_DATA or ../shared/data)"
+    )
     b.add_argument("--out", required=True, help="output directory (loaded later as teacher:DIR)")
     b.add_argument("--epochs", type=int, default=None)
     b.add_argument("--text-unlocked", type=int, default=None, help="train the last N MiniLM layers too")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(handler=_build)
 
-    c = tsub.add_parser("check", help="top-1/top-5 of the image tower's own ImageNet classifier on imagenet-1k-sample")
+    c = tsub.add_parser(
+        "check", help="top-1/top-5 of the image tower's own ImageNet classifier on imagenet-1k-sample"
+    )
     c.add_argument("--data-root", default=None)
     c.set_defaults(handler=_check)
 
@@ -54,8 +65,10 @@ def _build(args: argparse.Namespace) -> int:
         cfg.text_unlocked = args.text_unlocked
     info = dataset_info(dataset, root)
     if info.kind != "retrieval":
-        raise UserError(f"--data {args.data} is a {info.kind} dataset; the teacher is aligned on image-caption pairs "
-                        "(a retrieval dataset such as flickr8k)")
+        raise UserError(
+            f"--data {args.data} is a {info.kind} dataset; the teacher is aligned on image-caption pairs "
+            "(a retrieval dataset such as flickr8k)"
+        )
     info.shards(cfg.train_split)
     info.shards(cfg.dev_split)
     check_output_dir(args.out, "--out")

@@ -58,7 +58,9 @@ class BalanceConfig:
         if self.beta is None and self.target_keep is None and not self.sweep:
             raise UserError("nothing to do: pass --beta B, --target-keep F or --sweep B1,B2,...")
         if self.beta is not None and not 0 < self.beta <= 2:
-            raise UserError(f"beta {self.beta} is outside (0, 2], the range of distances between unit vectors")
+            raise UserError(
+                f"beta {self.beta} is outside (0, 2], the range of distances between unit vectors"
+            )
         if self.target_keep is not None and not 0 < self.target_keep <= 1:
             raise UserError(f"target_keep {self.target_keep} must be a fraction in (0, 1], e.g. 0.56")
         if any(not 0 < b <= 2 for b in self.sweep):
@@ -76,7 +78,9 @@ class BalanceResult:
 
 
 # -- union-find ---------------------------------------------------------------------------------
-def connected_components(n: int, i: np.ndarray, j: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:
+def connected_components(
+    n: int, i: np.ndarray, j: np.ndarray, parent: np.ndarray | None = None
+) -> np.ndarray:
     """Union-find over edges (i, j): the root (smallest member) of every node's component.
 
     Vectorised hook-and-compress: each round hooks the larger root of every edge between two
@@ -189,7 +193,9 @@ def select_keep(emb: Embeddings, labels: np.ndarray, block: int = 65536) -> np.n
             seg = starts[g:h] - a
             counts = np.diff(np.r_[seg, b - a])
             # Segment sums as a sparse 0/1 matrix product: much faster than reduceat along axis 0.
-            ones = scipy.sparse.csr_matrix((np.ones(b - a), np.arange(b - a), np.r_[seg, b - a]), shape=(len(seg), b - a))
+            ones = scipy.sparse.csr_matrix(
+                (np.ones(b - a), np.arange(b - a), np.r_[seg, b - a]), shape=(len(seg), b - a)
+            )
             centroids = (ones @ x) / counts[:, None]
             diff = x - np.repeat(centroids, counts, axis=0)
             d2 = np.einsum("ij,ij->i", diff, diff)
@@ -339,7 +345,9 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
             beta, frac = beta_for_keep(n, pairs, cfg.target_keep)
             if frac > cfg.target_keep + 0.5 / n and radius < 2.0:
                 wider = min(2.0, radius * 1.25)
-                log.info("kept fraction %.4f > target at radius %.4g; searching again at %.4g", frac, radius, wider)
+                log.info(
+                    "kept fraction %.4f > target at radius %.4g; searching again at %.4g", frac, radius, wider
+                )
         wider = _broadcast(wider, world)
         if wider is None:
             break
@@ -347,8 +355,12 @@ def balance(emb: Embeddings, cfg: BalanceConfig, out_dir: str | Path | None = No
         search.param = cfg.search.nprobe if search.kind == "ivf" else cfg.search.ef_search
     else:
         if rank == 0 and cfg.target_keep is not None:
-            log.warning("target kept fraction %.3g not reached after %d searches; using beta %.4g", cfg.target_keep,
-                        cfg.max_rounds, beta)
+            log.warning(
+                "target kept fraction %.3g not reached after %d searches; using beta %.4g",
+                cfg.target_keep,
+                cfg.max_rounds,
+                beta,
+            )
     if rank != 0:
         _barrier(world)
         return None
@@ -370,7 +382,9 @@ def _initial_radius(search: NeighbourSearch, target: float) -> float:
 
 def _finish(emb, cfg, out, pairs, beta, radius, search, calib, seconds, lap, world) -> BalanceResult:
     n = len(emb)
-    curve_betas = sorted(set(cfg.sweep) | ({beta} if beta else set()) | set(np.linspace(0, radius, 21)[1:].tolist()))
+    curve_betas = sorted(
+        set(cfg.sweep) | ({beta} if beta else set()) | set(np.linspace(0, radius, 21)[1:].tolist())
+    )
     curve = kept_curve(n, pairs, curve_betas)
     if search.cal_found is not None:
         for row in curve:
@@ -387,8 +401,14 @@ def _finish(emb, cfg, out, pairs, beta, radius, search, calib, seconds, lap, wor
         lap("select")
         stats.update(_summary(labels), pairs_under_beta=len(under))
     stats["search"] = {
-        "index": search.kind, "k": cfg.search.k, "pca": search.pca, "radius": radius, "world_size": world,
-        **({"nlist": search.nlist} if search.kind == "ivf" else {}), **calib, "config": asdict(cfg.search),
+        "index": search.kind,
+        "k": cfg.search.k,
+        "pca": search.pca,
+        "radius": radius,
+        "world_size": world,
+        **({"nlist": search.nlist} if search.kind == "ivf" else {}),
+        **calib,
+        "config": asdict(cfg.search),
     }
     stats["sweep"] = [r for r in curve if r["beta"] in set(cfg.sweep) or r["beta"] == beta] or curve
     stats["curve"] = curve

@@ -55,8 +55,14 @@ def spherical_kmeans(emb: Embeddings, cfg: ClusterConfig) -> tuple[np.ndarray, n
     ids = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
     x = emb.rows(ids)
     km = faiss.Kmeans(
-        emb.dim, cfg.k, niter=cfg.niter, seed=cfg.seed, spherical=True, nredo=cfg.nredo,
-        max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
+        emb.dim,
+        cfg.k,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        spherical=True,
+        nredo=cfg.nredo,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        min_points_per_centroid=1,
     )
     km.train(x)
     centres = normalise(km.centroids)
@@ -106,7 +112,9 @@ def load_pseudo_labels(out_dir: str | Path) -> tuple[np.ndarray, dict[str, int]]
     """(centres K x D, {sample key: cluster label}) from a `cluster` output directory."""
     out = Path(out_dir)
     if not (out / "centres.npy").is_file() or not (out / "labels.npz").is_file():
-        raise UserError(f"'{out}' has no centres.npy / labels.npz; run `clipdistill cluster --out {out}` first")
+        raise UserError(
+            f"'{out}' has no centres.npy / labels.npz; run `clipdistill cluster --out {out}` first"
+        )
     centres = np.load(out / "centres.npy")
     with np.load(out / "labels.npz") as z:
         labels = {str(k): int(v) for k, v in zip(z["keys"], z["labels"])}

@@ -48,8 +48,10 @@ def normalise(rows: np.ndarray) -> np.ndarray:
 
 def _nonfinite_message(x: np.ndarray, offset: int = 0) -> str:
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    return (f"the embeddings hold NaN or inf in {len(bad)} row(s) (first: row {offset + int(bad[0])}); "
-            "re-extract them, or drop those rows and their keys")
+    return (
+        f"the embeddings hold NaN or inf in {len(bad)} row(s) (first: row {offset + int(bad[0])}); "
+        "re-extract them, or drop those rows and their keys"
+    )
 
 
 @dataclass
@@ -71,7 +73,9 @@ class Embeddings:
         if not isinstance(self.array, np.memmap) and not np.isfinite(self.array).all():
             raise UserError(_nonfinite_message(self.array))  # memory-mapped arrays are checked chunk by chunk
         if isinstance(self.keys, list) and len(self.keys) != len(self):
-            raise UserError(f"{len(self.keys)} keys for {len(self)} embeddings; pass the keys file of this array")
+            raise UserError(
+                f"{len(self.keys)} keys for {len(self)} embeddings; pass the keys file of this array"
+            )
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
@@ -92,7 +96,9 @@ class Embeddings:
         out[order] = normalise(self.array[idx[order]])
         return out
 
-    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_chunks(
+        self, size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         stop = len(self) if stop is None else stop
         for s in range(start, stop, size):
             yield s, self.chunk(s, min(s + size, stop))
@@ -142,17 +148,23 @@ def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddi
             )
         path = found[0]
     if not path.is_file():
-        raise UserError(f"embeddings '{path}' not found; pass an .npy (with --keys) or an .npz with embeddings and keys")
+        raise UserError(
+            f"embeddings '{path}' not found; pass an .npy (with --keys) or an .npz with embeddings and keys"
+        )
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "embeddings" not in z.files:
-                    raise UserError(f"'{path}' has arrays {z.files} but no 'embeddings'; save it with embeddings= and keys=")
+                    raise UserError(
+                        f"'{path}' has arrays {z.files} but no 'embeddings'; save it with embeddings= and keys="
+                    )
                 array = np.asarray(z["embeddings"])
                 key_list = [str(k) for k in z["keys"]] if "keys" in z.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise UserError(f"cannot read embeddings '{path}' ({type(err).__name__}); pass an .npz written with "
-                            "np.savez(embeddings=..., keys=...)") from None
+            raise UserError(
+                f"cannot read embeddings '{path}' ({type(err).__name__}); pass an .npz written with "
+                "np.savez(embeddings=..., keys=...)"
+            ) from None
         if key_list is None and keys is not None:
             key_list = Path(keys).read_text(encoding="utf-8").splitlines()
         if key_list is None:
@@ -163,12 +175,20 @@ def load_embeddings(path: str | Path, keys: str | Path | None = None) -> Embeddi
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as err:
-        raise UserError(f"cannot read embeddings '{path}' ({type(err).__name__}: {str(err)[:120]}); pass an N x D .npy array") from None
+        raise UserError(
+            f"cannot read embeddings '{path}' ({type(err).__name__}: {str(err)[:120]}); pass an N x D .npy array"
+        ) from None
     key_path = _npy_keys(path, keys)
     if key_path is None:
-        log.warning("no keys file for '%s' (looked for --keys, %s.keys.txt, keys.txt); keys are row numbers", path, path.stem)
+        log.warning(
+            "no keys file for '%s' (looked for --keys, %s.keys.txt, keys.txt); keys are row numbers",
+            path,
+            path.stem,
+        )
     elif (n_keys := _count_lines(key_path)) != array.shape[0]:
-        raise UserError(f"keys file '{key_path}' has {n_keys} lines for {array.shape[0]} embeddings; regenerate it")
+        raise UserError(
+            f"keys file '{key_path}' has {n_keys} lines for {array.shape[0]} embeddings; regenerate it"
+        )
     return Embeddings(array, key_path)
 
 
@@ -184,9 +204,13 @@ def load_teacher_cache(root: str | Path, view: int = 0) -> Embeddings:
             arrays.append(np.asarray(image[:, view] if image.ndim == 3 else image, dtype=np.float32))
             keys += [str(k) for k in json.loads((folder / "keys.json").read_text())]
     except (OSError, ValueError, KeyError, IndexError) as err:
-        raise UserError(f"cannot read image embeddings from teacher cache '{root}' ({err}); rebuild the cache") from err
+        raise UserError(
+            f"cannot read image embeddings from teacher cache '{root}' ({err}); rebuild the cache"
+        ) from err
     if view == 0 and not info.get("parts", {}).get("augment", {}).get("center_view"):
-        log.warning("teacher cache '%s' was built without center_view: view 0 is a random augmented view", root)
+        log.warning(
+            "teacher cache '%s' was built without center_view: view 0 is a random augmented view", root
+        )
     if len(set(keys)) != len(keys):
         log.warning("teacher cache '%s' repeats sample keys across shards; a keep-list filters by key", root)
     return Embeddings(np.concatenate(arrays), keys)

@@ -161,12 +161,23 @@ class NeighbourSearch:
             # One BLAS thread: on a busy CPU the threaded 512 x 512 eigensolver took 5-7 s instead of 0.1 s.
             with threadpool_limits(1):
                 _, vecs = scipy.linalg.eigh((x.T @ x).astype(np.float64), driver="evd")
-            self.mean, self.components = mean, np.ascontiguousarray(vecs[:, ::-1][:, : self.pca].T, dtype=np.float32)
+            self.mean, self.components = (
+                mean,
+                np.ascontiguousarray(vecs[:, ::-1][:, : self.pca].T, dtype=np.float32),
+            )
         if self.kind == "ivf":
             # 16 points per cell and 10 iterations: rough cells are enough, nprobe is calibrated anyway.
-            y = self._project(self.emb.rows(np.sort(rng.choice(self.n, min(self.n, 16 * self.nlist), replace=False))))
-            km = faiss.Kmeans(y.shape[1], self.nlist, niter=10, seed=self.cfg.seed, min_points_per_centroid=1,
-                              max_points_per_centroid=16)
+            y = self._project(
+                self.emb.rows(np.sort(rng.choice(self.n, min(self.n, 16 * self.nlist), replace=False)))
+            )
+            km = faiss.Kmeans(
+                y.shape[1],
+                self.nlist,
+                niter=10,
+                seed=self.cfg.seed,
+                min_points_per_centroid=1,
+                max_points_per_centroid=16,
+            )
             km.train(y)
             self.centroids = km.centroids.copy()
         return {"mean": self.mean, "components": self.components, "centroids": self.centroids}
@@ -186,8 +197,12 @@ class NeighbourSearch:
         stop = self.n if stop is None else stop
         dims = self.pca or self.emb.dim
         self.y = np.empty((self.n, dims), dtype=np.float32)
-        for s, x in tqdm(self.emb.iter_chunks(self.cfg.chunk), total=-(-self.n // self.cfg.chunk), desc="project",
-                         disable=None):
+        for s, x in tqdm(
+            self.emb.iter_chunks(self.cfg.chunk),
+            total=-(-self.n // self.cfg.chunk),
+            desc="project",
+            disable=None,
+        ):
             self.y[s : s + len(x)] = self._project(x)
         if self.kind == "flat":
             self.index = faiss.IndexFlatIP(dims)
@@ -239,7 +254,9 @@ class NeighbourSearch:
         # re-check: this bounds the cost at large radii, where nearly every pair qualifies.
         found = _Accumulator(8 * self.k_cand, limit=max(1 << 24, 16 * self.k_cand * len(qids)))
         for s in range(0, self.n, 1 << 18):
-            lims, d2, idx = index.range_search(np.ascontiguousarray(self.y[s : s + (1 << 18), :dims]), self._thr(radius))
+            lims, d2, idx = index.range_search(
+                np.ascontiguousarray(self.y[s : s + (1 << 18), :dims]), self._thr(radius)
+            )
             rows = s + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
             keep = qids[idx] != rows
             found.add(qids[idx][keep], rows[keep], d2[keep])
@@ -266,11 +283,20 @@ class NeighbourSearch:
             return {"sample_recall": 1.0}
         qids = self.sample_ids()
         tq, tj, self.cal_d, n_all = self.truth(qids, radius)
-        info: dict = {"sample_queries": len(qids), "sample_pairs": int(n_all), "sample_pairs_within_k": len(tq)}
+        info: dict = {
+            "sample_queries": len(qids),
+            "sample_pairs": int(n_all),
+            "sample_pairs_within_k": len(tq),
+        }
         name = "nprobe" if self.kind == "ivf" else "ef_search"
         if len(tq) == 0:
             self.param = self.param or (8 if self.kind == "ivf" else 4 * self.k_cand)
-            log.warning("no pairs under radius %.4g in the calibration sample; using %s = %d", radius, name, self.param)
+            log.warning(
+                "no pairs under radius %.4g in the calibration sample; using %s = %d",
+                radius,
+                name,
+                self.param,
+            )
             info[name] = self.param
             self.cal_found = np.zeros(0, dtype=bool)
             info["sample_recall"] = None
@@ -296,8 +322,13 @@ class NeighbourSearch:
         self.cal_found = found
         info["sample_recall"], info[name] = float(found.mean()), self.param
         if found.mean() < self.cfg.recall:
-            log.warning("sample recall %.4f is below the target %.3g at %s = %d; try --pca 0 or --index flat",
-                        found.mean(), self.cfg.recall, name, self.param)
+            log.warning(
+                "sample recall %.4f is below the target %.3g at %s = %d; try --pca 0 or --index flat",
+                found.mean(),
+                self.cfg.recall,
+                name,
+                self.param,
+            )
         return info
 
     def _found(self, rows: np.ndarray, radius: float, tq: np.ndarray, tj: np.ndarray) -> np.ndarray:
@@ -326,7 +357,11 @@ class NeighbourSearch:
                 self.index.hnsw.efSearch = self.param or 4 * self.k_cand
             for s in tqdm(range(0, len(rows), self.cfg.chunk), desc=f"search {self.kind}", disable=None):
                 ids = rows[s : s + self.cfg.chunk]
-                a, b = self._candidates_hnsw(ids, radius) if self.kind == "hnsw" else self._candidates_flat(ids, radius)
+                a, b = (
+                    self._candidates_hnsw(ids, radius)
+                    if self.kind == "hnsw"
+                    else self._candidates_flat(ids, radius)
+                )
                 qs.append(a)
                 js.append(b)
             q, j = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (qs, js))

@@ -41,7 +41,10 @@ def plot_size_distribution(histogram: Mapping[str | int, int], path: str | Path,
 
 
 def plot_kept_vs_beta(
-    curve: Sequence[Mapping[str, float]], path: str | Path, beta: float | None = None, target: float | None = None
+    curve: Sequence[Mapping[str, float]],
+    path: str | Path,
+    beta: float | None = None,
+    target: float | None = None,
 ) -> Path:
     """Kept fraction against beta; marks the chosen beta and the target fraction when given."""
     fig = Figure(figsize=(5, 3.5))

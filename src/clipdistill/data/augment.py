@@ -34,7 +34,18 @@ from PIL import Image
 from clipdistill.errors import UserError
 from clipdistill.models.base import ImageConfig
 
-AUG_FIELDS = ("top", "left", "height", "width", "flip", "brightness", "contrast", "saturation", "hue", "center")
+AUG_FIELDS = (
+    "top",
+    "left",
+    "height",
+    "width",
+    "flip",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "center",
+)
 AUG_WIDTH = len(AUG_FIELDS)
 
 _RESAMPLE = {
@@ -104,7 +115,9 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _crop_box(rng: np.random.Generator, width: int, height: int, policy: AugmentPolicy) -> tuple[int, int, int, int]:
+def _crop_box(
+    rng: np.random.Generator, width: int, height: int, policy: AugmentPolicy
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box sampling (10 tries, then the largest central crop within `ratio`)."""
     area = width * height
     log_lo, log_hi = math.log(policy.ratio[0]), math.log(policy.ratio[1])
@@ -161,10 +174,14 @@ def identity_params(width: int, height: int) -> np.ndarray:
 def center_params(width: int, height: int) -> np.ndarray:
     """The evaluation view (each model's resize + centre crop); the box is informative only."""
     side = min(width, height)
-    return np.array([(height - side) // 2, (width - side) // 2, side, side, 0, 1, 1, 1, 0, 1], dtype=np.float32)
+    return np.array(
+        [(height - side) // 2, (width - side) // 2, side, side, 0, 1, 1, 1, 0, 1], dtype=np.float32
+    )
 
 
-def replay_pil(img: Image.Image, params: np.ndarray, size: int, interpolation: str = "bicubic") -> Image.Image:
+def replay_pil(
+    img: Image.Image, params: np.ndarray, size: int, interpolation: str = "bicubic"
+) -> Image.Image:
     """The view described by `params` (one AUG_FIELDS row) at `size` x `size` pixels, as a PIL image."""
     top, left, h, w = (int(round(float(v))) for v in params[:4])
     flip, b, c, s, hue = (float(v) for v in params[4:9])

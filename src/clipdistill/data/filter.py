@@ -48,7 +48,9 @@ def parse_data_filter(spec: str | None, info: DatasetInfo, split_seed: int | Non
     if key.strip() != "classes" or not sep or not value.strip():
         raise UserError(f"unknown data filter '{spec}'; {FILTER_HELP}")
     if info.kind != "classification" or not info.classnames:
-        raise UserError(f"data filter '{spec}' needs a classification dataset with classnames.txt; '{info.name}' is {info.kind}")
+        raise UserError(
+            f"data filter '{spec}' needs a classification dataset with classnames.txt; '{info.name}' is {info.kind}"
+        )
     value = value.strip()
     if value in ("base", "novel"):
         base, novel = split_classes(len(info.classnames), split_seed)
@@ -57,7 +59,9 @@ def parse_data_filter(spec: str | None, info: DatasetInfo, split_seed: int | Non
     for item in (v.strip() for v in value.split(",")):
         if item.isdigit():
             if int(item) >= len(info.classnames):
-                raise UserError(f"class index {item} out of range; '{info.name}' has {len(info.classnames)} classes")
+                raise UserError(
+                    f"class index {item} out of range; '{info.name}' has {len(info.classnames)} classes"
+                )
             keep.add(int(item))
         elif item in info.classnames:
             keep.add(info.classnames.index(item))

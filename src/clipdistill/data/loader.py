@@ -51,7 +51,9 @@ def resolve_shards(spec: str, data_root: str | Path | None = None) -> tuple[list
         paths = sorted((Path(p) for p in glob.glob(str(Path(spec).expanduser()))), key=_shard_sort_key)
         paths = [p for p in paths if p.is_file()]
         if not paths:
-            raise UserError(f"no shard matches '{spec}'; pass a dataset name (e.g. flickr8k:train) or an existing shard glob")
+            raise UserError(
+                f"no shard matches '{spec}'; pass a dataset name (e.g. flickr8k:train) or an existing shard glob"
+            )
         kind_file = paths[0].parent.parent / "dataset_type.txt"
         return paths, kind_file.read_text().strip() if kind_file.exists() else "unknown"
     name, _, split = spec.partition(":")
@@ -60,7 +62,9 @@ def resolve_shards(spec: str, data_root: str | Path | None = None) -> tuple[list
     if (folder / "dataset_type.txt").exists():
         info = dataset_info(folder.name, folder.parent)
     elif "/" in name:
-        raise UserError(f"'{name}' is not a dataset folder (no dataset_type.txt); pass e.g. shared/data/flickr8k:train")
+        raise UserError(
+            f"'{name}' is not a dataset folder (no dataset_type.txt); pass e.g. shared/data/flickr8k:train"
+        )
     else:
         info = dataset_info(name, data_root)
     return info.shards(split), info.kind
@@ -130,8 +134,13 @@ def decode_record(raw: dict, skipped: SkipCounter, *, text: bool = True) -> Samp
     return sample
 
 
-def count_samples(shards: list[Path], labels: frozenset[int] | None = None, keys: frozenset[str] | None = None,
-                  *, at_most: int | None = None) -> int:
+def count_samples(
+    shards: list[Path],
+    labels: frozenset[int] | None = None,
+    keys: frozenset[str] | None = None,
+    *,
+    at_most: int | None = None,
+) -> int:
     """Number of records (keys) in `shards` that pass the data filter, without decoding images.
 
     at_most: stop reading once this many are found (a cheap "is there enough data" check).
@@ -179,7 +188,9 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     text: bool = True
     pooled: bool = False  # read the cached pre-projection teacher features too
-    labels: frozenset[int] | None = None  # classification records: keep only these classes (labels never reach the loss)
+    labels: frozenset[int] | None = (
+        None  # classification records: keep only these classes (labels never reach the loss)
+    )
     keys: frozenset[str] | None = None  # keep only these sample keys (a curation keep-list)
     extras: dict[str, str] | None = None  # per-caption cache extras to read: Outputs.extra name -> array name
     what: str = "data.train"  # the config key these shards come from (for messages)
@@ -195,7 +206,10 @@ def keep_record(raw: dict, labels: frozenset[int] | None, keys: frozenset[str] |
         return False
     if labels is not None and "cls" in raw:
         try:
-            return int(raw["cls"].decode("utf-8").strip() if isinstance(raw["cls"], bytes) else raw["cls"]) in labels
+            return (
+                int(raw["cls"].decode("utf-8").strip() if isinstance(raw["cls"], bytes) else raw["cls"])
+                in labels
+            )
         except ValueError:
             return False  # an unreadable label cannot be shown to be in the kept set
     return True
@@ -206,7 +220,9 @@ class TrainStream(IterableDataset):
     `(epoch, records emitted)`; `offset` rotates worker ids so a resumed DataLoader, which always
     asks worker 0 first, continues the round-robin where the interrupted one stopped."""
 
-    def __init__(self, cfg: StreamConfig, cache=None, start: dict[int, tuple[int, int]] | None = None, offset: int = 0):
+    def __init__(
+        self, cfg: StreamConfig, cache=None, start: dict[int, tuple[int, int]] | None = None, offset: int = 0
+    ):
         super().__init__()
         self.cfg = cfg
         self.cache = cache
@@ -256,7 +272,9 @@ class TrainStream(IterableDataset):
             if cfg.pooled:
                 out["teacher_pooled"] = torch.from_numpy(np.array(shard.pooled[row, view], dtype=np.float32))
         else:
-            params = sample_params(cfg.policy, sample.image.width, sample.image.height, 1, rng, first=False)[0]
+            params = sample_params(cfg.policy, sample.image.width, sample.image.height, 1, rng, first=False)[
+                0
+            ]
         if cfg.text:
             c = int(rng.integers(len(sample.captions)))
             out["caption"] = sample.captions[c]
@@ -264,8 +282,10 @@ class TrainStream(IterableDataset):
                 j = shard.text_index(row, c)
                 out["teacher_text"] = torch.from_numpy(np.array(shard.text[j], dtype=np.float32))
                 if cfg.extras:
-                    out["teacher_extra"] = {k: torch.from_numpy(np.array(shard.extra(v)[j], dtype=np.float32))
-                                            for k, v in cfg.extras.items()}
+                    out["teacher_extra"] = {
+                        k: torch.from_numpy(np.array(shard.extra(v)[j], dtype=np.float32))
+                        for k, v in cfg.extras.items()
+                    }
         try:
             out["views"] = {name: replay(sample.image, params, icfg) for name, icfg in cfg.views.items()}
         except ValueError as exn:  # a cached crop box that does not fit this image: the data changed
@@ -299,7 +319,10 @@ class TrainStream(IterableDataset):
                     yield collate(items, stream=stream, pos=(epoch, idx + 1), skipped=skipped.reasons)
                     items, skipped.reasons = [], {}
             if not usable and not position:  # a whole epoch gave nothing: so will every later one
-                lost = ", ".join(f"{n} {why}" for why, n in skipped.reasons.items()) or "no record reached this stream"
+                lost = (
+                    ", ".join(f"{n} {why}" for why, n in skipped.reasons.items())
+                    or "no record reached this stream"
+                )
                 raise EmptyStream(
                     f"{self.cfg.what} gives data stream {stream} no usable sample in a whole epoch of "
                     f"{len(self.cfg.shards)} shard(s) ({lost}); check the shards, the keep-list and the data filter"
@@ -322,7 +345,9 @@ def collate(items: list[dict], *, stream: int, pos: tuple[int, int], skipped: di
         if name in items[0]:
             batch[name] = torch.stack([it[name] for it in items])
     if "teacher_extra" in items[0]:
-        batch["teacher_extra"] = {k: torch.stack([it["teacher_extra"][k] for it in items]) for k in items[0]["teacher_extra"]}
+        batch["teacher_extra"] = {
+            k: torch.stack([it["teacher_extra"][k] for it in items]) for k in items[0]["teacher_extra"]
+        }
     return batch
 
 
@@ -381,7 +406,10 @@ def make_loader(cfg: StreamConfig, cache=None, state: DataState | None = None) -
             epoch = min((e for e, _ in state.positions.values()), default=0)
             log.warning(
                 "checkpoint data position was recorded with %d streams, now %d: restarting the data at epoch %d "
-                "(resume is exact only with the same ranks x workers)", state.streams, streams, epoch
+                "(resume is exact only with the same ranks x workers)",
+                state.streams,
+                streams,
+                epoch,
             )
             start = {s: (epoch, 0) for s in range(streams)}
     stream = TrainStream(cfg, cache, start, offset)

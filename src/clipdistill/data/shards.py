@@ -94,11 +94,15 @@ def _split_shards(split_dir: Path) -> list[Path]:
     if n_file.exists():
         text = n_file.read_text(encoding="utf-8", errors="replace").strip()
         if not text.isdigit():
-            raise UserError(f"'{n_file}' holds {text[:40]!r}, not a shard count; write the number of shards of the split in it")
+            raise UserError(
+                f"'{n_file}' holds {text[:40]!r}, not a shard count; write the number of shards of the split in it"
+            )
         n = int(text)
         missing = [i for i in range(n) if i not in found]
         if missing:
-            raise UserError(f"split '{split_dir}' lists {n} shards but shard {missing[0]} is missing; re-copy the dataset")
+            raise UserError(
+                f"split '{split_dir}' lists {n} shards but shard {missing[0]} is missing; re-copy the dataset"
+            )
         return [found[i] for i in range(n)]
     return [found[i] for i in sorted(found)]
 
@@ -114,12 +118,16 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     folder = base / name
     if not (folder / "dataset_type.txt").exists():
         if folder.is_dir():
-            raise UserError(f"'{folder}' has no dataset_type.txt; it is not a CLIP_benchmark-style dataset folder")
+            raise UserError(
+                f"'{folder}' has no dataset_type.txt; it is not a CLIP_benchmark-style dataset folder"
+            )
         raise unknown_name("dataset", name, list_datasets(base))
     kind = (folder / "dataset_type.txt").read_text().strip()
     info = DatasetInfo(name=name, root=folder, kind=kind)
     if kind not in ("classification", "retrieval"):
-        raise UserError(f"'{folder / 'dataset_type.txt'}' says {kind[:40]!r}; write classification or retrieval in it")
+        raise UserError(
+            f"'{folder / 'dataset_type.txt'}' says {kind[:40]!r}; write classification or retrieval in it"
+        )
     if kind == "classification":
         info.classnames = _lines(folder / "classnames.txt")
         info.templates = _lines(folder / "zeroshot_classification_templates.txt")
@@ -134,7 +142,9 @@ def _lines(path: Path) -> list[str]:
     except UnicodeDecodeError as err:
         raise UserError(f"'{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not lines:
-        raise UserError(f"'{path}' is empty; a classification dataset needs one line per class (classnames) or template")
+        raise UserError(
+            f"'{path}' is empty; a classification dataset needs one line per class (classnames) or template"
+        )
     return lines
 
 
@@ -175,7 +185,11 @@ def read_records(shards: Iterable[Path], skipped: SkipCounter, *, warn: bool = T
         read: set[str] = set()
         n = 0
         for raw in wds.WebDataset(
-            [str(path)], shardshuffle=False, handler=on_error, empty_check=False, nodesplitter=_all,
+            [str(path)],
+            shardshuffle=False,
+            handler=on_error,
+            empty_check=False,
+            nodesplitter=_all,
             workersplitter=_all,
         ):
             read.add(raw.get("__key__", ""))
@@ -216,7 +230,7 @@ def _lost_in_shard(path: Path, n: int, read: set[str], skipped: SkipCounter) -> 
     else:
         seen = _keys_in_headers(path) - read
         skipped.add(LOST_IN_SHARD, len(seen))
-        note += (f": {len(seen)} more sample(s) named in its readable tar headers lost, " if seen else ": ")
+        note += f": {len(seen)} more sample(s) named in its readable tar headers lost, " if seen else ": "
         note += "the rest of the shard is unknown (no shard index gives its sample count)"
     skipped.unreadable.append(note)
     return note
@@ -257,7 +271,9 @@ def shard_size(path: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        entry = json.loads((path.parent.parent.parent / "MANIFEST.json").read_text())[path.parent.parent.name][path.parent.name]
+        entry = json.loads((path.parent.parent.parent / "MANIFEST.json").read_text())[
+            path.parent.parent.name
+        ][path.parent.name]
         return int(entry["num_samples"]) if int(entry["num_shards"]) == 1 else None
     except (OSError, ValueError, KeyError, TypeError):
         return None

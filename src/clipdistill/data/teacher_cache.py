@@ -102,12 +102,19 @@ class CacheShard:
         if name not in self._arrays:
             path = self.folder / f"{name}.npy"
             if not path.exists():
-                raise UserError(f"teacher cache shard '{self.folder}' has no {name}.npy; rebuild it with `clipdistill cache-teacher`")
+                raise UserError(
+                    f"teacher cache shard '{self.folder}' has no {name}.npy; rebuild it with `clipdistill cache-teacher`"
+                )
             try:
                 self._arrays[name] = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:  # e.g. a file cut short: "mmap length is greater than file size"
-                raise UserError(f"teacher cache array '{path}' is damaged or cut short ({err}); rebuild the cache with "
-                                "`clipdistill cache-teacher ... --overwrite`") from None
+            except (
+                OSError,
+                ValueError,
+            ) as err:  # e.g. a file cut short: "mmap length is greater than file size"
+                raise UserError(
+                    f"teacher cache array '{path}' is damaged or cut short ({err}); rebuild the cache with "
+                    "`clipdistill cache-teacher ... --overwrite`"
+                ) from None
         return self._arrays[name]
 
     def verify(self) -> None:
@@ -116,8 +123,10 @@ class CacheShard:
         for name in ("aug", "image"):
             rows = self._array(name).shape[0]
             if samples >= 0 and rows != samples:
-                raise UserError(f"teacher cache array '{self.folder / name}.npy' has {rows} rows for {samples} samples; "
-                                "rebuild the cache with `clipdistill cache-teacher ... --overwrite`")
+                raise UserError(
+                    f"teacher cache array '{self.folder / name}.npy' has {rows} rows for {samples} samples; "
+                    "rebuild the cache with `clipdistill cache-teacher ... --overwrite`"
+                )
 
     aug = property(lambda self: self._array("aug"))
     image = property(lambda self: self._array("image"))
@@ -188,7 +197,9 @@ class TeacherCache:
                 raise ValueError(f"format {raw.get('format')} (expected {FORMAT})")
             self.info = CacheInfo(**{k: raw[k] for k in CacheInfo.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"cannot read teacher cache '{info_file}' ({err}); rebuild it with `clipdistill cache-teacher`") from err
+            raise UserError(
+                f"cannot read teacher cache '{info_file}' ({err}); rebuild it with `clipdistill cache-teacher`"
+            ) from err
         self._shards = {s["name"]: CacheShard(self.root / "shards" / s["dir"], s) for s in self.info.shards}
 
     def shard(self, name: str) -> CacheShard | None:
@@ -224,7 +235,12 @@ class TeacherCache:
                     f"run: {_short(value)}); {fix}"
                 )
         if spec is not None and spec != parts.get("teacher"):
-            log.info("teacher cache %s was built from '%s'; the run names '%s' (same weights)", self.root, parts.get("teacher"), spec)
+            log.info(
+                "teacher cache %s was built from '%s'; the run names '%s' (same weights)",
+                self.root,
+                parts.get("teacher"),
+                spec,
+            )
         if policy is not None and self.info.policy != policy:
             raise UserError(
                 f"teacher cache '{self.root}' was built with augmentation policy {self.info.policy.as_dict()}, the run "
@@ -243,9 +259,13 @@ class TeacherCache:
                     f"from {cached[ident['name']]} bytes; {fix}"
                 )
         if pooled and self.info.pooled_dim is None:
-            raise UserError(f"teacher cache '{self.root}' has no pooled features but a loss term needs them; rebuild it with --pooled")
+            raise UserError(
+                f"teacher cache '{self.root}' has no pooled features but a loss term needs them; rebuild it with --pooled"
+            )
         if text and not self.info.text:
-            raise UserError(f"teacher cache '{self.root}' holds no caption embeddings (built from unlabeled data); {fix}")
+            raise UserError(
+                f"teacher cache '{self.root}' holds no caption embeddings (built from unlabeled data); {fix}"
+            )
         wanted = {shard_name(p) for p in shards} if shards else set(self._shards)
         for name in sorted(wanted & set(self._shards)):
             self._shards[name].verify()
@@ -299,7 +319,9 @@ def build_cache(
             log.info("teacher cache %s is up to date (fingerprint %s); reusing it", out, fingerprint)
             return existing
         if not overwrite:
-            raise UserError(f"'{out}' holds a teacher cache for another teacher, data or policy; pass --overwrite or a new --out")
+            raise UserError(
+                f"'{out}' holds a teacher cache for another teacher, data or policy; pass --overwrite or a new --out"
+            )
         shutil.rmtree(out / "shards", ignore_errors=True)
         (out / INFO_FILE).unlink()
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -312,11 +334,19 @@ def build_cache(
         folder = out / "shards" / f"{i:05d}"
         meta = _read_meta(folder)
         if meta is None or meta.get("fingerprint") != shard_fp:
-            meta = _build_shard(teacher, path, folder, shard_fp, augmentations, policy, seed, pooled, text, batch_size, dtype)
+            meta = _build_shard(
+                teacher, path, folder, shard_fp, augmentations, policy, seed, pooled, text, batch_size, dtype
+            )
         else:
             log.info("teacher cache: shard %s already done", ident["name"])
-        entries.append({**ident, "dir": folder.name, **{k: meta[k] for k in ("samples", "texts", "skipped", "augmentations")},
-                        **({"unreadable": meta["unreadable"]} if meta.get("unreadable") else {})})
+        entries.append(
+            {
+                **ident,
+                "dir": folder.name,
+                **{k: meta[k] for k in ("samples", "texts", "skipped", "augmentations")},
+                **({"unreadable": meta["unreadable"]} if meta.get("unreadable") else {}),
+            }
+        )
         pooled_dim = meta.get("pooled_dim") or pooled_dim
     info = {
         "format": FORMAT,
@@ -387,15 +417,25 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
     flush()
     bar.close()
     n = len(keys)
-    image = np.concatenate(image_out).reshape(n, k, -1) if n else np.zeros((0, k, teacher.embed_dim), np.float32)
+    image = (
+        np.concatenate(image_out).reshape(n, k, -1) if n else np.zeros((0, k, teacher.embed_dim), np.float32)
+    )
     text_emb = _encode_texts(teacher, captions) if captions else np.zeros((0, teacher.embed_dim), np.float32)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     np.save(tmp / "aug.npy", np.stack(augs) if n else np.zeros((0, k, AUG_WIDTH), np.float32))
     np.save(tmp / "image.npy", image.astype(dtype))
-    meta = {"name": name, "fingerprint": shard_fp, "samples": n, "texts": len(captions), "augmentations": k,
-            "skipped": dict(skipped.reasons), "unreadable": list(skipped.unreadable), "pooled_dim": None}
+    meta = {
+        "name": name,
+        "fingerprint": shard_fp,
+        "samples": n,
+        "texts": len(captions),
+        "augmentations": k,
+        "skipped": dict(skipped.reasons),
+        "unreadable": list(skipped.unreadable),
+        "pooled_dim": None,
+    }
     if pooled:
         pooled_arr = np.concatenate(pooled_out).reshape(n, k, -1) if n else np.zeros((0, k, 0), np.float32)
         np.save(tmp / "pooled.npy", pooled_arr.astype(dtype))
@@ -411,7 +451,9 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
     return meta
 
 
-def _embed_views(teacher: ClipModel, x: torch.Tensor, centre: torch.Tensor, pooled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _embed_views(
+    teacher: ClipModel, x: torch.Tensor, centre: torch.Tensor, pooled: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Teacher embeddings (and pooled features) of a batch of views, in order. Centre views go through
     the teacher's own feature cache (evaluation already filled it); random views bypass it."""
     emb = np.zeros((len(x), teacher.embed_dim), np.float32)

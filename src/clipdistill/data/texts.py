@@ -36,7 +36,7 @@ def _wordnet_dir() -> Path:
 
 
 def parse_wordnet_line(line: str) -> str | None:
-    """"lemma, lemma: gloss" of one line of a WordNet `data.*` file (None for the licence header)."""
+    """ "lemma, lemma: gloss" of one line of a WordNet `data.*` file (None for the licence header)."""
     if line.startswith("  ") or "|" not in line:
         return None
     head, _, gloss = line.partition("|")
@@ -59,7 +59,9 @@ def load_corpus(spec: str) -> list[str]:
         folder = _wordnet_dir()
         parts = [part] if part else list(POS)
         if any(p not in POS for p in parts):
-            raise UserError(f"data.texts: unknown WordNet part '{part}'; use one of {', '.join(POS)} or plain 'wordnet'")
+            raise UserError(
+                f"data.texts: unknown WordNet part '{part}'; use one of {', '.join(POS)} or plain 'wordnet'"
+            )
         texts = []
         for p in parts:
             with open(folder / POS[p], encoding="utf-8", errors="replace") as f:
@@ -67,8 +69,14 @@ def load_corpus(spec: str) -> list[str]:
         return texts
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"data.texts: '{spec}' is neither 'wordnet' nor a text file; give a file with one text per line")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        raise UserError(
+            f"data.texts: '{spec}' is neither 'wordnet' nor a text file; give a file with one text per line"
+        )
+    texts = [
+        line.strip()
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if line.strip()
+    ]
     if not texts:
         raise UserError(f"data.texts: '{spec}' holds no text; give a file with one text per line")
     return texts

@@ -56,8 +56,12 @@ class ProbeResult:
 
     def extras(self) -> dict:
         """What the JSON record keeps beside the metrics."""
-        return {"C": self.c, "val_acc1": self.val_acc1, "train_samples": self.n_train,
-                "val_scores": {f"{c:g}": s for c, s in sorted(self.val_scores.items())}}
+        return {
+            "C": self.c,
+            "val_acc1": self.val_acc1,
+            "train_samples": self.n_train,
+            "val_scores": {f"{c:g}": s for c, s in sorted(self.val_scores.items())},
+        }
 
 
 def _as_numpy(x: Tensor) -> np.ndarray:
@@ -79,7 +83,9 @@ def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(fit), np.sort(val)
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 1000, seed: int = 0, threads: int = 1):
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 1000, seed: int = 0, threads: int = 1
+):
     """A fitted multinomial `sklearn.linear_model.LogisticRegression` with inverse regularisation `c`."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -95,12 +101,16 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 1000, s
     return clf
 
 
-def select_c(x: np.ndarray, y: np.ndarray, config: ProbeConfig = ProbeConfig()) -> tuple[float, dict[float, float]]:
+def select_c(
+    x: np.ndarray, y: np.ndarray, config: ProbeConfig = ProbeConfig()
+) -> tuple[float, dict[float, float]]:
     """The C with the best held-out accuracy (the smallest such C on ties: the simplest probe), and
     every tried C's held-out accuracy."""
     fit, val = holdout_split(y, config.val_fraction, config.seed)
     if len(np.unique(y[fit])) < 2:
-        raise UserError("the linear probe's training part holds fewer than 2 classes; evaluate on more train samples")
+        raise UserError(
+            "the linear probe's training part holds fewer than 2 classes; evaluate on more train samples"
+        )
     scores: dict[float, float] = {}
 
     def score(c: float) -> None:
@@ -128,8 +138,15 @@ def probe_logits(clf, x: np.ndarray, n_classes: int) -> Tensor:
     return logits
 
 
-def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *,
-                 n_classes: int | None = None, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    n_classes: int | None = None,
+    config: ProbeConfig = ProbeConfig(),
+) -> ProbeResult:
     """Choose C on held-out train, refit on all train, score on test (see module docstring).
 
     train_x N x d and test_x M x d image embeddings (normalised here), integer labels.

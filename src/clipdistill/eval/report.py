@@ -51,7 +51,9 @@ def row_label(record: dict) -> str:
     if spec:
         return str(spec)
     pretrained = record.get("pretrained")
-    return f"{record['model']}/{pretrained}" if pretrained and pretrained != "random" else str(record["model"])
+    return (
+        f"{record['model']}/{pretrained}" if pretrained and pretrained != "random" else str(record["model"])
+    )
 
 
 def _dataset_label(record: dict) -> str:
@@ -81,8 +83,11 @@ def compare(records: Sequence[dict], *, all_metrics: bool = False) -> str:
     datasets: list[str] = []
     for rec in records:
         task = str(rec.get("task", "zeroshot_classification"))
-        names = [m for m in rec["metrics"] if isinstance(rec["metrics"][m], (int, float))] if all_metrics \
+        names = (
+            [m for m in rec["metrics"] if isinstance(rec["metrics"][m], (int, float))]
+            if all_metrics
             else [m for m in HEADLINE.get(task, tuple(rec["metrics"])) if m in rec["metrics"]]
+        )
         row, dataset = row_label(rec), _dataset_label(rec)
         if row not in rows:
             rows.append(row)
@@ -100,17 +105,25 @@ def compare(records: Sequence[dict], *, all_metrics: bool = False) -> str:
     order = sorted(columns, key=columns.__getitem__)
     table = _table(["model", *order], ([r, *(percent(cells.get((r, c))) for c in order)] for r in rows))
     subsampled = any(d.endswith("*") for d in datasets)
-    return table + ("\n\\* 1 in N test samples only (see the record's `clipdistill.every`)\n" if subsampled else "")
+    return table + (
+        "\n\\* 1 in N test samples only (see the record's `clipdistill.every`)\n" if subsampled else ""
+    )
 
 
 def format_record(record: dict) -> str:
     """A two-column markdown table of one record's metrics (percent) with a one-line caption."""
     extra = record.get("clipdistill") or {}
     every = int(extra.get("every") or 1)
-    caption = (f"{row_label(record)} on {record['dataset']}:{extra.get('split', 'test')} ({record.get('task')}): "
-               f"{extra.get('samples', '?')} samples{f' (1 in {every})' if every > 1 else ''}, "
-               f"{extra.get('skipped', 0)} skipped, {extra.get('seconds', 0):.1f} s"
-               + "".join(f"; {note}" for note in extra.get("unreadable", [])))
+    caption = (
+        f"{row_label(record)} on {record['dataset']}:{extra.get('split', 'test')} ({record.get('task')}): "
+        f"{extra.get('samples', '?')} samples{f' (1 in {every})' if every > 1 else ''}, "
+        f"{extra.get('skipped', 0)} skipped, {extra.get('seconds', 0):.1f} s"
+        + "".join(f"; {note}" for note in extra.get("unreadable", []))
+    )
     task = str(record.get("task", ""))
-    rows = [[metric_label(m, task), percent(v)] for m, v in record["metrics"].items() if isinstance(v, (int, float))]
+    rows = [
+        [metric_label(m, task), percent(v)]
+        for m, v in record["metrics"].items()
+        if isinstance(v, (int, float))
+    ]
     return caption + "\n\n" + _table(["metric", "%"], rows)

@@ -41,8 +41,12 @@ def _hits_at_k(queries: Tensor, keys: Tensor, positive: Tensor, k: int) -> Tenso
     return torch.cat(hits)
 
 
-def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_image_index: Tensor | Sequence[int],
-                      ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_image_index: Tensor | Sequence[int],
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
     """Recall@k in both directions.
 
     image_emb: I x d, text_emb: T x d (normalised here), text_image_index: T ints, the image of each text.
@@ -56,14 +60,24 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_image_index: Ten
     images, texts = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
     positive[index, torch.arange(n_txt)] = True
-    metrics = {f"text_retrieval_recall@{k}": _hits_at_k(images, texts, positive, k).float().mean().item() for k in ks}
+    metrics = {
+        f"text_retrieval_recall@{k}": _hits_at_k(images, texts, positive, k).float().mean().item() for k in ks
+    }
     for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = _hits_at_k(texts, images, positive.T, k).float().mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = (
+            _hits_at_k(texts, images, positive.T, k).float().mean().item()
+        )
     return metrics
 
 
-def encode_pairs(model: ClipModel, samples: Iterable[Sample], *, batch_size: int = 64, progress: bool = False,
-                 total: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def encode_pairs(
+    model: ClipModel,
+    samples: Iterable[Sample],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(I x d image embeddings, T x d caption embeddings, T image indices) of captioned samples,
     all normalised; every caption of every sample."""
     images, texts, index = [], [], []
@@ -74,13 +88,23 @@ def encode_pairs(model: ClipModel, samples: Iterable[Sample], *, batch_size: int
         images.append(emb)
         texts.append(encode_texts(model, captions, batch_size=max(batch_size, len(captions))))
     if not images:
-        return torch.empty(0, model.embed_dim), torch.empty(0, model.embed_dim), torch.empty(0, dtype=torch.long)
+        return (
+            torch.empty(0, model.embed_dim),
+            torch.empty(0, model.embed_dim),
+            torch.empty(0, dtype=torch.long),
+        )
     return torch.cat(images), torch.cat(texts), torch.tensor(index, dtype=torch.long)
 
 
-def zeroshot_retrieval(model: ClipModel, samples: Iterable[Sample], *, batch_size: int = 64,
-                       ks: Sequence[int] = RECALL_KS, progress: bool = False,
-                       total: int | None = None) -> dict[str, float]:
+def zeroshot_retrieval(
+    model: ClipModel,
+    samples: Iterable[Sample],
+    *,
+    batch_size: int = 64,
+    ks: Sequence[int] = RECALL_KS,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, float]:
     """Image -> text and text -> image recall@k of `model` on captioned `samples`."""
     images, texts, index = encode_pairs(model, samples, batch_size=batch_size, progress=progress, total=total)
     if len(images) == 0:

@@ -51,8 +51,12 @@ from clipdistill.paths import atomic_path, cache_dir
 log = logging.getLogger(__name__)
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "base2novel", "linear_probe")
-_KIND = {"zeroshot_classification": "classification", "zeroshot_retrieval": "retrieval",
-         "base2novel": "classification", "linear_probe": "classification"}
+_KIND = {
+    "zeroshot_classification": "classification",
+    "zeroshot_retrieval": "retrieval",
+    "base2novel": "classification",
+    "linear_probe": "classification",
+}
 _PROBE_TEXT = "a photo of a dog."
 _PROBE_ATOL = 1e-3  # probe embeddings agree far better than this across runs of the same weights
 
@@ -67,7 +71,9 @@ def resolve_task(task: str | None, info: DatasetInfo) -> str:
     if task not in TASKS:
         raise unknown_name("task", task, TASKS)
     if _KIND[task] != info.kind:
-        raise UserError(f"task {task} needs a {_KIND[task]} dataset but '{info.name}' is {info.kind}; pick another --task or --dataset")
+        raise UserError(
+            f"task {task} needs a {_KIND[task]} dataset but '{info.name}' is {info.kind}; pick another --task or --dataset"
+        )
     return task
 
 
@@ -153,8 +159,15 @@ def _save(path: Path, entry: dict) -> None:
     os.replace(tmp, path)
 
 
-def cached_class_embeddings(model: ClipModel, classnames: Sequence[str], templates: Sequence[str], *,
-                            batch_size: int = 256, cache: bool = True, progress: bool = False) -> Tensor:
+def cached_class_embeddings(
+    model: ClipModel,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    cache: bool = True,
+    progress: bool = False,
+) -> Tensor:
     """`class_embeddings`, read from / written to `cache_dir()/text_embeddings` when the model names itself."""
     identity = model_identity(model) if cache else None
     if identity is None:
@@ -175,9 +188,16 @@ def _shards_state(shards: Sequence[Path]) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in shards]
 
 
-def cached_image_features(model: ClipModel, info: DatasetInfo, split: str, *, every: int = 1,
-                          batch_size: int = 64, cache: bool = True,
-                          progress: bool = False) -> tuple[Tensor, Tensor, dict[str, int]]:
+def cached_image_features(
+    model: ClipModel,
+    info: DatasetInfo,
+    split: str,
+    *,
+    every: int = 1,
+    batch_size: int = 64,
+    cache: bool = True,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, dict[str, int]]:
     """(normalised image embeddings, labels, skipped reasons) of a classification split, from / to
     `cache_dir()/image_features` when the model names itself (the linear probe's features)."""
     shards = info.shards(split)
@@ -192,10 +212,14 @@ def cached_image_features(model: ClipModel, info: DatasetInfo, split: str, *, ev
             return entry["features"], entry["labels"], dict(entry["skipped"])
     skipped = SkipCounter()
     samples = _samples(shards, every, skipped, info, split)
-    feats, labels = encode_labelled_images(model, samples, batch_size=batch_size, progress=progress,
-                                           total=expected_samples(info, split, every))
+    feats, labels = encode_labelled_images(
+        model, samples, batch_size=batch_size, progress=progress, total=expected_samples(info, split, every)
+    )
     if identity is not None:
-        _save(path, {"meta": meta, "probe": probe, "features": feats, "labels": labels, "skipped": skipped.reasons})
+        _save(
+            path,
+            {"meta": meta, "probe": probe, "features": feats, "labels": labels, "skipped": skipped.reasons},
+        )
     return feats, labels, dict(skipped.reasons)
 
 
@@ -214,8 +238,9 @@ class _Counted:
             yield item
 
 
-def _samples(shards: Sequence[Path], every: int, skipped: SkipCounter, info: DatasetInfo | None = None,
-             split: str = "") -> Iterator[Sample]:
+def _samples(
+    shards: Sequence[Path], every: int, skipped: SkipCounter, info: DatasetInfo | None = None, split: str = ""
+) -> Iterator[Sample]:
     samples = iter_samples(shards, skipped=skipped)
     if info is not None and info.kind == "classification":
         samples = _known_labels(samples, info, split)
@@ -246,11 +271,23 @@ def expected_samples(info: DatasetInfo, split: str, every: int = 1) -> int | Non
     return math.ceil(n / every)
 
 
-def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: str | None = None, *,
-             data_root: str | Path | None = None, every: int = 1, batch_size: int = 64,
-             split_seed: int | None = None, train_split: str = "train", train_every: int | None = None,
-             probe_config: ProbeConfig | None = None, cache: bool = True, progress: bool = True,
-             output: str | Path | None = None) -> dict:
+def evaluate(
+    model: ClipModel | str,
+    dataset: str,
+    split: str = "test",
+    task: str | None = None,
+    *,
+    data_root: str | Path | None = None,
+    every: int = 1,
+    batch_size: int = 64,
+    split_seed: int | None = None,
+    train_split: str = "train",
+    train_every: int | None = None,
+    probe_config: ProbeConfig | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    output: str | Path | None = None,
+) -> dict:
     """Evaluate `model` (a `ClipModel`, or a spec for `create_model`) on `dataset`'s `split`.
 
     The dataset, split and task are checked before a spec is built, so bad input fails fast.
@@ -280,11 +317,24 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
     total = expected_samples(info, split, every)
     with evaluating(model):
         if task == "linear_probe":
-            metrics, n, skipped.reasons = _run_linear_probe(model, info, split, train_split, every, train_every,
-                                                            batch_size, cache, progress, probe_config, extra)
+            metrics, n, skipped.reasons = _run_linear_probe(
+                model,
+                info,
+                split,
+                train_split,
+                every,
+                train_every,
+                batch_size,
+                cache,
+                progress,
+                probe_config,
+                extra,
+            )
         else:
             samples = _Counted(_samples(shards, every, skipped, info, split))
-            metrics = _run_zeroshot(task, model, info, samples, batch_size, split_seed, cache, progress, total, extra)
+            metrics = _run_zeroshot(
+                task, model, info, samples, batch_size, split_seed, cache, progress, total, extra
+            )
             n = samples.count
     record = {
         "dataset": info.name,
@@ -312,32 +362,80 @@ def evaluate(model: ClipModel | str, dataset: str, split: str = "test", task: st
     return record
 
 
-def _run_zeroshot(task: str, model: ClipModel, info: DatasetInfo, samples: Iterable[Sample], batch_size: int,
-                  split_seed: int | None, cache: bool, progress: bool, total: int | None, extra: dict) -> dict:
+def _run_zeroshot(
+    task: str,
+    model: ClipModel,
+    info: DatasetInfo,
+    samples: Iterable[Sample],
+    batch_size: int,
+    split_seed: int | None,
+    cache: bool,
+    progress: bool,
+    total: int | None,
+    extra: dict,
+) -> dict:
     if task == "zeroshot_retrieval":
         return zeroshot_retrieval(model, samples, batch_size=batch_size, progress=progress, total=total)
-    class_emb = cached_class_embeddings(model, info.classnames, info.templates, cache=cache, progress=progress)
+    class_emb = cached_class_embeddings(
+        model, info.classnames, info.templates, cache=cache, progress=progress
+    )
     if task == "zeroshot_classification":
-        return zeroshot_classification(model, samples, info.classnames, info.templates, batch_size=batch_size,
-                                       class_emb=class_emb, progress=progress, total=total)
+        return zeroshot_classification(
+            model,
+            samples,
+            info.classnames,
+            info.templates,
+            batch_size=batch_size,
+            class_emb=class_emb,
+            progress=progress,
+            total=total,
+        )
     base, novel = b2n.split_classes(len(info.classnames), split_seed)
-    extra.update(split_seed=split_seed, base_classes=[info.classnames[i] for i in base],
-                 novel_classes=[info.classnames[i] for i in novel])
-    return b2n.base2novel(model, samples, info.classnames, info.templates, seed=split_seed, batch_size=batch_size,
-                          class_emb=class_emb, progress=progress, total=total)
+    extra.update(
+        split_seed=split_seed,
+        base_classes=[info.classnames[i] for i in base],
+        novel_classes=[info.classnames[i] for i in novel],
+    )
+    return b2n.base2novel(
+        model,
+        samples,
+        info.classnames,
+        info.templates,
+        seed=split_seed,
+        batch_size=batch_size,
+        class_emb=class_emb,
+        progress=progress,
+        total=total,
+    )
 
 
-def _run_linear_probe(model: ClipModel, info: DatasetInfo, split: str, train_split: str, every: int,
-                      train_every: int | None, batch_size: int, cache: bool, progress: bool,
-                      config: ProbeConfig | None, extra: dict) -> tuple[dict, int, dict[str, int]]:
+def _run_linear_probe(
+    model: ClipModel,
+    info: DatasetInfo,
+    split: str,
+    train_split: str,
+    every: int,
+    train_every: int | None,
+    batch_size: int,
+    cache: bool,
+    progress: bool,
+    config: ProbeConfig | None,
+    extra: dict,
+) -> tuple[dict, int, dict[str, int]]:
     train_every = every if train_every is None else train_every
-    xtr, ytr, skipped_tr = cached_image_features(model, info, train_split, every=train_every, batch_size=batch_size,
-                                                 cache=cache, progress=progress)
-    xte, yte, skipped_te = cached_image_features(model, info, split, every=every, batch_size=batch_size,
-                                                 cache=cache, progress=progress)
+    xtr, ytr, skipped_tr = cached_image_features(
+        model, info, train_split, every=train_every, batch_size=batch_size, cache=cache, progress=progress
+    )
+    xte, yte, skipped_te = cached_image_features(
+        model, info, split, every=every, batch_size=batch_size, cache=cache, progress=progress
+    )
     result = linear_probe(xtr, ytr, xte, yte, n_classes=len(info.classnames), config=config or ProbeConfig())
-    extra.update(train_split=train_split, train_every=train_every, train_skipped=sum(skipped_tr.values()),
-                 probe=result.extras())
+    extra.update(
+        train_split=train_split,
+        train_every=train_every,
+        train_skipped=sum(skipped_tr.values()),
+        probe=result.extras(),
+    )
     return result.metrics, result.n_test, skipped_te
 
 
@@ -362,14 +460,19 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
     records = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise UserError(f"result file '{p}' not found; pass JSON files written by `clipdistill eval --output`")
+            raise UserError(
+                f"result file '{p}' not found; pass JSON files written by `clipdistill eval --output`"
+            )
         try:
             data = json.loads(p.read_text())
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read result file '{p}' ({err}); re-run `clipdistill eval --output {p}`") from err
+            raise UserError(
+                f"cannot read result file '{p}' ({err}); re-run `clipdistill eval --output {p}`"
+            ) from err
         for rec in data if isinstance(data, list) else [data]:
             if not isinstance(rec, dict) or not {"dataset", "model", "metrics"} <= rec.keys():
-                raise UserError(f"'{p}' is not an evaluation record (needs dataset, model, metrics); pass `clipdistill eval` output")
+                raise UserError(
+                    f"'{p}' is not an evaluation record (needs dataset, model, metrics); pass `clipdistill eval` output"
+                )
             records.append(rec)
     return records
-

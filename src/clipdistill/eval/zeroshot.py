@@ -89,16 +89,26 @@ def evaluating(model: ClipModel) -> Iterator[ClipModel]:
 def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Prompts in class-major order: all templates of class 0, then class 1, ..."""
     if not templates:
-        raise UserError("no zero-shot templates; add lines with '{c}' to zeroshot_classification_templates.txt")
+        raise UserError(
+            "no zero-shot templates; add lines with '{c}' to zeroshot_classification_templates.txt"
+        )
     bad = [t for t in templates if "{c}" not in t]
     if bad:
-        raise UserError(f"template '{bad[0]}' has no '{{c}}' placeholder; fix zeroshot_classification_templates.txt")
+        raise UserError(
+            f"template '{bad[0]}' has no '{{c}}' placeholder; fix zeroshot_classification_templates.txt"
+        )
     # str.replace, not str.format: a template with other braces must not break the ensemble.
     return [t.replace("{c}", c) for c in classnames for t in templates]
 
 
-def encode_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 256,
-                 progress: bool = False, desc: str = "texts") -> Tensor:
+def encode_texts(
+    model: ClipModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "texts",
+) -> Tensor:
     """Normalised text embeddings (len(texts) x d, float32 on the CPU), in batches."""
     out = []
     with evaluating(model), tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
@@ -109,16 +119,29 @@ def encode_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 25
     return torch.cat(out) if out else torch.empty(0, model.embed_dim)
 
 
-def class_embeddings(model: ClipModel, classnames: Sequence[str], templates: Sequence[str], *,
-                     batch_size: int = 256, progress: bool = False) -> Tensor:
+def class_embeddings(
+    model: ClipModel,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> Tensor:
     """C x d ensembled, normalised class embeddings of `model` (see `class_matrix`)."""
     prompts = fill_templates(classnames, templates)
     emb = encode_texts(model, prompts, batch_size=batch_size, progress=progress, desc="class prompts")
     return class_matrix(emb.view(len(classnames), len(templates), -1))
 
 
-def image_batches(model: ClipModel, samples: Iterable[Sample], *, batch_size: int = 64, progress: bool = False,
-                  total: int | None = None, desc: str = "images") -> Iterator[tuple[list[Sample], Tensor]]:
+def image_batches(
+    model: ClipModel,
+    samples: Iterable[Sample],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    total: int | None = None,
+    desc: str = "images",
+) -> Iterator[tuple[list[Sample], Tensor]]:
     """(samples, normalised image embeddings as float32 on the CPU) per batch, preprocessed with the
     model's own transform."""
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
@@ -132,8 +155,14 @@ def image_batches(model: ClipModel, samples: Iterable[Sample], *, batch_size: in
             yield batch, emb
 
 
-def encode_labelled_images(model: ClipModel, samples: Iterable[Sample], *, batch_size: int = 64,
-                           progress: bool = False, total: int | None = None) -> tuple[Tensor, Tensor]:
+def encode_labelled_images(
+    model: ClipModel,
+    samples: Iterable[Sample],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """(N x d normalised image embeddings, N labels) of labelled samples."""
     embs, labels = [], []
     for batch, emb in image_batches(model, samples, batch_size=batch_size, progress=progress, total=total):
@@ -144,16 +173,26 @@ def encode_labelled_images(model: ClipModel, samples: Iterable[Sample], *, batch
     return torch.cat(embs), torch.tensor(labels, dtype=torch.long)
 
 
-def zeroshot_classification(model: ClipModel, samples: Iterable[Sample], classnames: Sequence[str],
-                            templates: Sequence[str], *, batch_size: int = 64, class_emb: Tensor | None = None,
-                            progress: bool = False, total: int | None = None) -> dict[str, float]:
+def zeroshot_classification(
+    model: ClipModel,
+    samples: Iterable[Sample],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 64,
+    class_emb: Tensor | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, float]:
     """Zero-shot `acc1`, `acc5`, `mean_per_class_recall` of `model` on labelled `samples`.
 
     class_emb: precomputed `class_embeddings(model, classnames, templates)` (e.g. from a cache).
     """
     if class_emb is None:
         class_emb = class_embeddings(model, classnames, templates, progress=progress)
-    images, labels = encode_labelled_images(model, samples, batch_size=batch_size, progress=progress, total=total)
+    images, labels = encode_labelled_images(
+        model, samples, batch_size=batch_size, progress=progress, total=total
+    )
     if len(labels) == 0:
         raise UserError("no readable samples to evaluate; check the dataset's shards (see the skipped count)")
     return classification_metrics(zeroshot_logits(images, class_emb), labels)

@@ -64,7 +64,9 @@ def project_normalize(proj: torch.nn.Module | None, x: Tensor) -> Tensor:
     return F.normalize(proj(x) if proj is not None else x, dim=-1)
 
 
-def symmetric_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def symmetric_kl(
+    teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """(`kl_rows(Z_t, Z_s)`, `kl_rows(Z_t^T, Z_s^T)`): the image->text and text->image row KLs."""
     return (
         kl_rows(teacher_logits, student_logits, temperature),

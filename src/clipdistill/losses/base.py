@@ -67,7 +67,9 @@ class Outputs:
         return F.normalize(self.text, dim=-1)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
 
     def replace(self, **changes) -> Outputs:
         return replace(self, **changes)
@@ -116,7 +118,9 @@ class Term(nn.Module):
             )
         missing = [o for o in self.required_options if opts.get(o) is None]
         if missing:
-            raise UserError(f"term '{self.name}' needs option '{missing[0]}'; set losses.{self.name}.{missing[0]} in the config")
+            raise UserError(
+                f"term '{self.name}' needs option '{missing[0]}'; set losses.{self.name}.{missing[0]} in the config"
+            )
         self.opts = {**self.options, **opts}
         self.ctx = ctx
 

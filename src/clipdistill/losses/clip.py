@@ -85,7 +85,11 @@ class LogitKD(Term):
         self.teacher_scale = None if ts is None else positive(self.name, "teacher_scale", ts)
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
-        z_s, z_t, temp = student_logits(student), teacher_logits(teacher, self.teacher_scale), self.temperature
+        z_s, z_t, temp = (
+            student_logits(student),
+            teacher_logits(teacher, self.teacher_scale),
+            self.temperature,
+        )
         if self.faithful:
             i2t, t2i = soft_ce(z_t, z_s, temp), soft_ce(z_t.t(), z_s.t(), temp)
         else:

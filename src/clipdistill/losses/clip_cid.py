@@ -43,11 +43,15 @@ def load_centres(path: str | Path | None, array: object | None, dim: int) -> Ten
     if array is None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"cluster centres file '{path}' does not exist; set losses.cluster.centres to a K x D .npy file")
+            raise UserError(
+                f"cluster centres file '{path}' does not exist; set losses.cluster.centres to a K x D .npy file"
+            )
         array = np.load(path)
     centres = torch.as_tensor(np.asarray(array), dtype=torch.get_default_dtype())
     if centres.ndim != 2 or centres.shape[0] < 2:
-        raise UserError(f"cluster centres must be a K x D array with K >= 2, got shape {tuple(centres.shape)}")
+        raise UserError(
+            f"cluster centres must be a K x D array with K >= 2, got shape {tuple(centres.shape)}"
+        )
     if centres.shape[1] != dim:
         raise UserError(
             f"cluster centres have width {centres.shape[1]} but the teacher embeddings have {dim}; "
@@ -56,12 +60,16 @@ def load_centres(path: str | Path | None, array: object | None, dim: int) -> Ten
     return F.normalize(centres, dim=-1)
 
 
-def _check_range(term: str, name: str, value: float, low: float, high: float, low_open: bool = False) -> float:
+def _check_range(
+    term: str, name: str, value: float, low: float, high: float, low_open: bool = False
+) -> float:
     value = float(value)
     ok = (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise UserError(f"losses.{term}.{name} = {value} is out of range; use a value in {bracket}{low}, {high}]")
+        raise UserError(
+            f"losses.{term}.{name} = {value} is out of range; use a value in {bracket}{low}, {high}]"
+        )
     return value
 
 

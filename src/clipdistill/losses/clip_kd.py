@@ -48,7 +48,9 @@ class LearnableScale(nn.Module):
         return self.logit if self.faithful else self.logit.exp().clamp(max=MAX_SCALE)
 
 
-def random_masking(tokens: Tensor, mask_ratio: float, num_prefix: int = 1, generator: torch.Generator | None = None) -> Tensor:
+def random_masking(
+    tokens: Tensor, mask_ratio: float, num_prefix: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
     """MAE-style token dropping for MFD's masked student view (docs/methods.md section 2, `mfd`).
 
     tokens: N x (num_prefix + L) x w (class token(s) first). Keeps the `num_prefix` tokens, then
@@ -131,9 +133,13 @@ class FeatureDistill(_Projected):
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__(ctx, **opts)
         if self.opts["form"] not in ("mse", "cosine"):
-            raise UserError(f"losses.{self.name}.form = {self.opts['form']!r} is unknown; use 'mse' or 'cosine'")
+            raise UserError(
+                f"losses.{self.name}.form = {self.opts['form']!r} is unknown; use 'mse' or 'cosine'"
+            )
         if not int(self.opts["reference_dim"]) > 0:
-            raise UserError(f"losses.{self.name}.reference_dim = {self.opts['reference_dim']} must be a positive width")
+            raise UserError(
+                f"losses.{self.name}.reference_dim = {self.opts['reference_dim']} must be a positive width"
+            )
 
     def distance(self, s_n: Tensor, t: Tensor) -> Tensor:
         t_n = F.normalize(t, dim=-1).detach()
@@ -188,7 +194,9 @@ class MaskedFeatureDistill(FeatureDistill):
 
     def forward(self, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor]:
         if student.image_masked is None:
-            raise UserError("term 'mfd' needs the student's masked view (student.image_masked); use a ViT student, or drop mfd")
+            raise UserError(
+                "term 'mfd' needs the student's masked view (student.image_masked); use a ViT student, or drop mfd"
+            )
         return self.modality_losses(student.image_masked, student, teacher)
 
 
@@ -234,7 +242,10 @@ class GradientDistill(_Projected):
         s_t = teacher.scale.detach()
         tau_s, tau_t = (student.scale, s_t) if self.faithful else (1 / student.scale, 1 / s_t)
         logs: dict[str, Tensor] = {}
-        for direction, (p_s, k_s, p_t, k_t) in {"i2t": (v_s, t_s, v_t, t_t), "t2i": (t_s, v_s, t_t, v_t)}.items():
+        for direction, (p_s, k_s, p_t, k_t) in {
+            "i2t": (v_s, t_s, v_t, t_t),
+            "t2i": (t_s, v_s, t_t, v_t),
+        }.items():
             gp_s, gk_s = contrastive_gradients(p_s, k_s, tau_s)
             with torch.no_grad():
                 gp_t, gk_t = contrastive_gradients(p_t, k_t, tau_t)
@@ -272,7 +283,12 @@ class InteractiveContrastive(_Projected):
         y = labels_like(v_s)
         i2t = F.cross_entropy(s_c * v_s @ t_t.t(), y)
         t2i = F.cross_entropy(s_c * t_s @ v_t.t(), y)
-        return {self.name: (i2t + t2i) / 2, f"{self.name}/i2t": i2t, f"{self.name}/t2i": t2i, f"{self.name}/scale": s_c.detach()}
+        return {
+            self.name: (i2t + t2i) / 2,
+            f"{self.name}/i2t": i2t,
+            f"{self.name}/t2i": t2i,
+            f"{self.name}/scale": s_c.detach(),
+        }
 
 
 @register_term

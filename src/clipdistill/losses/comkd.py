@@ -52,7 +52,9 @@ class EduAttention(nn.Module):
     Shapes: u_s (N x d_s), u_s_proj = P(u_s) (N x d_t), w_t (M x d_t) -> f_e (N x d_t).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, attn_dim: int | None = None, divisor: float | None = None):
+    def __init__(
+        self, student_dim: int, teacher_dim: int, attn_dim: int | None = None, divisor: float | None = None
+    ):
         super().__init__()
         self.attn_dim = int(attn_dim or teacher_dim)
         self.divisor = float(divisor) if divisor is not None else math.sqrt(self.attn_dim)

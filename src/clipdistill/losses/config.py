@@ -62,7 +62,9 @@ def _number(value: object, what: str, fix: str) -> float:
 def _weight(name: str, value: object) -> float:
     weight = _number(value, f"losses.{name} weight", "give a number >= 0")
     if weight < 0:
-        raise UserError(f"losses.{name} weight = {weight:g} is negative; give a number >= 0 (0 disables the term)")
+        raise UserError(
+            f"losses.{name} weight = {weight:g} is negative; give a number >= 0 (0 disables the term)"
+        )
     return weight
 
 
@@ -73,7 +75,9 @@ def _check_options(cls: type[Term], opts: dict) -> dict:
         raise UserError(f"term '{cls.name}' has no option '{unknown[0]}'; its options: {valid}")
     for key in cls.required_options:
         if opts.get(key) is None:
-            raise UserError(f"term '{cls.name}' needs option '{key}'; set losses.{cls.name}.{key} in the config")
+            raise UserError(
+                f"term '{cls.name}' needs option '{key}'; set losses.{cls.name}.{key} in the config"
+            )
     for key, value in opts.items():
         default = cls.options[key]
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -92,7 +96,9 @@ def _groups(value: object) -> dict[str, dict]:
             raise UserError(f"losses.groups.{group} must be a mapping with {' and/or '.join(GROUP_KEYS)}")
         bad = sorted(set(settings) - set(GROUP_KEYS))
         if bad:
-            raise UserError(f"losses.groups.{group} has no setting '{bad[0]}'; valid: {', '.join(GROUP_KEYS)}")
+            raise UserError(
+                f"losses.groups.{group} has no setting '{bad[0]}'; valid: {', '.join(GROUP_KEYS)}"
+            )
         groups[str(group)] = {}
         for key, v in settings.items():
             number = _number(v, f"losses.groups.{group}.{key}", "give a number >= 0")
@@ -106,7 +112,9 @@ def parse_loss_config(spec: dict) -> LossConfig:
     """Parse and validate a recipe's `losses:` mapping (see the module docstring) into a `LossConfig`."""
     _import_terms()
     if not isinstance(spec, dict) or not [k for k in spec if k != "groups"]:
-        raise UserError(f"losses: must map term names to weights, e.g. {{clip: 1.0}}; known terms: {', '.join(sorted(TERMS))}")
+        raise UserError(
+            f"losses: must map term names to weights, e.g. {{clip: 1.0}}; known terms: {', '.join(sorted(TERMS))}"
+        )
     weights: dict[str, float] = {}
     options: dict[str, dict] = {}
     groups: dict[str, dict] = {}
@@ -131,17 +139,25 @@ def load_loss_config(path: str | Path) -> LossConfig:
 
     path = Path(path).expanduser()
     if path.is_dir():
-        raise UserError(f"recipe '{path}' is a folder; pass a YAML file with a `losses:` section (see configs/)")
+        raise UserError(
+            f"recipe '{path}' is a folder; pass a YAML file with a `losses:` section (see configs/)"
+        )
     if not path.is_file():
-        raise UserError(f"recipe '{path}' does not exist; pass a YAML file with a `losses:` section (see configs/)")
+        raise UserError(
+            f"recipe '{path}' does not exist; pass a YAML file with a `losses:` section (see configs/)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"recipe '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+        raise UserError(
+            f"recipe '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise UserError(f"cannot read recipe '{path}' ({err.strerror}); check the file") from None
     except yaml.YAMLError as err:
-        raise UserError(f"recipe '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+        raise UserError(
+            f"recipe '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file"
+        ) from None
     if not isinstance(data, dict) or "losses" not in data:
         raise UserError(f"recipe '{path}' has no `losses:` section; add one, e.g. losses: {{clip: 1.0}}")
     return parse_loss_config(data["losses"])

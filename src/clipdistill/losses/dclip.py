@@ -77,7 +77,9 @@ class DclipMetaHead(nn.Module):
             "pool_temperature": pool_temperature,
             "faithful": faithful,
         }
-        self.image_in = nn.Linear(image_token_dim, dim) if image_token_dim not in (None, dim) else nn.Identity()
+        self.image_in = (
+            nn.Linear(image_token_dim, dim) if image_token_dim not in (None, dim) else nn.Identity()
+        )
         self.text_in = nn.Linear(text_token_dim, dim) if text_token_dim not in (None, dim) else nn.Identity()
         self.text_to_image = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.image_to_text = nn.MultiheadAttention(dim, num_heads, batch_first=True)
@@ -86,13 +88,17 @@ class DclipMetaHead(nn.Module):
         self.pool_temperature = pool_temperature
         self.faithful = faithful
 
-    def forward(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         img = self.image_in(image_tokens)
         txt = self.text_in(text_tokens)
         mask = text_mask.bool() if text_mask is not None else None
         att_t, _ = self.text_to_image(txt, img, img, need_weights=False)
         txt_out = self.norm_text(txt + att_t)
-        att_i, _ = self.image_to_text(img, txt, txt, key_padding_mask=None if mask is None else ~mask, need_weights=False)
+        att_i, _ = self.image_to_text(
+            img, txt, txt, key_padding_mask=None if mask is None else ~mask, need_weights=False
+        )
         img_out = self.norm_image(img + att_i)
         text_global = attention_pool(txt_out, mask, self.pool_temperature)
         image_global = attention_pool(img_out, None, self.pool_temperature)
@@ -116,7 +122,9 @@ class DclipMetaHead(nn.Module):
     def load(cls, path: str | Path) -> DclipMetaHead:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"DCLIP meta-teacher head '{path}' does not exist; train one and pass its file to losses.dclip.head")
+            raise UserError(
+                f"DCLIP meta-teacher head '{path}' does not exist; train one and pass its file to losses.dclip.head"
+            )
         blob = torch.load(path, map_location="cpu", weights_only=True)
         head = cls(**blob["config"])
         head.load_state_dict(blob["state_dict"])
@@ -129,7 +137,9 @@ def _full_batch(x: Tensor, n: int, what: str) -> Tensor:
         return x
     if is_distributed() and x.shape[0] * dist.get_world_size() == n:
         return gather(x.detach())
-    raise UserError(f"term 'dclip': teacher extra '{what}' has {x.shape[0]} rows for a batch of {n}; cache one row per sample")
+    raise UserError(
+        f"term 'dclip': teacher extra '{what}' has {x.shape[0]} rows for a batch of {n}; cache one row per sample"
+    )
 
 
 @register_term
@@ -155,7 +165,14 @@ class DclipDistill(Term):
     needs = frozenset({"teacher"})
     default_weight = 1.0
     source = "DCLIP (Csizmadia et al., 2025), ChuckDanz/DCLIP; docs/methods.md section 6"
-    options = {"tau": 0.05, "w_image": 1.0, "w_text": 1.0, "w_contrastive": 1.0, "freeze_text": False, "head": None}
+    options = {
+        "tau": 0.05,
+        "w_image": 1.0,
+        "w_text": 1.0,
+        "w_contrastive": 1.0,
+        "freeze_text": False,
+        "head": None,
+    }
 
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__(ctx, **opts)
@@ -184,7 +201,9 @@ class DclipDistill(Term):
                     "'image_enriched' and 'text_enriched', or set losses.dclip.head to a trained DclipMetaHead file"
                 )
             if teacher.image_tokens is None or teacher.text_tokens is None:
-                raise UserError("term 'dclip' with a head needs the teacher's image and text tokens; run the teacher online with tokens")
+                raise UserError(
+                    "term 'dclip' with a head needs the teacher's image and text tokens; run the teacher online with tokens"
+                )
             with torch.no_grad():
                 img, txt = self.head(teacher.image_tokens, teacher.text_tokens, teacher.text_mask)
         return _full_batch(img, n, "image_enriched").detach(), _full_batch(txt, n, "text_enriched").detach()
@@ -203,4 +222,9 @@ class DclipDistill(Term):
             + float(self.opts["w_text"]) * l_txt
             + float(self.opts["w_contrastive"]) * l_con
         )
-        return {self.name: loss, f"{self.name}/image": l_img, f"{self.name}/text": l_txt, f"{self.name}/contrastive": l_con}
+        return {
+            self.name: loss,
+            f"{self.name}/image": l_img,
+            f"{self.name}/text": l_txt,
+            f"{self.name}/contrastive": l_con,
+        }

@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 TEACHER_MODES = ("online", "cached", "none")
 # Needs that no run without a teacher can meet.
 TEACHER_NEEDS = frozenset(
-    {"teacher", "teacher_text", "teacher_online", "teacher_pooled", "image_tokens", "teacher_image_tokens", "text_tokens"}
+    {
+        "teacher",
+        "teacher_text",
+        "teacher_online",
+        "teacher_pooled",
+        "image_tokens",
+        "teacher_image_tokens",
+        "text_tokens",
+    }
 )
 DEFAULT_GROUP = "distiller"
 
@@ -99,8 +107,12 @@ class Distiller(nn.Module):
         self.weights = dict(cfg.weights)
         self.projectors = nn.ModuleDict()
         self._own_count = 0
-        ctx = TermContext(self.student_dim, self.teacher_dim, self._projector, student_pooled_dim, teacher_pooled_dim)
-        self.terms = nn.ModuleDict({name: get_term(name)(ctx, **cfg.options.get(name, {})) for name in cfg.weights})
+        ctx = TermContext(
+            self.student_dim, self.teacher_dim, self._projector, student_pooled_dim, teacher_pooled_dim
+        )
+        self.terms = nn.ModuleDict(
+            {name: get_term(name)(ctx, **cfg.options.get(name, {})) for name in cfg.weights}
+        )
         self._check_groups()
         log.debug("distiller: %s; projectors: %s", self.weights, list(self.projectors))
 
@@ -150,7 +162,10 @@ class Distiller(nn.Module):
                 )
 
     def forward(
-        self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None,
+        self,
+        student: Outputs,
+        teacher: Outputs | None,
+        unpaired: tuple[Outputs, Outputs | None] | None = None,
         texts: tuple[Outputs, Outputs | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, logs). Logs hold every term's entries detached and "loss" (the total).
@@ -165,15 +180,26 @@ class Distiller(nn.Module):
         s = gather_outputs(student, grad=True)
         t = gather_outputs(teacher, grad=False) if teacher is not None else None
         extra_parts = []  # (log suffix, weight, student, teacher)
-        for suffix, weight_u, part in (("unpaired", self.unpaired_weight, unpaired), ("texts", self.text_weight, texts)):
+        for suffix, weight_u, part in (
+            ("unpaired", self.unpaired_weight, unpaired),
+            ("texts", self.text_weight, texts),
+        ):
             if part is not None:
-                extra_parts.append((suffix, weight_u, gather_outputs(part[0], grad=True),
-                                    gather_outputs(part[1], grad=False) if part[1] is not None else None))
+                extra_parts.append(
+                    (
+                        suffix,
+                        weight_u,
+                        gather_outputs(part[0], grad=True),
+                        gather_outputs(part[1], grad=False) if part[1] is not None else None,
+                    )
+                )
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
         for name, term in self.terms.items():
             if t is None and term.needs & TEACHER_NEEDS:
-                raise UserError(f"term '{name}' needs a teacher but none was given; run with a teacher or remove losses.{name}")
+                raise UserError(
+                    f"term '{name}' needs a teacher but none was given; run with a teacher or remove losses.{name}"
+                )
             weight = self.weights[name]
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
                 out = term(s, t)
@@ -200,8 +226,13 @@ class Distiller(nn.Module):
         return total, logs
 
     @torch.no_grad()
-    def update(self, student: Outputs, teacher: Outputs | None, unpaired: tuple[Outputs, Outputs | None] | None = None,
-               texts: tuple[Outputs, Outputs | None] | None = None) -> None:
+    def update(
+        self,
+        student: Outputs,
+        teacher: Outputs | None,
+        unpaired: tuple[Outputs, Outputs | None] | None = None,
+        texts: tuple[Outputs, Outputs | None] | None = None,
+    ) -> None:
         """After the optimiser step: lets terms update their state (memory banks, step counters)."""
         terms = [term for term in self.terms.values() if _overrides_update(term)]
         if not terms:
@@ -230,7 +261,9 @@ class Distiller(nn.Module):
         known = self.group_names()
         for group in self.cfg.groups:
             if group not in known:
-                raise UserError(f"losses.groups: unknown parameter group '{group}'; this recipe's groups: {', '.join(known)}")
+                raise UserError(
+                    f"losses.groups: unknown parameter group '{group}'; this recipe's groups: {', '.join(known)}"
+                )
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """The Distiller's trainable parameters as optimiser groups ("params", "lr", "weight_decay", "name").

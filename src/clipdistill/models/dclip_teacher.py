@@ -76,7 +76,7 @@ def _image_tokens(teacher, views: torch.Tensor, grid: int) -> torch.Tensor:
     if grid <= 0:
         return tok.cpu()
     n, length, w = tok.shape
-    side = int(round(length ** 0.5))
+    side = int(round(length**0.5))
     if side * side != length:
         raise UserError(f"teacher image tokens ({length}) are not a square feature map; use token_grid 0")
     fmap = tok.transpose(1, 2).reshape(n, w, side, side)
@@ -84,7 +84,9 @@ def _image_tokens(teacher, views: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _shard_tokens(teacher, path: Path, cache: TeacherCache, cfg: MetaTeacherConfig, skipped: SkipCounter) -> dict | None:
+def _shard_tokens(
+    teacher, path: Path, cache: TeacherCache, cfg: MetaTeacherConfig, skipped: SkipCounter
+) -> dict | None:
     """One shard's image region tokens (row order of the cache) and caption tokens; None when none is cached."""
     name = shard_name(path)
     images: list[torch.Tensor] = []
@@ -116,8 +118,13 @@ def _shard_tokens(teacher, path: Path, cache: TeacherCache, cfg: MetaTeacherConf
         pad = cfg.max_text_tokens - f.tokens.shape[1]
         tok_list.append(F.pad(f.tokens.float(), (0, 0, 0, pad)).half().cpu())
         mask_list.append(F.pad(f.mask.bool(), (0, pad), value=False).cpu())
-    return {"rows": sorted(rows), "image": torch.cat(images)[order], "captions": captions,
-            "text": torch.cat(tok_list), "mask": torch.cat(mask_list)}
+    return {
+        "rows": sorted(rows),
+        "image": torch.cat(images)[order],
+        "captions": captions,
+        "text": torch.cat(tok_list),
+        "mask": torch.cat(mask_list),
+    }
 
 
 def _collect_tokens(teacher, shards: list[Path], cache: TeacherCache, cfg: MetaTeacherConfig) -> dict:
@@ -134,7 +141,9 @@ def _train_head(tokens: dict, dim: int, cfg: MetaTeacherConfig) -> tuple[DclipMe
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     first = next(iter(tokens.values()))
-    head = DclipMetaHead(dim, first["image"].shape[-1], first["text"].shape[-1], num_heads=cfg.num_heads, faithful=cfg.faithful)
+    head = DclipMetaHead(
+        dim, first["image"].shape[-1], first["text"].shape[-1], num_heads=cfg.num_heads, faithful=cfg.faithful
+    )
     # one entry per sample: (shard, row position, [caption indices into that shard's text tokens])
     samples = []
     for name, t in tokens.items():
@@ -165,16 +174,24 @@ def _train_head(tokens: dict, dim: int, cfg: MetaTeacherConfig) -> tuple[DclipMe
     return head.eval().requires_grad_(False), losses
 
 
-def build_dclip_extras(teacher, shards: list[Path], cache_root: str | Path, cfg: MetaTeacherConfig | None = None,
-                       *, overwrite: bool = False) -> Path:
+def build_dclip_extras(
+    teacher,
+    shards: list[Path],
+    cache_root: str | Path,
+    cfg: MetaTeacherConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Train the DCLIP head on `teacher`'s tokens of the cached samples and store its enriched
     embeddings in the teacher cache at `cache_root` (see module docstring). Returns the head file."""
     cfg = cfg or MetaTeacherConfig()
     cache = TeacherCache(cache_root)
     cache.check(shards=shards, teacher=teacher_parts(teacher), text=True)
     if cache.info.augmentations != 1:
-        raise UserError(f"DCLIP extras need a single-view teacher cache (--augmentations 1); '{cache.root}' holds "
-                        f"{cache.info.augmentations} views per sample")
+        raise UserError(
+            f"DCLIP extras need a single-view teacher cache (--augmentations 1); '{cache.root}' holds "
+            f"{cache.info.augmentations} views per sample"
+        )
     if has_dclip_extras(cache) and not overwrite:
         log.info("DCLIP extras of %s are up to date; reusing them", cache.root)
         return cache.root / "dclip_head.pt"
@@ -183,7 +200,9 @@ def build_dclip_extras(teacher, shards: list[Path], cache_root: str | Path, cfg:
     teacher.eval()
     tokens = _collect_tokens(teacher, shards, cache, cfg)
     if not tokens:
-        raise UserError(f"no sample of {', '.join(shard_name(p) for p in shards)} is in the teacher cache '{cache.root}'")
+        raise UserError(
+            f"no sample of {', '.join(shard_name(p) for p in shards)} is in the teacher cache '{cache.root}'"
+        )
     head, losses = _train_head(tokens, int(cache.info.embed_dim), cfg)
     head.save(cache.root / "dclip_head.pt")
     with torch.no_grad():
@@ -205,10 +224,20 @@ def build_dclip_extras(teacher, shards: list[Path], cache_root: str | Path, cfg:
                 with open(tmp, "wb") as f:
                     np.save(f, array)
                 os.replace(tmp, shard.folder / f"{key}.npy")
-    info = {"cache_fingerprint": cache.info.fingerprint, "config": asdict(cfg), "losses": losses,
-            "head": "dclip_head.pt", "seconds": round(time.time() - start, 1)}
+    info = {
+        "cache_fingerprint": cache.info.fingerprint,
+        "config": asdict(cfg),
+        "losses": losses,
+        "head": "dclip_head.pt",
+        "seconds": round(time.time() - start, 1),
+    }
     tmp = atomic_path(cache.root / INFO_FILE)
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, cache.root / INFO_FILE)
-    log.info("DCLIP extras for %s: head loss %s in %.0f s", cache.root, [round(x, 3) for x in losses], info["seconds"])
+    log.info(
+        "DCLIP extras for %s: head loss %s in %.0f s",
+        cache.root,
+        [round(x, 3) for x in losses],
+        info["seconds"],
+    )
     return cache.root / "dclip_head.pt"

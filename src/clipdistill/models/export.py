@@ -44,19 +44,29 @@ def resolve_checkpoint(checkpoint: str, arch: str | None = None) -> str:
     """A model spec from `--checkpoint`: a spec as is, or a folder / weights file (`arch` names its architecture)."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():
-        for marker, prefix in ((CONFIG_FILE, "openclip:local-dir:"), ("teacher.json", "teacher:"), ("config.json", "hf:")):
+        for marker, prefix in (
+            (CONFIG_FILE, "openclip:local-dir:"),
+            ("teacher.json", "teacher:"),
+            ("config.json", "hf:"),
+        ):
             if (path / marker).is_file():
                 return prefix + str(path)
-        raise UserError(f"'{checkpoint}' holds no {CONFIG_FILE}, teacher.json or config.json; pass a model folder or spec")
+        raise UserError(
+            f"'{checkpoint}' holds no {CONFIG_FILE}, teacher.json or config.json; pass a model folder or spec"
+        )
     if path.is_file():
         if not arch:
-            raise UserError(f"'{checkpoint}' is a weights file; name its architecture with --arch (a student preset or open_clip model)")
+            raise UserError(
+                f"'{checkpoint}' is a weights file; name its architecture with --arch (a student preset or open_clip model)"
+            )
         from clipdistill.models.students import STUDENTS
 
         return str(ModelSpec("student" if arch in STUDENTS else "openclip", arch, checkpoint=str(path)))
     if ":" in checkpoint:  # a spec, not a path
         return str(parse_spec(checkpoint))
-    raise UserError(f"checkpoint '{checkpoint}' not found; pass a file, a folder or a model spec such as 'student:vit-t-32'")
+    raise UserError(
+        f"checkpoint '{checkpoint}' not found; pass a file, a folder or a model spec such as 'student:vit-t-32'"
+    )
 
 
 def load_for_export(checkpoint: str, arch: str | None = None) -> ClipModel:
@@ -70,8 +80,10 @@ def load_for_export(checkpoint: str, arch: str | None = None) -> ClipModel:
         try:  # a training checkpoint holds config dicts and RNG states, not only tensors
             state = torch.load(run_file, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            raise UserError(f"cannot read checkpoint '{run_file}' ({error_summary(err)}); pass a training run, its "
-                            "checkpoints/last.pt, or a weights file with --arch") from None
+            raise UserError(
+                f"cannot read checkpoint '{run_file}' ({error_summary(err)}); pass a training run, its "
+                "checkpoints/last.pt, or a weights file with --arch"
+            ) from None
         if isinstance(state, dict) and "student" in state and "config" in state:
             return _student_from_run(state, run_file)
     return create_model(resolve_checkpoint(checkpoint, arch))
@@ -84,14 +96,18 @@ def _student_from_run(state: dict, path: Path) -> ClipModel:
     cfg = state["config"].get("student", {})
     spec, text = cfg.get("spec"), cfg.get("text", "own")
     if not spec:
-        raise UserError(f"'{path}' names no student spec in its config; pass --checkpoint SPEC@weights instead")
+        raise UserError(
+            f"'{path}' names no student spec in its config; pass --checkpoint SPEC@weights instead"
+        )
     rebuild = {"image_size": cfg.get("image_size"), "freeze": int(cfg.get("freeze") or 0)}
     if text == "own":
         student = build_student(spec, text, None, 0, **rebuild)
     else:
         teacher_spec = (state["config"].get("teacher") or {}).get("spec")
         if not teacher_spec:
-            raise UserError(f"'{path}' is an image-only student trained from a cache; set teacher.spec to export its text side")
+            raise UserError(
+                f"'{path}' is an image-only student trained from a cache; set teacher.spec to export its text side"
+            )
         teacher = create_model(teacher_spec)
         student = build_student(spec, text, teacher, teacher.embed_dim, **rebuild)
     sparsity = cfg.get("sparsity")
@@ -126,7 +142,9 @@ def _refuse_unexportable(model: ClipModel) -> None:
     from clipdistill.models.pruning import MaskedClip
 
     if isinstance(model, MaskedClip):
-        raise UserError("a masked (automatic-inheritance) model cannot be exported; export its prune() result")
+        raise UserError(
+            "a masked (automatic-inheritance) model cannot be exported; export its prune() result"
+        )
 
 
 def export_openclip(model: ClipModel, out_dir: str | Path, *, verify: bool = True) -> dict:
@@ -142,7 +160,11 @@ def export_openclip(model: ClipModel, out_dir: str | Path, *, verify: bool = Tru
     pruned = getattr(model.model, "clipdistill_pruned", None)
     if pruned:
         info[PRUNED_KEY] = pruned
-    info["clipdistill"] = {"source": model.name, "embed_dim": model.embed_dim, "context_length": model.context_length}
+    info["clipdistill"] = {
+        "source": model.name,
+        "embed_dim": model.embed_dim,
+        "context_length": model.context_length,
+    }
     tmp = atomic_path(out / WEIGHTS_FILE)
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}, tmp)
     os.replace(tmp, out / WEIGHTS_FILE)
@@ -210,7 +232,9 @@ def no_mha_fastpath():
 def inference_ready(model: ClipModel):
     """Eval mode and no feature caches (the composed teacher's caches are neither traceable nor timeable)."""
     was_training = model.training
-    caches = {name: getattr(model, name) for name in ("feature_cache", "text_cache") if getattr(model, name, None)}
+    caches = {
+        name: getattr(model, name) for name in ("feature_cache", "text_cache") if getattr(model, name, None)
+    }
     model.eval()
     for name in caches:
         setattr(model, name, None)
@@ -240,20 +264,32 @@ def export_onnx(model: ClipModel, out_dir: str | Path, *, opset: int = 17, verif
     out.mkdir(parents=True, exist_ok=True)
     with inference_ready(model), torch.no_grad(), no_mha_fastpath():
         images, tokens = _probe(model, batch=2)
-        for tower, example, name, inp in (("image", images, IMAGE_ONNX, "image"), ("text", tokens, TEXT_ONNX, "tokens")):
+        for tower, example, name, inp in (
+            ("image", images, IMAGE_ONNX, "image"),
+            ("text", tokens, TEXT_ONNX, "tokens"),
+        ):
             tmp = atomic_path(out / name)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer chatter about python values in open_clip/timm
                 torch.onnx.export(
-                    _Encoder(model, tower), (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=[inp], output_names=["embedding"],
+                    _Encoder(model, tower),
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[inp],
+                    output_names=["embedding"],
                     dynamic_axes={inp: {0: "batch"}, "embedding": {0: "batch"}},
                 )
             os.replace(tmp, out / name)
         meta = {
             "model": getattr(model, "spec", model.name),
             "embed_dim": model.embed_dim,
-            "image": {"input": "image", **model.image_config.as_dict(), "layout": "NCHW float32, RGB in [0, 1] then normalised"},
+            "image": {
+                "input": "image",
+                **model.image_config.as_dict(),
+                "layout": "NCHW float32, RGB in [0, 1] then normalised",
+            },
             "text": {"input": "tokens", "length": int(tokens.shape[1]), "tokenizer": tokenizer_info(model)},
             "outputs": "raw embeddings; L2-normalise both before cosine similarity",
             "logit_scale": float(model.logit_scale().item()),
@@ -284,7 +320,10 @@ def verify_onnx(model: ClipModel, out_dir: str | Path, tolerance: float = ONNX_T
     images, tokens = _probe(model, batch=3)
     errors = {}
     with inference_ready(model), torch.no_grad():
-        for tower, name, inp, x in (("image", IMAGE_ONNX, "image", images), ("text", TEXT_ONNX, "tokens", tokens)):
+        for tower, name, inp, x in (
+            ("image", IMAGE_ONNX, "image", images),
+            ("text", TEXT_ONNX, "tokens", tokens),
+        ):
             ref = _Encoder(model, tower)(x).numpy()
             got = onnx_session(out / name).run(None, {inp: x.numpy()})[0]
             errors[tower] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))

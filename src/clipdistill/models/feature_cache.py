@@ -59,14 +59,20 @@ class FeatureCache:
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
         rows = [
-            (self._key(d), ",".join(str(s) for s in v.shape), np.ascontiguousarray(v, dtype=np.float32).tobytes())
+            (
+                self._key(d),
+                ",".join(str(s) for s in v.shape),
+                np.ascontiguousarray(v, dtype=np.float32).tobytes(),
+            )
             for d, v in items.items()
         ]
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO feats VALUES (?, ?, ?)", rows)
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM feats WHERE key LIKE ?", (f"{self.tower_id}:%",)).fetchone()[0]
+        return self._db.execute(
+            "SELECT COUNT(*) FROM feats WHERE key LIKE ?", (f"{self.tower_id}:%",)
+        ).fetchone()[0]
 
     def cached_apply(self, fn, x: Tensor) -> Tensor:
         """`fn(x)` row by row through the cache: computes only rows never seen, in one batch."""

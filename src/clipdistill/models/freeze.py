@@ -48,10 +48,14 @@ def prefix_modules(model: nn.Module, n: int) -> list[nn.Module]:
         trunk, blocks = visual, visual.transformer.resblocks
         stem = [m for m in (visual.conv1, visual.patch_dropout, visual.ln_pre) if m is not None]
     else:
-        raise UserError(f"student.freeze needs a timm EfficientNet-style or ViT image tower, not {type(visual).__name__}; "
-                        "set student.freeze: 0")
+        raise UserError(
+            f"student.freeze needs a timm EfficientNet-style or ViT image tower, not {type(visual).__name__}; "
+            "set student.freeze: 0"
+        )
     if not 0 <= n <= len(blocks):
-        raise UserError(f"student.freeze = {n}, but the image trunk has {len(blocks)} blocks; use 0..{len(blocks)}")
+        raise UserError(
+            f"student.freeze = {n}, but the image trunk has {len(blocks)} blocks; use 0..{len(blocks)}"
+        )
     return [*stem, *blocks[:n]] if n > 0 else []
 
 
@@ -113,6 +117,8 @@ def split_image_tower(model: nn.Module, n: int) -> tuple[nn.Module, nn.Module]:
     Only timm EfficientNet-style trunks split here (the CNN students whose prefixes are worth caching)."""
     visual = _visual(model)
     if not _is_effnet(visual):
-        raise UserError(f"a cached frozen prefix needs a timm EfficientNet-style student, not {type(visual).__name__}")
+        raise UserError(
+            f"a cached frozen prefix needs a timm EfficientNet-style student, not {type(visual).__name__}"
+        )
     prefix_modules(model, n)  # range check
     return _EffnetPrefix(visual.trunk, n), _EffnetSuffix(visual, n)

@@ -102,7 +102,11 @@ class HFClipModel(ClipModel):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         out = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
         )
         return out["input_ids"].long()
 
@@ -119,7 +123,9 @@ def from_spec(rest: str) -> HFClipModel:
     local = Path(rest).expanduser()
     looks_local = rest.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
-        raise UserError(f"'{rest}' is not a saved CLIPModel folder (no config.json); pass the folder given to save_pretrained")
+        raise UserError(
+            f"'{rest}' is not a saved CLIPModel folder (no config.json); pass the folder given to save_pretrained"
+        )
     source = str(local) if looks_local else rest
     try:
         model = CLIPModel.from_pretrained(source)
@@ -129,7 +135,9 @@ def from_spec(rest: str) -> HFClipModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"'{rest}' has no loadable tokenizer ({first_line(err)}); save one next to the model") from err
+        raise UserError(
+            f"'{rest}' has no loadable tokenizer ({first_line(err)}); save one next to the model"
+        ) from err
     try:
         processor = CLIPImageProcessor.from_pretrained(source)
     except (OSError, ValueError):

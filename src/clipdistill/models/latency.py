@@ -63,8 +63,15 @@ def bench_latency(
     """
     from tqdm import tqdm
 
-    settings = dict(batch_sizes=sorted({int(b) for b in batch_sizes}), warmup=warmup, repeats=repeats,
-                    repeats_large=repeats_large, onnx=onnx, towers=list(towers), threads=threads)
+    settings = dict(
+        batch_sizes=sorted({int(b) for b in batch_sizes}),
+        warmup=warmup,
+        repeats=repeats,
+        repeats_large=repeats_large,
+        onnx=onnx,
+        towers=list(towers),
+        threads=threads,
+    )
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows: list[dict] = []
@@ -83,8 +90,18 @@ def _bench_model(spec: str, **settings) -> list[dict]:
     return bench_loaded(create_model(spec), spec, **settings)
 
 
-def bench_loaded(model, spec: str, *, batch_sizes: list[int], warmup: int, repeats: int, repeats_large: int,
-                 onnx: bool, towers: list[str], threads: int) -> list[dict]:
+def bench_loaded(
+    model,
+    spec: str,
+    *,
+    batch_sizes: list[int],
+    warmup: int,
+    repeats: int,
+    repeats_large: int,
+    onnx: bool,
+    towers: list[str],
+    threads: int,
+) -> list[dict]:
     """`bench_latency`'s rows for a model already built (`spec` labels the rows); the caller sets threads."""
     from clipdistill.models.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, inference_ready, onnx_session
     from clipdistill.models.students import count_params_flops
@@ -92,7 +109,8 @@ def bench_loaded(model, spec: str, *, batch_sizes: list[int], warmup: int, repea
     size = model.image_config.size
     inputs = {
         (tower, bs): torch.randn(bs, 3, size, size) if tower == "image" else model.tokenize([CAPTION] * bs)
-        for tower in towers for bs in batch_sizes
+        for tower in towers
+        for bs in batch_sizes
     }
     with inference_ready(model), tempfile.TemporaryDirectory(prefix="clipdistill-onnx-") as tmp:
         cost = count_params_flops(model)
@@ -103,7 +121,8 @@ def bench_loaded(model, spec: str, *, batch_sizes: list[int], warmup: int, repea
                 encode = model.image_features if tower == "image" else model.text_features
                 w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)
                 rows[tower][f"torch_ms_b{bs}"], rows[tower][f"torch_min_ms_b{bs}"] = _time_ms(
-                    functools.partial(encode, x), w, r)
+                    functools.partial(encode, x), w, r
+                )
         if onnx:
             export_onnx(model, tmp, verify=False)
             for tower in towers:
@@ -113,14 +132,20 @@ def bench_loaded(model, spec: str, *, batch_sizes: list[int], warmup: int, repea
                     feed = {"image" if tower == "image" else "tokens": inputs[tower, bs].numpy()}
                     w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)
                     rows[tower][f"onnx_ms_b{bs}"], rows[tower][f"onnx_min_ms_b{bs}"] = _time_ms(
-                        functools.partial(session.run, None, feed), w, r)
+                        functools.partial(session.run, None, feed), w, r
+                    )
                 del session
     top = batch_sizes[-1]
     for row in rows.values():
         for runtime in ("torch", "onnx"):
             if f"{runtime}_ms_b{top}" in row:
                 row[f"{runtime}_per_s"] = 1000.0 * top / row[f"{runtime}_ms_b{top}"]
-        log.info("%s %s: %s", spec, row["tower"], {k: round(v, 2) for k, v in row.items() if k.endswith(("_ms_b1", "_per_s"))})
+        log.info(
+            "%s %s: %s",
+            spec,
+            row["tower"],
+            {k: round(v, 2) for k, v in row.items() if k.endswith(("_ms_b1", "_per_s"))},
+        )
     return list(rows.values())
 
 
@@ -199,7 +224,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def pareto_plot(rows: list[dict], results: dict[str, dict[str, float]], out: str | Path, metric: str = "acc1") -> int:
+def pareto_plot(
+    rows: list[dict], results: dict[str, dict[str, float]], out: str | Path, metric: str = "acc1"
+) -> int:
     """PNG of mean zero-shot `metric` (%) over datasets vs image latency at batch 1; returns points plotted."""
     import matplotlib
 
@@ -220,7 +247,13 @@ def pareto_plot(rows: list[dict], results: dict[str, dict[str, float]], out: str
         for (x, y), name in zip(points, names):
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto_front(points)
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="gray", label="Pareto front")
+        ax.plot(
+            [points[i][0] for i in front],
+            [points[i][1] for i in front],
+            "--",
+            color="gray",
+            label="Pareto front",
+        )
         ax.legend()
     ax.set_xscale("log")
     ax.set_xlabel("image encoder latency, batch 1 (ms, ONNX Runtime where measured)")

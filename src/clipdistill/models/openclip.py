@@ -148,14 +148,21 @@ class OpenClipModel(ClipModel):
             return Features(embedding=text_tower(text))
         else:
             cast, mask = m.transformer.get_cast_dtype(), m.attn_mask
-            if not tokens and mask is not None and m.text_pool_type in ("argmax", "eos") and not torch.jit.is_tracing():
+            if (
+                not tokens
+                and mask is not None
+                and m.text_pool_type in ("argmax", "eos")
+                and not torch.jit.is_tracing()
+            ):
                 # causal attention pooled at the end token: the trailing padding changes nothing, so drop it
                 # (never while tracing, e.g. ONNX export: a traced graph would keep the example's length)
                 text = trim_padding(text)
                 mask = mask[: text.shape[1], : text.shape[1]]
             x = m.token_embedding(text).to(cast) + m.positional_embedding[: text.shape[1]].to(cast)
             tok = m.ln_final(m.transformer(x, attn_mask=mask))
-            pooled = text_global_pool(tok, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+            pooled = text_global_pool(
+                tok, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+            )
             emb, pad_id = _project(pooled, m.text_projection), 0
         if not tokens:
             return Features(embedding=emb, pooled=pooled)
@@ -198,7 +205,12 @@ def from_config(model_cfg: dict, *, name: str = "custom") -> OpenClipModel:
     from open_clip.tokenizer import SimpleTokenizer
 
     context = model_cfg.get("text_cfg", {}).get("context_length", 77)
-    return OpenClipModel(build_openclip(model_cfg).eval(), SimpleTokenizer(context_length=context), name=name, model_cfg=model_cfg)
+    return OpenClipModel(
+        build_openclip(model_cfg).eval(),
+        SimpleTokenizer(context_length=context),
+        name=name,
+        model_cfg=model_cfg,
+    )
 
 
 @contextlib.contextmanager
@@ -231,8 +243,10 @@ def _check_arch(arch: str) -> None:
         known = sorted(oc.list_models())
         if len(known) <= 20:
             raise unknown_name("open_clip model", arch, known)
-        raise UserError(f"unknown open_clip model '{arch}'; {did_you_mean(arch, known)}{len(known)} are known "
-                        "(python -c 'import open_clip; print(open_clip.list_models())')")
+        raise UserError(
+            f"unknown open_clip model '{arch}'; {did_you_mean(arch, known)}{len(known)} are known "
+            "(python -c 'import open_clip; print(open_clip.list_models())')"
+        )
 
 
 def load_local_dir(path: str | Path) -> OpenClipModel:
@@ -246,7 +260,9 @@ def _load_local_dir(path: str | Path) -> OpenClipModel:
     path = Path(path).expanduser()
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise UserError(f"'{path}' has no {CONFIG_FILE}; pass a folder written by `clipdistill export --format openclip`")
+        raise UserError(
+            f"'{path}' has no {CONFIG_FILE}; pass a folder written by `clipdistill export --format openclip`"
+        )
     try:
         info = json.loads(cfg_file.read_text())
         model_cfg = info["model_cfg"]
@@ -279,7 +295,9 @@ def from_spec(rest: str) -> OpenClipModel:
 def _from_spec(rest: str) -> OpenClipModel:
     oc = _open_clip()
     if not rest:
-        raise UserError("empty open_clip spec; write e.g. 'openclip:ViT-B-32' or 'openclip:ViT-B-32@/path/ckpt.pt'")
+        raise UserError(
+            "empty open_clip spec; write e.g. 'openclip:ViT-B-32' or 'openclip:ViT-B-32@/path/ckpt.pt'"
+        )
     if rest.startswith("local-dir:"):
         return _load_local_dir(rest[len("local-dir:") :])
     if rest.startswith("hf-hub:"):
@@ -298,8 +316,10 @@ def _from_spec(rest: str) -> OpenClipModel:
     spec = parse_spec(f"openclip:{rest}")
     arch, ckpt, tag = spec.name, spec.checkpoint, spec.tag
     if rest.startswith(PATH_STARTS) and ckpt is None:
-        raise UserError(f"model folder '{rest}' not found; pass an existing folder written by `clipdistill export`, "
-                        "or openclip:ARCH[/TAG] or openclip:ARCH@/path/ckpt.pt")
+        raise UserError(
+            f"model folder '{rest}' not found; pass an existing folder written by `clipdistill export`, "
+            "or openclip:ARCH[/TAG] or openclip:ARCH@/path/ckpt.pt"
+        )
     _check_arch(arch)
     kwargs: dict = {"pretrained_text": False, "pretrained_image": False}
     if ckpt is not None:
@@ -309,7 +329,9 @@ def _from_spec(rest: str) -> OpenClipModel:
         try:
             model = oc.create_model(arch, pretrained=str(path), **kwargs)
         except LOAD_ERRORS as err:
-            raise UserError(f"cannot load checkpoint '{ckpt}' into {arch} ({first_line(err)}); check the file and architecture") from err
+            raise UserError(
+                f"cannot load checkpoint '{ckpt}' into {arch} ({first_line(err)}); check the file and architecture"
+            ) from err
     elif tag is not None:
         tags = oc.list_pretrained_tags_by_model(arch)
         if tag not in tags:

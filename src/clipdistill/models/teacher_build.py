@@ -111,12 +111,18 @@ class _Pairs:
         shards = info.shards(split)
         # Decoding and preprocessing thousands of images costs minutes on 2 cores even when the
         # tower features are cached, so a split's frozen features are also stored as one file.
-        ident = [model.image_tower_id, model.image_config.as_dict(), [(p.name, p.stat().st_size) for p in shards]]
+        ident = [
+            model.image_tower_id,
+            model.image_config.as_dict(),
+            [(p.name, p.stat().st_size) for p in shards],
+        ]
         digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
         split_file = cache_dir() / "teacher_build" / f"{cfg.dataset}-{split}-{digest}.pt"
         if split_file.exists():
             stored = torch.load(split_file)
-            self.image, self.keys, captions, self.skipped = (stored[k] for k in ("image", "keys", "captions", "skipped"))
+            self.image, self.keys, captions, self.skipped = (
+                stored[k] for k in ("image", "keys", "captions", "skipped")
+            )
         else:
             skipped = SkipCounter()
             samples, self.image = pooled_features(
@@ -127,7 +133,9 @@ class _Pairs:
             captions = [s.captions for s in samples]
             split_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = atomic_path(split_file)
-            torch.save({"image": self.image, "keys": self.keys, "captions": captions, "skipped": self.skipped}, tmp)
+            torch.save(
+                {"image": self.image, "keys": self.keys, "captions": captions, "skipped": self.skipped}, tmp
+            )
             os.replace(tmp, split_file)
         self.caps_per_image = [len(c) for c in captions]
         texts = [c for caps in captions for c in caps]
@@ -194,7 +202,9 @@ def build_teacher(cfg: TeacherBuildConfig, out_dir: str | Path, data_root: str |
                     contrastive_ce(
                         model.logit_scale()
                         * F.normalize(img, dim=-1)
-                        @ F.normalize(_encode_text(model, train, train.caption_rows(images, c, rng)), dim=-1).t()
+                        @ F.normalize(
+                            _encode_text(model, train, train.caption_rows(images, c, rng)), dim=-1
+                        ).t()
                     )
                     for c in picks
                 ]

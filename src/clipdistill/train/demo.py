@@ -40,8 +40,15 @@ EVAL_SETS = {
     "dtd-10": ("test", 1),
     "mnist": ("test", 20),
 }
-METRICS = ("acc1", "acc5", "mean_per_class_recall", "text_retrieval_recall@1", "text_retrieval_recall@5",
-           "image_retrieval_recall@1", "image_retrieval_recall@5")
+METRICS = (
+    "acc1",
+    "acc5",
+    "mean_per_class_recall",
+    "text_retrieval_recall@1",
+    "text_retrieval_recall@5",
+    "image_retrieval_recall@1",
+    "image_retrieval_recall@5",
+)
 
 
 @dataclass
@@ -72,7 +79,9 @@ class DemoConfig:
 
         spec = parse_spec(self.student) if ":" in self.student else None
         if spec is None or spec.kind != "student":
-            raise UserError(f"demo --student takes a preset (student:NAME), not {self.student!r}; see `clipdistill students`")
+            raise UserError(
+                f"demo --student takes a preset (student:NAME), not {self.student!r}; see `clipdistill students`"
+            )
         name = spec.name
         get_preset(name)
         check_init(name, self.student_init)
@@ -88,7 +97,9 @@ def check_data(cfg: DemoConfig, download: bool = False) -> None:
 
     needs = {name: [split] for name, (split, _) in EVAL_SETS.items()}
     building = not (Path(cfg.teacher_dir).expanduser() / "teacher.json").exists()
-    needs["flickr8k"] = ["train", "test"] + (["dev"] if building else [])  # dev: the teacher build's early stopping
+    needs["flickr8k"] = ["train", "test"] + (
+        ["dev"] if building else []
+    )  # dev: the teacher build's early stopping
     require(needs, cfg.data_root, download=download, purpose="the demo")
 
 
@@ -114,15 +125,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.freeze > 0 and _splits(cfg):
         summary = _distil_prefix(cfg, teacher, shards, student_dir)
     else:
-        cache_path = cache_dir() / "teacher-cache" / f"flickr8k-train-{teacher.fingerprint()}-k{cfg.augmentations}"
-        cache = build_cache(teacher, shards, cache_path, augmentations=cfg.augmentations,
-                            policy=AugmentPolicy(center_view=True))
+        cache_path = (
+            cache_dir() / "teacher-cache" / f"flickr8k-train-{teacher.fingerprint()}-k{cfg.augmentations}"
+        )
+        cache = build_cache(
+            teacher,
+            shards,
+            cache_path,
+            augmentations=cfg.augmentations,
+            policy=AugmentPolicy(center_view=True),
+        )
         summary = _distil(cfg, teacher_dir, cache.root, student_dir)
     student = _trained_student(cfg, summary, teacher)
     rows = [_describe("teacher", teacher, cfg), _describe("student", student, cfg)]
     table = format_table(rows, cfg.data_root)
-    result = {"table": table, "rows": rows, "seconds": round(time.time() - start, 1), "demo": asdict(cfg),
-              "training": {k: summary.get(k) for k in ("steps", "seconds", "images_per_s", "epoch", "skipped")}}
+    result = {
+        "table": table,
+        "rows": rows,
+        "seconds": round(time.time() - start, 1),
+        "demo": asdict(cfg),
+        "training": {k: summary.get(k) for k in ("steps", "seconds", "images_per_s", "epoch", "skipped")},
+    }
     path = out / "demo.json"
     tmp = atomic_path(path)
     tmp.write_text(json.dumps(result, indent=2, default=str))
@@ -149,9 +172,18 @@ def _distil_prefix(cfg: DemoConfig, teacher, shards, student_dir: Path) -> dict:
     from clipdistill.models.students import build_student
     from clipdistill.train.prefix import SuffixTrainConfig, collect, train_suffix
 
-    setup = {"student": cfg.student, "init": cfg.student_init, "image_size": cfg.image_size, "freeze": cfg.freeze,
-             "recipe": cfg.recipe, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-             "teacher": teacher.fingerprint(), "quick": cfg.quick}
+    setup = {
+        "student": cfg.student,
+        "init": cfg.student_init,
+        "image_size": cfg.image_size,
+        "freeze": cfg.freeze,
+        "recipe": cfg.recipe,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "teacher": teacher.fingerprint(),
+        "quick": cfg.quick,
+    }
     summary_file = student_dir / "summary.json"
     if summary_file.exists():
         done = json.loads(summary_file.read_text())
@@ -160,22 +192,47 @@ def _distil_prefix(cfg: DemoConfig, teacher, shards, student_dir: Path) -> dict:
             return done
     start = time.time()
     torch.manual_seed(0)
-    student = build_student(cfg.student, "teacher", teacher, teacher.embed_dim, init=cfg.student_init,
-                            image_size=cfg.image_size, freeze=cfg.freeze)
+    student = build_student(
+        cfg.student,
+        "teacher",
+        teacher,
+        teacher.embed_dim,
+        init=cfg.student_init,
+        image_size=cfg.image_size,
+        freeze=cfg.freeze,
+    )
     prefix, suffix = split_image_tower(student, cfg.freeze)
     samples = iter_samples(shards)
-    acts = collect({"s": (prefix.eval(), student.image)}, teacher, islice(samples, 48) if cfg.quick else samples,
-                   captions=True, flip=False, desc="demo: flickr8k train")["s"]
-    train_cfg = SuffixTrainConfig(losses=dict(cfg.recipe), epochs=cfg.epochs, batch_size=min(cfg.batch_size, len(acts)),
-                                  lr=cfg.lr, warmup_steps=0 if cfg.quick else 20, seed=0)
+    acts = collect(
+        {"s": (prefix.eval(), student.image)},
+        teacher,
+        islice(samples, 48) if cfg.quick else samples,
+        captions=True,
+        flip=False,
+        desc="demo: flickr8k train",
+    )["s"]
+    train_cfg = SuffixTrainConfig(
+        losses=dict(cfg.recipe),
+        epochs=cfg.epochs,
+        batch_size=min(cfg.batch_size, len(acts)),
+        lr=cfg.lr,
+        warmup_steps=0 if cfg.quick else 20,
+        seed=0,
+    )
     training = train_suffix(suffix, acts, None, train_cfg, teacher_scale=float(teacher.logit_scale()))
     student_dir.mkdir(parents=True, exist_ok=True)
     weights = student_dir / "student.pt"
     tmp = atomic_path(weights)
     torch.save(student.image.model.state_dict(), tmp)
     os.replace(tmp, weights)
-    summary = {"setup": setup, "student_weights": str(weights), "steps": training["steps"],
-               "seconds": round(time.time() - start, 1), "images": len(acts), "training": training}
+    summary = {
+        "setup": setup,
+        "student_weights": str(weights),
+        "steps": training["steps"],
+        "seconds": round(time.time() - start, 1),
+        "images": len(acts),
+        "training": training,
+    }
     tmp = atomic_path(summary_file)
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, summary_file)
@@ -188,11 +245,20 @@ def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: P
     from clipdistill.train.engine import train
 
     run = {
-        "student": {"spec": cfg.student, "text": cfg.student_text, "init": cfg.student_init,
-                    "image_size": cfg.image_size, "freeze": cfg.freeze},
+        "student": {
+            "spec": cfg.student,
+            "text": cfg.student_text,
+            "init": cfg.student_init,
+            "image_size": cfg.image_size,
+            "freeze": cfg.freeze,
+        },
         "teacher": {"spec": f"teacher:{teacher_dir}", "cache": str(cache_root)},
-        "data": {"train": ["flickr8k:train"], "root": cfg.data_root, "batch_size": cfg.batch_size,
-                 "workers": cfg.workers},
+        "data": {
+            "train": ["flickr8k:train"],
+            "root": cfg.data_root,
+            "batch_size": cfg.batch_size,
+            "workers": cfg.workers,
+        },
         "losses": cfg.recipe,
         "optim": {"lr": cfg.lr, "warmup_steps": 20},
         "output_dir": str(student_dir),
@@ -204,7 +270,11 @@ def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: P
     summary_file = student_dir / "summary.json"
     if summary_file.exists():
         done = json.loads(summary_file.read_text())
-        previous = json.loads((student_dir / "config.json").read_text()) if (student_dir / "config.json").exists() else None
+        previous = (
+            json.loads((student_dir / "config.json").read_text())
+            if (student_dir / "config.json").exists()
+            else None
+        )
         if previous == train_cfg.to_dict() and done.get("steps"):
             log.info("demo: reusing the distilled student in %s", student_dir)
             return done
@@ -214,8 +284,9 @@ def _distil(cfg: DemoConfig, teacher_dir: Path, cache_root: Path, student_dir: P
 def _trained_student(cfg: DemoConfig, summary: dict, teacher):
     from clipdistill.train.evaluate import load_trained_student
 
-    return load_trained_student(cfg.student, cfg.student_text, summary["student_weights"], teacher,
-                                image_size=cfg.image_size)
+    return load_trained_student(
+        cfg.student, cfg.student_text, summary["student_weights"], teacher, image_size=cfg.image_size
+    )
 
 
 def image_latency_ms(model, repeats: int = 10) -> float:
@@ -238,11 +309,17 @@ def _describe(role: str, model, cfg: DemoConfig) -> dict:
     from clipdistill.models.students import count_params_flops
     from clipdistill.train.evaluate import run_eval
 
-    row = {"model": role, "image_params_m": count_params_flops(model)["image"]["params"] / 1e6,
-           "image_latency_ms": image_latency_ms(model), "metrics": {}}
+    row = {
+        "model": role,
+        "image_params_m": count_params_flops(model)["image"]["params"] / 1e6,
+        "image_latency_ms": image_latency_ms(model),
+        "metrics": {},
+    }
     for dataset, (split, every) in EVAL_SETS.items():
         every = max(every, 50) if cfg.quick else every
-        metrics = run_eval(model, dataset, split, data_root=cfg.data_root, every=every, cache=role == "teacher")
+        metrics = run_eval(
+            model, dataset, split, data_root=cfg.data_root, every=every, cache=role == "teacher"
+        )
         row["metrics"][dataset] = {"every": every, **metrics}
     return row
 
@@ -273,10 +350,13 @@ def format_table(rows: list[dict], data_root: str | None = None) -> str:
     at least 2x chance; elsewhere the row says the teacher is at chance and gives no ratio."""
     teacher, student = rows
     speed = teacher["image_latency_ms"] / student["image_latency_ms"]
-    lines = ["| | teacher | student | retention % |", "|---|---|---|---|",
-             f"| image encoder params (M) | {teacher['image_params_m']:.1f} | {student['image_params_m']:.1f} | |",
-             f"| image encoder latency, batch 1 (ms) | {teacher['image_latency_ms']:.1f} | {student['image_latency_ms']:.1f} "
-             f"| {speed:.1f}x faster |"]
+    lines = [
+        "| | teacher | student | retention % |",
+        "|---|---|---|---|",
+        f"| image encoder params (M) | {teacher['image_params_m']:.1f} | {student['image_params_m']:.1f} | |",
+        f"| image encoder latency, batch 1 (ms) | {teacher['image_latency_ms']:.1f} | {student['image_latency_ms']:.1f} "
+        f"| {speed:.1f}x faster |",
+    ]
     for dataset, t_metrics in teacher["metrics"].items():
         s_metrics = student["metrics"].get(dataset, {})
         every = t_metrics.get("every", 1)

@@ -51,7 +51,9 @@ def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, device: str | None = None, timeout_s: int = 1800) -> DistInfo:
+def init_distributed(
+    backend: str | None = None, device: str | None = None, timeout_s: int = 1800
+) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -136,7 +138,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack([_local(torch.linalg.vector_norm(g.detach(), 2.0)) for g in grads]), 2.0)
+    total = torch.linalg.vector_norm(
+        torch.stack([_local(torch.linalg.vector_norm(g.detach(), 2.0)) for g in grads]), 2.0
+    )
     coef = min(1.0, float(max_norm / (total + 1e-6)))
     if coef < 1.0:
         for g in grads:

@@ -140,7 +140,9 @@ class Run:
         check_streams(self.streams, cfg, info.world)
         self._build_optimiser()
         self.total_steps, self.dataset_size = plan_steps(self.paired, cfg)
-        if self.masked is not None:  # the sparsity ramp: student.sparsity_warmup steps, by default half the run
+        if (
+            self.masked is not None
+        ):  # the sparsity ramp: student.sparsity_warmup steps, by default half the run
             warmup = cfg.student.sparsity_warmup
             self.masked.cfg.warmup_steps = self.total_steps // 2 if warmup is None else warmup
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.optim)

@@ -18,8 +18,16 @@ def parse_dataset(spec: str) -> tuple[str, str]:
     return name, split or "test"
 
 
-def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | None = None, every: int = 1,
-             batch_size: int = 64, cache: bool = False) -> dict:
+def run_eval(
+    model: ClipModel,
+    dataset: str,
+    split: str,
+    *,
+    data_root: str | None = None,
+    every: int = 1,
+    batch_size: int = 64,
+    cache: bool = False,
+) -> dict:
     """Metrics of `model` on one dataset split (every `every`-th sample) as {name: value}.
 
     cache: let the runner cache class text embeddings (worth it for a frozen teacher, not for a
@@ -27,13 +35,22 @@ def run_eval(model: ClipModel, dataset: str, split: str, *, data_root: str | Non
     """
     from clipdistill.eval import runner
 
-    record = runner.evaluate(model, dataset, split, data_root=data_root, every=every, batch_size=batch_size,
-                             cache=cache, progress=False)
+    record = runner.evaluate(
+        model,
+        dataset,
+        split,
+        data_root=data_root,
+        every=every,
+        batch_size=batch_size,
+        cache=cache,
+        progress=False,
+    )
     return {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
 
 
-def load_trained_student(spec: str, text: str, weights: str, teacher: ClipModel | None, *,
-                         image_size: int | None = None) -> ClipModel:
+def load_trained_student(
+    spec: str, text: str, weights: str, teacher: ClipModel | None, *, image_size: int | None = None
+) -> ClipModel:
     """A distilled student, ready to evaluate, from its preset spec, `student.text` setting and the
     `student.pt` a run wrote (at the run's `student.image_size`): `text="teacher"` pairs the image tower
     with `teacher`'s frozen text tower."""
@@ -64,13 +81,22 @@ def evaluate_student(student: ClipModel, cfg, teacher: ClipModel | None = None) 
     """{dataset: metrics} for every `cfg.eval.datasets` entry (empty when evaluation is unavailable)."""
     model = eval_model(student, teacher)
     if model is None:
-        log.warning("evaluation skipped: this image-only student needs its teacher's text tower; set teacher.spec")
+        log.warning(
+            "evaluation skipped: this image-only student needs its teacher's text tower; set teacher.spec"
+        )
         return {}
     results = {}
     for spec in cfg.eval.datasets:
         name, split = parse_dataset(spec)
         every = int(cfg.eval.subsample.get(name, 1))
-        results[f"{name}:{split}"] = run_eval(model, name, split, data_root=cfg.data.root, every=every,
-                                              batch_size=cfg.eval.batch_size)
-        log.info("eval %s:%s%s: %s", name, split, f" (every {every}th sample)" if every > 1 else "", results[f"{name}:{split}"])
+        results[f"{name}:{split}"] = run_eval(
+            model, name, split, data_root=cfg.data.root, every=every, batch_size=cfg.eval.batch_size
+        )
+        log.info(
+            "eval %s:%s%s: %s",
+            name,
+            split,
+            f" (every {every}th sample)" if every > 1 else "",
+            results[f"{name}:{split}"],
+        )
     return results

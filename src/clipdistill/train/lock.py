@@ -49,7 +49,9 @@ class RunLock:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"cannot create output_dir '{self.dir}' ({err.strerror}); pass another folder") from None
+            raise UserError(
+                f"cannot create output_dir '{self.dir}' ({err.strerror}); pass another folder"
+            ) from None
         deadline = time.monotonic() + ORPHAN_WAIT_S
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,7 +78,11 @@ class RunLock:
             os.close(fd)  # the previous holder finished and removed the file between our open and flock
         stale = os.read(fd, 64).decode(errors="replace").strip()
         if stale and stale != str(os.getpid()):
-            log.info("output_dir %s: taking over the lock of pid %s, which ended without releasing it", self.dir, stale)
+            log.info(
+                "output_dir %s: taking over the lock of pid %s, which ended without releasing it",
+                self.dir,
+                stale,
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -136,5 +142,9 @@ def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     if removed:
-        log.info("removed %d half-written file(s) of an interrupted run: %s", len(removed), ", ".join(p.name for p in removed))
+        log.info(
+            "removed %d half-written file(s) of an interrupted run: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed

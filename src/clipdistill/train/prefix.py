@@ -63,8 +63,16 @@ def _teacher_embed(teacher: ClipModel, images: list) -> Tensor:
 
 
 @torch.no_grad()
-def collect(prefixes: dict[object, tuple[nn.Module, ClipModel]], teacher: ClipModel, samples: Iterable[Sample], *,
-            captions: bool, flip: bool = True, batch_size: int = 64, desc: str = "collect") -> dict[object, Activations]:
+def collect(
+    prefixes: dict[object, tuple[nn.Module, ClipModel]],
+    teacher: ClipModel,
+    samples: Iterable[Sample],
+    *,
+    captions: bool,
+    flip: bool = True,
+    batch_size: int = 64,
+    desc: str = "collect",
+) -> dict[object, Activations]:
     """Activations of every prefix in `prefixes` ({key: (prefix module, model whose preprocessing feeds
     it)}) on `samples`, decoding each image once; the teacher embeds the same views (and, with
     `captions`, every caption)."""
@@ -79,8 +87,16 @@ def collect(prefixes: dict[object, tuple[nn.Module, ClipModel]], teacher: ClipMo
         if flip:
             views.append([im.transpose(0) for im in views[0]])  # PIL FLIP_LEFT_RIGHT
         for key, (module, model) in prefixes.items():
-            outs[key].append([module(torch.stack([model.preprocess(im) for im in v]).to(memory_format=torch.channels_last))
-                              .half().contiguous() for v in views])
+            outs[key].append(
+                [
+                    module(
+                        torch.stack([model.preprocess(im) for im in v]).to(memory_format=torch.channels_last)
+                    )
+                    .half()
+                    .contiguous()
+                    for v in views
+                ]
+            )
         t_img.append([_teacher_embed(teacher, v) for v in views])
         if captions:
             caps = [c for s in batch for c in (s.captions or [])]
@@ -96,9 +112,17 @@ def collect(prefixes: dict[object, tuple[nn.Module, ClipModel]], teacher: ClipMo
     text = torch.cat(texts) if captions else None
     owner = torch.tensor(owners) if captions else None
     label_t = torch.tensor(labels) if len(labels) == len(keys) else None
-    return {key: Activations(torch.stack([torch.cat(parts) for parts in zip(*chunks)]), teacher_image, text, owner,
-                             keys, label_t)
-            for key, chunks in outs.items()}
+    return {
+        key: Activations(
+            torch.stack([torch.cat(parts) for parts in zip(*chunks)]),
+            teacher_image,
+            text,
+            owner,
+            keys,
+            label_t,
+        )
+        for key, chunks in outs.items()
+    }
 
 
 @dataclass
@@ -110,7 +134,9 @@ class SuffixTrainConfig:
     batch_size: int = 256
     unpaired_batch_size: int = 256
     lr: float = 3e-4  # the new parts: linear head, logit scale, the Distiller's
-    trunk_lr: float = 1e-4  # pretrained trunk blocks: lower, so fine-tuning does not wash out ImageNet features
+    trunk_lr: float = (
+        1e-4  # pretrained trunk blocks: lower, so fine-tuning does not wash out ImageNet features
+    )
     # "ridge": fit the linear head in closed form to the teacher's image embeddings before any step (linear
     # probing, then fine-tuning: the random head otherwise spends the budget undoing its own noise)
     head_init: str = "ridge"
@@ -143,7 +169,9 @@ def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, ba
     pooled features of every view in `sets` to the teacher's normalised image embeddings; returns the mean
     cosine between the fitted embeddings and the targets."""
     head = suffix.head
-    linear = head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    linear = (
+        head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    )
     was = suffix.training
     suffix.eval()
     original, suffix.head = suffix.head, nn.Identity()
@@ -151,8 +179,14 @@ def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, ba
     for acts in sets:
         for v in range(acts.prefix.shape[0]):
             x = acts.prefix[v]
-            feats.append(torch.cat([suffix(x[i : i + batch_size].float().to(memory_format=torch.channels_last))
-                                    for i in range(0, x.shape[0], batch_size)]).double())
+            feats.append(
+                torch.cat(
+                    [
+                        suffix(x[i : i + batch_size].float().to(memory_format=torch.channels_last))
+                        for i in range(0, x.shape[0], batch_size)
+                    ]
+                ).double()
+            )
             targets.append(F.normalize(acts.teacher_image[v].double(), dim=-1))
     suffix.head = original
     suffix.train(was)
@@ -165,8 +199,9 @@ def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, ba
     b = y.mean(0) - mean @ w
     linear.weight.copy_(w.T.float())
     if linear.bias is None:  # no bias to hold the offset: refit through the origin
-        w = torch.linalg.solve(x.T @ x + ridge * (x.T @ x).diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype),
-                               x.T @ y)
+        w = torch.linalg.solve(
+            x.T @ x + ridge * (x.T @ x).diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y
+        )
         b = torch.zeros_like(b)
         linear.weight.copy_(w.T.float())
     else:
@@ -181,8 +216,13 @@ def _rows(n: int, size: int, gen: torch.Generator) -> Iterable[Tensor]:
             yield perm[i : i + size]
 
 
-def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations | None, cfg: SuffixTrainConfig,
-                 teacher_scale: float) -> dict:
+def train_suffix(
+    suffix: nn.Module,
+    paired: Activations,
+    unpaired: Activations | None,
+    cfg: SuffixTrainConfig,
+    teacher_scale: float,
+) -> dict:
     """Train `suffix` (in place) from stored activations; returns {"steps", "seconds", "final": logs}."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -200,16 +240,25 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     head |= {id(p) for p in distiller.parameters()}
     params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
     groups = []
-    for lr, members in ((cfg.lr, [p for p in params if id(p) in head]), (cfg.trunk_lr, [p for p in params if id(p) not in head])):
-        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "base_lr": lr},
-                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "base_lr": lr}]
+    for lr, members in (
+        (cfg.lr, [p for p in params if id(p) in head]),
+        (cfg.trunk_lr, [p for p in params if id(p) not in head]),
+    ):
+        groups += [
+            {"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "base_lr": lr},
+            {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "base_lr": lr},
+        ]
     optim = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     n = len(paired)
     batch = min(cfg.batch_size, n)
     total = int(cfg.epochs * n / batch)  # 0: the ridge head alone (linear probe)
     views = paired.prefix.shape[0]
     rows = _rows(n, batch, gen)
-    rows_u = _rows(len(unpaired), min(cfg.unpaired_batch_size, len(unpaired)), gen) if unpaired is not None else None
+    rows_u = (
+        _rows(len(unpaired), min(cfg.unpaired_batch_size, len(unpaired)), gen)
+        if unpaired is not None
+        else None
+    )
     if paired.text is None:
         raise UserError("the paired set has no captions; the task loss needs image-caption pairs")
     counts = torch.bincount(paired.text_owner, minlength=n)
@@ -221,10 +270,15 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
     bar = tqdm(range(total), desc="train suffix", unit="step", leave=False)
     for step in bar:
         if cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes:
-            log.info("suffix training stopped at step %d of %d: %.0f min budget", step, total, cfg.max_minutes)
+            log.info(
+                "suffix training stopped at step %d of %d: %.0f min budget", step, total, cfg.max_minutes
+            )
             break
-        factor = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else \
-            0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+        factor = (
+            (step + 1) / cfg.warmup_steps
+            if step < cfg.warmup_steps
+            else 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+        )
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * factor
         idx = next(rows)
@@ -238,8 +292,10 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
         if rows_u is not None:
             iu = next(rows_u)
             vu = torch.randint(unpaired.prefix.shape[0], (len(iu),), generator=gen)
-            extra = (Outputs(image=model(unpaired.prefix[vu, iu]), text=None, scale=scale),
-                     Outputs(image=unpaired.teacher_image[vu, iu], text=None, scale=scale_t))
+            extra = (
+                Outputs(image=model(unpaired.prefix[vu, iu]), text=None, scale=scale),
+                Outputs(image=unpaired.teacher_image[vu, iu], text=None, scale=scale_t),
+            )
         loss, logs = distiller(student, teacher, unpaired=extra)
         if not torch.isfinite(loss):
             raise UserError(f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
@@ -252,8 +308,14 @@ def train_suffix(suffix: nn.Module, paired: Activations, unpaired: Activations |
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
-    return {"steps": done, "planned_steps": total, "ridge_head_cosine": fit_cos, "seconds": round(time.time() - start, 1),
-            "final": {k: round(float(v), 5) for k, v in logs.items()}, "logit_scale": float(model.logit_scale.detach().exp())}
+    return {
+        "steps": done,
+        "planned_steps": total,
+        "ridge_head_cosine": fit_cos,
+        "seconds": round(time.time() - start, 1),
+        "final": {k: round(float(v), 5) for k, v in logs.items()},
+        "logit_scale": float(model.logit_scale.detach().exp()),
+    }
 
 
 @torch.no_grad()
@@ -261,7 +323,11 @@ def embed(suffix: nn.Module, acts: Tensor, batch_size: int = 512) -> Tensor:
     """Embeddings of stored prefix activations (N x C x H x W) through the suffix, in eval mode."""
     was = suffix.training
     suffix.eval()
-    out = torch.cat([suffix(acts[i : i + batch_size].float().to(memory_format=torch.channels_last))
-                     for i in range(0, acts.shape[0], batch_size)])
+    out = torch.cat(
+        [
+            suffix(acts[i : i + batch_size].float().to(memory_format=torch.channels_last))
+            for i in range(0, acts.shape[0], batch_size)
+        ]
+    )
     suffix.train(was)
     return F.normalize(out, dim=-1)

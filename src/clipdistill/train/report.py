@@ -23,7 +23,9 @@ class RunLogger:
     def __init__(self, output_dir: Path, *, enabled: bool, total: int, initial: int = 0) -> None:
         self.enabled = enabled
         self.writer = None
-        self.bar = tqdm(total=total, initial=initial, desc="distill", unit="step", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, desc="distill", unit="step", disable=not enabled, dynamic_ncols=True
+        )
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -33,7 +35,9 @@ class RunLogger:
         if not self.enabled:
             return
         for key, value in logs.items():
-            tag = {"images_per_s": "speed/images_per_s", "grad_norm": "optim/grad_norm"}.get(key, f"loss/{key}")
+            tag = {"images_per_s": "speed/images_per_s", "grad_norm": "optim/grad_norm"}.get(
+                key, f"loss/{key}"
+            )
             self.writer.add_scalar(tag, value, step)
         for group in optimizer.param_groups:
             self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
@@ -79,7 +83,7 @@ def openclip_state(student, state: dict) -> dict:
     """The part of the student's full state dict that is its open_clip model's (loadable as
     `student:NAME@FILE`; for an image-only student, the preset whose image tower was trained)."""
     prefix = "image.model." if hasattr(student, "image") else "model." if hasattr(student, "model") else ""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 PRUNED_DIR = "student_pruned"
@@ -106,9 +110,13 @@ def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) ->
 
     weights = output_dir / "student.pt"
     inherited = getattr(student, "image", student)
-    if isinstance(inherited, ComposedStudent):  # the composed teacher's towers: every weight, reloadable whole
+    if isinstance(
+        inherited, ComposedStudent
+    ):  # the composed teacher's towers: every weight, reloadable whole
         prefix = "image." if inherited is not student else ""
-        save_inherited(inherited, weights, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        save_inherited(
+            inherited, weights, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
     else:
         tmp = atomic_path(weights)
         try:
@@ -128,7 +136,9 @@ def write_summary(output_dir: Path, summary: dict, student, state: dict, cfg) ->
     elif cfg.student.text == "own" or isinstance(inherited, ComposedStudent):
         summary["student_reload_spec"] = str(spec.with_checkpoint(weights))
     else:  # the image tower of a preset built at the teacher's width; text comes from the teacher
-        summary["student_reload"] = f"create_student('{spec.name}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
+        summary["student_reload"] = (
+            f"create_student('{spec.name}', embed_dim=<teacher width>, checkpoint='{weights}') + the teacher's text tower"
+        )
     _atomic_json(output_dir / "summary.json", summary)
     _atomic_json(output_dir / "config.json", cfg.to_dict())
     return weights

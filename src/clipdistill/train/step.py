@@ -128,8 +128,13 @@ def distiller_args(
         pair_t = (Outputs(image=None, text=s["t_text"], scale=s["scale"]), texts[0])
     # The step's loss inputs, detached (no copy: the same storage), for `nonfinite_grads` to re-run the
     # step's loss term by term on the same batch; the next step's call replaces them.
-    _last_step.update(s={k: v.detach() for k, v in s.items()}, teacher=teacher, own_text=own_text,
-                      unpaired=unpaired, texts=texts)
+    _last_step.update(
+        s={k: v.detach() for k, v in s.items()},
+        teacher=teacher,
+        own_text=own_text,
+        unpaired=unpaired,
+        texts=texts,
+    )
     return student, teacher, pair_u, pair_t
 
 
@@ -176,8 +181,10 @@ def nonfinite_grads(student: nn.Module, distiller: nn.Module) -> str:
     terms = _terms_with_nonfinite_grads(distiller)
     if terms:
         where = f" (first in {bad[0]})" if bad else ""
-        return (f"from term {', '.join(repr(t) for t in terms)}{where}: the step re-run term by term on the same "
-                "batch gives that term a non-finite gradient")
+        return (
+            f"from term {', '.join(repr(t) for t in terms)}{where}: the step re-run term by term on the same "
+            "batch gives that term a non-finite gradient"
+        )
     if bad:
         return f"in {bad[0]} ({len(bad)} parameter tensor(s) in all)"
     return "in no single parameter (the norm itself overflowed)"
@@ -191,8 +198,9 @@ def _terms_with_nonfinite_grads(distiller: nn.Module) -> list[str]:
         return []
     step = _last_step
     leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in step["s"].items()}
-    args = distiller_args(leaves, step["teacher"], own_text=step["own_text"], unpaired=step["unpaired"],
-                          texts=step["texts"])
+    args = distiller_args(
+        leaves, step["teacher"], own_text=step["own_text"], unpaired=step["unpaired"], texts=step["texts"]
+    )
     inputs = [v for v in leaves.values() if v.requires_grad]
     found = []
     saved = dict(weights)
