@@ -231,10 +231,6 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
     if st.head_only:
         for m in (suffix.conv_head, suffix.bn2):
             freeze_module(m)
-    train_sets = {
-        name: deeper(collected("train", name, split, every, caps, flip, st.family)[key], model, freeze)
-        for name, (split, every, caps, flip) in TRAIN.items()
-    }
     cfg = SuffixTrainConfig(losses=RECIPE, epochs=st.epochs, seed=seed)
     dev_tag = f"{st.name}-f{st.freeze}-s{seed}-dev"
     dev_cell, dev_weights = CELLS / "cells" / f"{dev_tag}.json", WORK / "weights" / f"{dev_tag}.pt"
@@ -244,6 +240,10 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         dev = json.loads(dev_cell.read_text())
         log, minutes = {**dev["train"], "weights_of": dev_tag}, dev["train_minutes"]
     else:
+        train_sets = {
+            name: deeper(collected("train", name, split, every, caps, flip, st.family)[key], model, freeze)
+            for name, (split, every, caps, flip) in TRAIN.items()
+        }
         t0 = time.time()
         log = train_suffix(
             suffix,

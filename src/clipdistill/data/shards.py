@@ -161,11 +161,7 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
-def _raw_samples(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[dict]:
-    yield from read_records(shards, skipped)
-
-
-def read_records(shards: Iterable[Path], skipped: SkipCounter, *, warn: bool = True) -> Iterator[dict]:
+def read_records(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[dict]:
     """Undecoded webdataset records of `shards` in stored order, one shard after the other.
 
     A shard that cannot be read to its end (truncated, corrupt, empty file) is counted in samples, not
@@ -200,8 +196,7 @@ def read_records(shards: Iterable[Path], skipped: SkipCounter, *, warn: bool = T
             errors.append(EOFError("the tar ends without its end-of-archive blocks (truncated)"))
         if errors:
             note = _lost_in_shard(Path(path), n, read, skipped)
-            if warn:
-                log.warning("%s (%s)", note, _one_line(errors[0]))
+            log.warning("%s (%s)", note, _one_line(errors[0]))
 
 
 def _ends_cleanly(path: Path) -> bool:
@@ -296,7 +291,7 @@ def iter_samples(
     """
     skipped = skipped if skipped is not None else SkipCounter()
     rng = rng or random.Random(0)
-    for raw in _raw_samples([Path(s) for s in shards], skipped):
+    for raw in read_records([Path(s) for s in shards], skipped):
         key = raw.get("__key__", "")
         if keys is not None and key not in keys:
             continue
