@@ -98,46 +98,47 @@ def summarise(cells_dir: Path, grid) -> list[dict]:
 
 
 def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
-    """Setting `both`: the inherited MiniLM text tower with the 128 px image student (students_both.py)."""
+    """Setting `both`: an inherited MiniLM text tower with an image student (students_both.py); one row
+    per (text layers, text epochs, image student), cells named text{L}-e{E}-{image}-s{seed}.json."""
     teacher = json.loads((cells_dir / "teacher.json").read_text())
     lat_file = cells_dir / "both" / "latency.json"
     latency = json.loads(lat_file.read_text()) if lat_file.exists() else {}
-    image = next((r for r in image_rows if r["name"] == "lite0-128"), None)
+    groups: dict[str, list[dict]] = {}
+    for p in sorted((cells_dir / "both").glob("text*-e*-s*.json")):
+        groups.setdefault(p.stem.rsplit("-s", 1)[0], []).append(json.loads(p.read_text()))
     rows = []
-    for layers in sorted({p.stem.split("-")[0] for p in (cells_dir / "both").glob("text*-s*.json")}):
-        cells = sorted(
-            (json.loads(p.read_text()) for p in (cells_dir / "both").glob(f"{layers}-s*.json")),
-            key=lambda c: c["seed"],
-        )
+    for group, cells in groups.items():
+        cells.sort(key=lambda c: c["seed"])
+        text_part, image_name = group.split("-", 2)[:2], group.split("-", 2)[2]
+        n = text_part[0].removeprefix("text")
+        image = next((r for r in image_rows if r["name"] == image_name), None)
         retention, retention_std, absolute = _retention(cells, teacher)
-        n = layers.removeprefix("text")
-        text_speed = latency.get(n, {}).get("speedup_torch")
+        text_speed = latency.get(n, {})
+        means = [
+            statistics.fmean(
+                c["metrics"][SOURCES[f][0]][SOURCES[f][1]] / teacher[SOURCES[f][0]][SOURCES[f][1]]
+                for f in FIGURES
+            )
+            for c in cells
+        ]
         rows.append(
             {
-                "name": f"lite0-128 + minilm-l{n} (inherited)",
-                "init": "pretrained image, inherited text",
-                "image_size": 128,
+                "name": f"{image_name} + minilm-l{n} (inherited, {text_part[1]})",
+                "init": f"{image['init'] if image else '?'} image, inherited text",
+                "image_size": image["image_size"] if image else None,
                 "text": "own",
                 "text_layers": int(n),
-                "text_speedup_torch_b1_32tok": round(text_speed, 2) if text_speed else None,
+                "text_epochs": cells[0]["epochs"],
+                "text_speedup_torch_b1_32tok": round(text_speed["speedup_torch"], 2) if text_speed else None,
+                "text_speedup_ort_b1_32tok": round(text_speed["speedup_onnx"], 2)
+                if "speedup_onnx" in text_speed
+                else None,
                 "speedup_ort": image["speedup_ort"] if image else None,
                 "speedup_torch": image["speedup_torch"] if image else None,
                 "retention": retention,
                 "retention_std": retention_std,
-                "retention_mean": round(statistics.fmean(retention.values()), 4),
-                "retention_mean_std": round(
-                    _mean_std(
-                        [
-                            statistics.fmean(
-                                c["metrics"][SOURCES[f][0]][SOURCES[f][1]]
-                                / teacher[SOURCES[f][0]][SOURCES[f][1]]
-                                for f in FIGURES
-                            )
-                            for c in cells
-                        ]
-                    )[1],
-                    4,
-                ),
+                "retention_mean": round(statistics.fmean(means), 4),
+                "retention_mean_std": round(_mean_std(means)[1], 4),
                 "percent": absolute,
                 "seeds": [c["seed"] for c in cells],
                 "chance_level": {
@@ -147,7 +148,7 @@ def summarise_both(cells_dir: Path, image_rows: list[dict]) -> list[dict]:
                 "train_minutes": round(statistics.fmean(c["train"]["seconds"] for c in cells) / 60, 1),
                 "trained_on": {
                     "texts": "flickr8k:train captions",
-                    "image_tower": "lite0-128 of the same seed",
+                    "image_tower": f"{image_name} of the same seed",
                 },
             }
         )
@@ -251,13 +252,15 @@ def render(cells_dir: Path, results: Path, grid) -> None:
     teacher = teacher_row(cells_dir)
     md = table(rows, teacher)
     if both:
-        md += "\n\nSetting `both` (the student's own text tower, inherited from MiniLM-L6: every 2nd layer, the teacher's text head):\n\n"
+        md += "\n\nSetting `both` (the student's own text tower: MiniLM-L6's every k-th layer and the teacher's text head, trained on Flickr8k train captions; the image speed is the image student's):\n\n"
         lines = table(both, teacher).split("\n")
         md += "\n".join(lines[:2] + lines[3:])  # the teacher's row is the one above
-        md += "".join(
-            f"\n\nText tower speed vs MiniLM-L6 (batch 1, 32 tokens, PyTorch, 2 threads): {r['text_speedup_torch_b1_32tok']}x"
-            for r in both[:1]
-            if r["text_speedup_torch_b1_32tok"]
+        speeds = {
+            r["text_layers"]: (r["text_speedup_ort_b1_32tok"], r["text_speedup_torch_b1_32tok"]) for r in both
+        }
+        md += (
+            "\n\nText tower speed vs MiniLM-L6 (batch 1, 32 tokens, 2 threads, ONNX Runtime / PyTorch): "
+            + ", ".join(f"{n} layers {o}x / {t}x" for n, (o, t) in sorted(speeds.items()))
         )
     rows = rows + both
     full = (

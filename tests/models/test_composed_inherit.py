@@ -105,3 +105,29 @@ def test_inherited_preset_refuses_what_it_cannot_take(teacher, tmp_path):
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="not an inherited student's checkpoint"):
         create_student("inherited-lite2", checkpoint=tmp_path / "plain.pt")
+
+
+def test_inherited_preset_with_fewer_blocks_per_stage_is_named_cut_and_reloaded(teacher, tmp_path):
+    from clipdistill.models.composed_inherit import save_inherited
+    from clipdistill.models.factory import create_model
+    from clipdistill.models.students import create_student, is_inherited, parse_inherited
+
+    assert parse_inherited("inherited-lite2") == (None, None)
+    assert parse_inherited("inherited-lite2-d1334221-t2") == ([1, 3, 3, 4, 2, 2, 1], 2)
+    assert parse_inherited("inherited-lite2-d1334221") == ([1, 3, 3, 4, 2, 2, 1], None)
+    assert not is_inherited("inherited-lite2-t2-d1334221") and not is_inherited("inherited-lite2-x")
+    name = "inherited-lite2-d1334221-t2"
+    student = create_student(name, init="inherit", teacher=teacher, image_size=64).eval()
+    assert [len(s) for s in student.image.trunk.blocks] == [1, 3, 3, 4, 2, 2, 1]
+    assert student.text.layers == [0, 3]
+    for a, b in zip(student.image.trunk.blocks[5], teacher.image_tower.blocks[5]):  # the first blocks kept
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    save_inherited(student, tmp_path / "student.pt")
+    reloaded = create_model(f"student:{name}@{tmp_path / 'student.pt'}")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded.image_features(x).embedding, student.image_features(x).embedding)
+    with pytest.raises(UserError, match="holds image depths 1334221, not 1334451"):
+        create_student("inherited-lite2-d1334451-t2", checkpoint=tmp_path / "student.pt")
+    with pytest.raises(UserError, match=r"must keep 1\.\.\[1, 3, 3, 4, 4, 5, 1\] blocks per stage"):
+        create_student("inherited-lite2-d1334291", init="inherit", teacher=teacher)

@@ -124,3 +124,21 @@ def test_pypi_trunk_classifies_imagenet_sample():
 
     result = check_trunk(ARCH, "pypi")
     assert result["samples"] == 1000 and result["top1"] > 0.6
+
+
+def test_keep_first_blocks_cuts_stages_to_their_first_blocks():
+    from clipdistill.models.freeze import keep_first_blocks
+
+    torch.manual_seed(0)
+    model = create_student("efficientnet-lite0", embed_dim=32, image_size=64).eval()
+    stage5 = [b.state_dict() for b in split_image_tower(model, 0)[1].blocks[5][:1]]
+    keep_first_blocks(model, [1, 2, 2, 3, 1, 1, 1])
+    blocks = split_image_tower(model, 0)[1].blocks
+    assert [len(s) for s in blocks] == [1, 2, 2, 3, 1, 1, 1]
+    assert all(torch.equal(v, blocks[5][0].state_dict()[k]) for k, v in stage5[0].items())
+    prefix, suffix = split_image_tower(model, 4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(suffix(prefix(x)), model.image_features(x).embedding, atol=1e-5)
+    with pytest.raises(UserError, match=r"must keep 1\.\.\[1, 2, 2, 3, 1, 1, 1\] blocks per stage"):
+        keep_first_blocks(model, [1, 2, 2, 3, 2, 1, 1])

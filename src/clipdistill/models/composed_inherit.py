@@ -155,7 +155,12 @@ def save_inherited(
 
 
 def load_inherited(
-    path: str | Path, *, name: str, image_size: int | None = None, text_layers: int | None = None
+    path: str | Path,
+    *,
+    name: str,
+    image_size: int | None = None,
+    text_layers: int | None = None,
+    depths: list[int] | None = None,
 ) -> ComposedStudent:
     """`save_inherited`'s file as a `ComposedStudent` (the architecture from the teacher's PyPI parts)."""
     from clipdistill.models.composed import ComposedTeacher, HeadConfig
@@ -174,6 +179,11 @@ def load_inherited(
     for key, want in (("image_size", image_size), ("text_layers", text_layers)):
         if want is not None and int(want) != int(saved[key]):
             raise UserError(f"'{path}' was trained with {key} {saved[key]}, not {want}; drop the override")
+    if depths is not None and list(depths) != list(saved["image_depths"]):
+        found = "".join(map(str, saved["image_depths"]))
+        raise UserError(
+            f"'{path}' holds image depths {found}, not {''.join(map(str, depths))}; name it as trained"
+        )
     base = ComposedTeacher(HeadConfig(embed_dim=int(saved["embed_dim"])), feature_cache=False)
     student = inherited_image_student(
         base,

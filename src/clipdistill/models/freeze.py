@@ -122,3 +122,20 @@ def split_image_tower(model: nn.Module, n: int) -> tuple[nn.Module, nn.Module]:
         )
     prefix_modules(model, n)  # range check
     return _EffnetPrefix(visual.trunk, n), _EffnetSuffix(visual, n)
+
+
+def keep_first_blocks(model: nn.Module, depths: list[int]) -> None:
+    """Cut an EfficientNet-style image trunk in place to the first `depths[i]` blocks of each stage i (the
+    first block of a stage changes width and stride, the others are residual: TinyCLIP's manual
+    inheritance, as `composed_inherit.InheritedImage` does for the composed teacher's tower)."""
+    visual = _visual(model)
+    if not (_is_effnet(visual) and hasattr(visual.trunk, "blocks")):
+        raise UserError(
+            f"fewer blocks per stage needs an EfficientNet-style image tower, not {type(visual).__name__}"
+        )
+    full = [len(stage) for stage in visual.trunk.blocks]
+    if len(depths) != len(full) or any(not 1 <= d <= f for d, f in zip(depths, full)):
+        raise UserError(f"image depths {list(depths)} must keep 1..{full} blocks per stage")
+    visual.trunk.blocks = nn.Sequential(
+        *[nn.Sequential(*stage[:d]) for stage, d in zip(visual.trunk.blocks, depths)]
+    )

@@ -101,8 +101,10 @@ def bench_loaded(
     onnx: bool,
     towers: list[str],
     threads: int,
+    spinning: bool | None = None,
 ) -> list[dict]:
-    """`bench_latency`'s rows for a model already built (`spec` labels the rows); the caller sets threads."""
+    """`bench_latency`'s rows for a model already built (`spec` labels the rows); the caller sets threads.
+    `spinning`: whether ONNX Runtime's idle workers spin (its default); None: not under OMP_WAIT_POLICY=PASSIVE."""
     from clipdistill.models.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, inference_ready, onnx_session
     from clipdistill.models.students import count_params_flops
 
@@ -127,7 +129,9 @@ def bench_loaded(
             export_onnx(model, tmp, verify=False)
             for tower in towers:
                 path = Path(tmp) / (IMAGE_ONNX if tower == "image" else TEXT_ONNX)
-                session = onnx_session(path, threads, spinning=not passive_waiting())
+                session = onnx_session(
+                    path, threads, spinning=not passive_waiting() if spinning is None else spinning
+                )
                 for bs in batch_sizes:
                     feed = {"image" if tower == "image" else "tokens": inputs[tower, bs].numpy()}
                     w, r = (warmup, repeats) if bs == 1 else (1, repeats_large)

