@@ -71,3 +71,26 @@ def make_dataset(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizers_built_once():
+    """open_clip's SimpleTokenizer reads and parses its 49k-merge BPE file on every construction (70 ms of
+    CPU; the suite builds over a hundred models): each distinct one is built once, the later ones share its
+    read-only tables (and its memo of encoded words). Tokenisation is unchanged."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    build = SimpleTokenizer.__init__
+    built: dict[str, dict] = {}
+
+    def init(self, *args, **kwargs) -> None:
+        key = repr((args, sorted(kwargs.items())))
+        if key in built:
+            vars(self).update(built[key])
+            return
+        build(self, *args, **kwargs)
+        built[key] = dict(vars(self))
+
+    SimpleTokenizer.__init__ = init
+    yield
+    SimpleTokenizer.__init__ = build

@@ -321,3 +321,11 @@ def test_a_variant_can_change_the_task_loss_weight(methods):
     assert losses["clip"] == 0.0 and "clip" not in losses["relational"]
     assert losses["relational"]["tau_intra_t"] == 0.1
     assert methods.recipe("relational_tau10", {})["clip"] == 1.0
+
+
+def test_cells_keep_their_recipes_optimiser_groups(methods):
+    # the recipes' group overrides are optim.groups; a cell trains with them beside its `losses`
+    assert methods.recipe_groups("clip_cid") == {"cluster_classifier": {"lr": 1e-6}}
+    assert methods.recipe_groups("clip_kd") == {"distiller": {"weight_decay": 0.01}}
+    assert methods.recipe_groups("relational_tau10") == {} and methods.recipe_groups("no_teacher") == {}
+    assert "groups" not in methods.recipe("clip_kd", {})

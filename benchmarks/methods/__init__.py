@@ -59,7 +59,7 @@ from .grid import (
 )
 from .layout import cells_dir, load_cells, report_path, write_json
 from .report import render, render_budget
-from .runner import prepare, recipe, run_cell, run_config
+from .runner import prepare, recipe, recipe_groups, run_cell, run_config
 from .stats import aggregate, budget_study, close_cells, relational_margin, scores, select_relational
 from .tables import budget_table, markdown, summary_table
 from .teachers import (
@@ -103,6 +103,7 @@ __all__ = [
     "prepare",
     "recheck",
     "recipe",
+    "recipe_groups",
     "record_equivalence",
     "recorded_teacher",
     "relational_margin",

@@ -140,6 +140,15 @@ def recipe(method: str, curation: dict) -> dict:
     return losses
 
 
+def recipe_groups(method: str) -> dict:
+    """The optimiser-group overrides (`optim.groups`) of the recipe file `method` trains with ({} for none)."""
+    source = "relational.yaml" if method in VARIANTS else METHODS[method].source
+    if isinstance(source, dict):
+        return {}
+    data = yaml.safe_load((layout.REPO / "configs" / source).read_text())
+    return json.loads(json.dumps((data.get("optim") or {}).get("groups") or {}))
+
+
 def run_config(
     cell: Cell,
     budget: Budget,
@@ -167,6 +176,9 @@ def run_config(
         "checkpoint_every": 50,
         "log_every": 10,
     }
+    groups = recipe_groups(cell.method)
+    if groups:
+        cfg["optim"]["groups"] = groups
     if cell.method == "clip_cid":
         cfg["data"]["keep"] = curation["keep"]
     track = TRACKS[cell.track]
@@ -272,10 +284,15 @@ def run_cell(
         cfg.student.spec, cfg.student.text, summary["student_weights"], prep["teacher"]
     )
     metrics = evaluate(student, data_root)
+    losses = cfg.to_dict()["losses"]
+    if (
+        cfg.optim.groups
+    ):  # the records keep the recipe's group overrides beside its terms, as before optim.groups
+        losses["groups"] = cfg.optim.groups
     record = {
         "cell": asdict(cell),
         "budget": asdict(budget),
-        "losses": cfg.losses,
+        "losses": losses,
         "metrics": metrics,
         "train_seconds": round(summary.get("seconds", t_train), 1),
         "eval_seconds": round(time.time() - start - t_train, 1),

@@ -310,8 +310,13 @@ def test_reads_a_teacher_cache_folder(tmp_path):
 
 # -- sharded -----------------------------------------------------------------------------------
 def _sharded_worker(rank: int, world: int, init: str, emb_path: str, out: str) -> None:
+    import faiss
+    import torch
     import torch.distributed as dist
 
+    # a forked child: one OpenMP thread each (the parent's OpenMP thread pools do not survive a fork)
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         emb = load_embeddings(emb_path)
@@ -331,7 +336,7 @@ def test_sharded_two_processes_equal_single_process(tmp_path):
         args=(2, init, str(tmp_path / "e.npz"), str(tmp_path / "sharded")),
         nprocs=2,
         join=True,
-        start_method="spawn",
+        start_method="fork",  # the children inherit the imported modules (spawn re-imports for seconds)
     )
     single = balance(
         load_embeddings(tmp_path / "e.npz"),

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from helpers.imports import fresh_import
 
 
 def test_data_filter_imports_no_eval_module():
-    code = (
-        "import sys\n"
-        "from clipdistill.data.filter import filter_labels, parse_data_filter, split_classes\n"
-        "import clipdistill.data.loader, clipdistill.data.teacher_cache\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('clipdistill.eval'))\n"
-        "assert not bad, bad\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    modules = ("clipdistill.data.filter", "clipdistill.data.loader", "clipdistill.data.teacher_cache")
+    with fresh_import(*modules) as loaded:
+        import clipdistill.data.filter as fresh
+
+        assert set(modules) <= loaded and all(
+            hasattr(fresh, name) for name in ("filter_labels", "parse_data_filter", "split_classes")
+        )
+        assert not sorted(m for m in loaded if m.startswith("clipdistill.eval"))
 
 
 def test_eval_base2novel_reexports_the_filter():

@@ -4,7 +4,7 @@ batch, in value and in the gradients of both ranks' inputs and of the Distiller'
 
 Generic over `losses.TERMS`: a term is covered when synthetic `Outputs` meet its needs and it builds
 from `TERM_OPTIONS` (or its defaults). Two steps with `update()` in between exercise memory banks.
-One spawn runs every term; the parametrised tests read its results.
+One 2-process launch runs every term; the parametrised tests read its results.
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
 def results(tmp_path_factory):
     names = coverable_terms()
     tmp = tmp_path_factory.mktemp("gloo")
-    ctx = mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), names), nprocs=WORLD, join=False)
+    # fork: the children inherit the imported modules (spawn re-imports torch and the terms for seconds)
+    ctx = mp.start_processes(
+        _worker, args=(str(tmp / "init"), str(tmp), names), nprocs=WORLD, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

@@ -194,6 +194,9 @@ def test_bad_sparsity_is_refused_at_load(tiny, tiny_preset, caption_root, tmp_pa
 def test_sparsity_defaults_to_manual_inheritance(tiny, tiny_preset, caption_root, tmp_path):
     raw = base_config(caption_root, tmp_path / "run", **AUTO)
     del raw["student"]["sparsity"], raw["student"]["sparsity_warmup"]
+    with pytest.raises(UserError, match="unknown optimiser group 'l0_masks'"):  # no masks without sparsity
+        config_from_dict(raw)
+    del raw["optim"]["groups"]
     cfg = config_from_dict(raw)
     assert cfg.student.sparsity is None and cfg.student.sparsity_warmup is None
 

@@ -20,7 +20,7 @@ from clipdistill.train.checkpoint import (
     set_rng_state,
 )
 from clipdistill.train.config import OptimConfig
-from clipdistill.train.optim import lr_factor, param_groups
+from clipdistill.train.optim import check_groups, group_names, lr_factor, param_groups
 
 
 def test_save_is_atomic_and_round_trips_rng(tmp_path):
@@ -56,15 +56,15 @@ def test_warmup_then_cosine():
 
 def test_param_groups_split_decay_and_apply_overrides():
     student = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    distiller = Distiller(
-        parse_loss_config({"clip": 1.0, "fd": 1.0, "groups": {"distiller": {"lr": 0.5}}}), 4, 6
-    )
-    groups = param_groups(
-        student, distiller, OptimConfig(lr=1e-3, weight_decay=0.1, groups={"student_no_decay": {"lr": 1e-4}})
-    )
+    distiller = Distiller(parse_loss_config({"clip": 1.0, "fd": 1.0}), 4, 6)
+    overrides = {"student_no_decay": {"lr": 1e-4}, "distiller": {"lr": 0.5}}
+    groups = param_groups(student, distiller, OptimConfig(lr=1e-3, weight_decay=0.1, groups=overrides))
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"student", "student_no_decay", "distiller"}
     assert len(by_name["student"]["params"]) == 1 and by_name["student_no_decay"]["weight_decay"] == 0.0
     assert by_name["student_no_decay"]["lr"] == 1e-4 and by_name["distiller"]["lr"] == 0.5
+    assert by_name["student"]["lr"] == 1e-3 and by_name["distiller"]["weight_decay"] == 0.1
+    # unknown names are refused when the config is loaded (tests/train/test_run_config.py)
+    known = group_names(parse_loss_config({"clip": 1.0, "fd": 1.0}), masked=False)
     with pytest.raises(UserError, match="did you mean 'student'"):
-        param_groups(student, distiller, OptimConfig(groups={"studnt": {"lr": 1.0}}))
+        check_groups({"studnt": {"lr": 1.0}}, known)

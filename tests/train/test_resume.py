@@ -4,6 +4,7 @@ weights as an uninterrupted run, on one process (two gloo processes: test_resume
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ from helpers.cli import TINY_CLI_SCRIPT
 from tiny_models import base_config
 
 from clipdistill.train.config import config_from_dict
-from clipdistill.train.engine import train
+from clipdistill.train.engine import Run, train
 from clipdistill.train.lock import LOCK
 
 
@@ -29,9 +30,7 @@ def _env() -> dict:
 def _command(tmp_path: Path, cfg: dict, nproc: int, resume: bool = False) -> list[str]:
     script = tmp_path / "run_cli.py"
     script.write_text(TINY_CLI_SCRIPT)
-    cfg_file = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    args = ["distill", "--config", str(cfg_file)] + (["--resume"] if resume else [])
+    args = _cli_args(tmp_path, cfg, resume)
     if nproc == 1:
         return [sys.executable, str(script), *args]
     return [
@@ -43,6 +42,39 @@ def _command(tmp_path: Path, cfg: dict, nproc: int, resume: bool = False) -> lis
         str(script),
         *args,
     ]
+
+
+def _cli_args(tmp_path: Path, cfg: dict, resume: bool = False) -> list[str]:
+    cfg_file = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    return ["distill", "--config", str(cfg_file)] + (["--resume"] if resume else [])
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _cli_in_child(argv: list[str]) -> None:
+    from clipdistill.cli.main import main
+
+    os._exit(main(argv))
+
+
+class ForkedCli:
+    """`clipdistill ARGS` in a forked copy of this process, with what `_run_and_kill` uses of a Popen: a
+    process of its own that SIGKILL stops at any point, started without the seconds a new interpreter
+    spends importing torch and open_clip (the suite's tiny models are registered already)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=(argv,))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> None:
+        self.process.join()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -71,15 +103,17 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_and_kill(cmd: list[str], out: Path, after_step: int, delay: float) -> int:
-    """Start `cmd`, SIGKILL it and all its descendants once a checkpoint at >= after_step exists (+ delay)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _run_and_kill(proc: subprocess.Popen | ForkedCli, out: Path, after_step: int, delay: float) -> int:
+    """SIGKILL the started run `proc` and all its descendants once a checkpoint at >= after_step exists
+    (+ delay); returns the step the run resumes from."""
     sidecar = out / "checkpoints" / "last.json"
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            assert proc.poll() is None, (
-                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, "run ended before it could be killed: " + (
+                proc.stderr.read().decode()[-2000:]
+                if isinstance(proc, subprocess.Popen)
+                else "see its stderr"
             )
             if sidecar.exists() and json.loads(sidecar.read_text())["step"] >= after_step:
                 time.sleep(delay)
@@ -91,6 +125,22 @@ def _run_and_kill(cmd: list[str], out: Path, after_step: int, delay: float) -> i
     finally:
         if proc.poll() is None:
             _kill_tree(proc)
+
+
+class Crash(BaseException):
+    """An in-process run dying at a step (`crash_at`): no handler of the engine catches it."""
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Make the next in-process run die when it is about to take optimiser step `step` + 1."""
+    original = Run.train_step
+
+    def train_step(run, *args, **kwargs):
+        if run.step == step:
+            raise Crash(f"crashed before step {step + 1}")
+        return original(run, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "train_step", train_step)
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -128,8 +178,9 @@ def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
     ref_cfg = base_config(caption_root, tmp_path / "ref", **changes)
     train(config_from_dict(ref_cfg))
     run_cfg = base_config(caption_root, tmp_path / "run", **changes)
+    # the run that gets killed is a process of its own (forked: a new interpreter would add seconds of imports)
     killed_at = _run_and_kill(
-        _command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 8), rng.uniform(0, 0.3)
+        ForkedCli(_cli_args(tmp_path, run_cfg)), tmp_path / "run", rng.randint(3, 8), rng.uniform(0, 0.3)
     )
     assert killed_at < 16 and not (tmp_path / "run" / "summary.json").exists()
     summary = train(config_from_dict(run_cfg), resume=True)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from test_resume import _assert_clean_after_resume, _command, _run_and_kill, _same_weights
+from test_resume import _assert_clean_after_resume, _command, _popen, _run_and_kill, _same_weights
 from tiny_models import base_config
 
 from clipdistill.train.config import config_from_dict
@@ -50,7 +50,7 @@ def test_sigkill_resume_two_gloo_processes(tiny, caption_root, tmp_path):
     run_cfg = base_config(caption_root, tmp_path / "run", **changes)
     # The run that gets killed is a real torchrun launch: SIGKILL hits the agent and both workers.
     killed_at = _run_and_kill(
-        _command(tmp_path, run_cfg, 2), tmp_path / "run", rng.randint(2, 6), rng.uniform(0, 0.3)
+        _popen(_command(tmp_path, run_cfg, 2)), tmp_path / "run", rng.randint(2, 6), rng.uniform(0, 0.3)
     )
     assert killed_at < 12 and not (tmp_path / "run" / "summary.json").exists()
     _fork_run(run_cfg, resume=True)

@@ -1,6 +1,6 @@
 """Mixed batches end to end (issue 6 track B, issue 9 base-to-novel track): image-caption pairs plus
 caption-less classification images used unlabeled, class filter on the unpaired stream, cached and
-online teacher agreeing, GradCache accumulation exact, and SIGKILL resume exact."""
+online teacher agreeing, GradCache accumulation exact, and resume after a crash exact."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from test_resume import _assert_clean_after_resume, _command, _run_and_kill, _same_weights
+from test_resume import Crash, _assert_clean_after_resume, _same_weights, crash_at
 from tiny_models import base_config
 
 from clipdistill.data.loader import resolve_shards
@@ -167,8 +167,10 @@ def test_corpus_texts_need_the_students_own_text_tower(tiny, mixed_root, corpus,
         )
 
 
-def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
-    rng = random.Random(5)
+def test_crash_and_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path, monkeypatch):
+    """A mixed run (paired, unpaired and corpus streams) dies at a random step and resumes exactly. It dies
+    in-process: what the mixed streams add is their state in the checkpoint, read back by the resume in
+    both cases; a real SIGKILL (torn files, a stale lock) is test_resume.py's."""
     changes = {
         "steps": 12,
         "checkpoint_every": 3,
@@ -178,10 +180,12 @@ def test_sigkill_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path):
     }
     train(config_from_dict(_cfg(mixed_root, tmp_path / "ref", **changes)))
     run_cfg = _cfg(mixed_root, tmp_path / "run", **changes)
-    killed_at = _run_and_kill(
-        _command(tmp_path, run_cfg, 1), tmp_path / "run", rng.randint(3, 6), rng.uniform(0, 0.2)
-    )
-    assert killed_at < 12
+    with monkeypatch.context() as patch:
+        crash_at(patch, random.Random(5).randint(4, 8))
+        with pytest.raises(Crash):
+            train(config_from_dict(run_cfg))
+    killed_at = int(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["step"])
+    assert killed_at in (3, 6) and not (tmp_path / "run" / "summary.json").exists()
     summary = train(config_from_dict(run_cfg), resume=True)
     assert summary["steps"] == 12 and summary["unpaired_samples"] == 12 * 4
     _same_weights(tmp_path / "ref" / "student.pt", tmp_path / "run" / "student.pt")

@@ -34,7 +34,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.check:
         cfg = load_loss_config(args.check)
         terms = ", ".join(f"{name} x {w:g}" for name, w in cfg.weights.items())
-        print(f"{args.check}: ok: {terms}" + (f"; groups: {cfg.groups}" if cfg.groups else ""))
+        print(f"{args.check}: ok: {terms}")
         return 0
     columns = COLUMNS[:-1] + ("options", COLUMNS[-1]) if args.options else COLUMNS
     print(format_table(term_table(), columns, args.markdown))

@@ -151,7 +151,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     from clipdistill.data.loader import resolve_shards
     from clipdistill.data.teacher_cache import build_cache
     from clipdistill.models.factory import create_model
-    from clipdistill.train.config import apply_overrides
+    from clipdistill.train.config_io import apply_overrides
     from clipdistill.train.distributed import pick_device
 
     if args.augmentations < 1:

@@ -22,6 +22,7 @@ identity, so a sample's views are the same in any order, on any rank and after a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
@@ -101,12 +102,21 @@ class AugmentPolicy:
             raise UserError(
                 f"unknown augmentation option '{unknown[0]}'; {did_you_mean(unknown[0], sorted(known))}known: {', '.join(sorted(known))}"
             )
-        return cls(**spec)
+        policy = cls(**spec)
+        # The mapping as written, for a run's recorded config (`as_written`): an attribute, not a field,
+        # so it takes no part in equality, the fingerprint or the options.
+        object.__setattr__(policy, "_written", copy.deepcopy(spec))
+        return policy
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         return d
+
+    def as_written(self) -> dict:
+        """The options as the config wrote them (`from_dict`'s mapping); every option (`as_dict`) otherwise."""
+        written = self.__dict__.get("_written")
+        return copy.deepcopy(written) if written is not None else self.as_dict()
 
 
 def stable_seed(*parts: object) -> int:

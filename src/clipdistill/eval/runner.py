@@ -7,28 +7,20 @@
 Tasks: `zeroshot_classification`, `zeroshot_retrieval`, `base2novel`, `linear_probe`; the default
 follows the dataset's `dataset_type.txt`. `every=N` evaluates every N-th sample only (recorded).
 
-Caches, under `clipdistill.paths.cache_dir()`, only for models that name themselves (a `fingerprint`
-or the `spec` that `create_model` sets): `text_embeddings/` holds class embeddings per (model,
-classes, templates), `image_features/` linear-probe features per (model, dataset split, every). A spec
-alone does not pin the weights (random initialisation, a checkpoint overwritten by training), so each
-entry also stores the model's embedding of a fixed probe input and is recomputed when it differs.
+Class embeddings and linear-probe features are cached for models that name themselves
+(eval/embedding_cache.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor
 
 from clipdistill import __version__
@@ -36,17 +28,25 @@ from clipdistill.checks import check_output_file
 from clipdistill.data.shards import DatasetInfo, Sample, SkipCounter, dataset_info, iter_samples, subsample
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.eval import base2novel as b2n
+from clipdistill.eval.embedding_cache import (
+    cache_file,
+    cached_class_embeddings,
+    image_probe,
+    load_entry,
+    model_identity,
+    save_entry,
+    shards_state,
+)
 from clipdistill.eval.linear_probe import ProbeConfig, linear_probe
 from clipdistill.eval.retrieval import zeroshot_retrieval
 from clipdistill.eval.zeroshot import (
-    class_embeddings,
     encode_labelled_images,
     evaluating,
     zeroshot_classification,
 )
 from clipdistill.models.base import ClipModel
 from clipdistill.models.factory import parse_spec
-from clipdistill.paths import atomic_path, cache_dir
+from clipdistill.paths import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ _KIND = {
     "base2novel": "classification",
     "linear_probe": "classification",
 }
-_PROBE_TEXT = "a photo of a dog."
-_PROBE_ATOL = 1e-3  # probe embeddings agree far better than this across runs of the same weights
 
 
 # ---------------------------------------------------------------- names
@@ -96,98 +94,6 @@ def split_spec(spec: str) -> tuple[str, str]:
     return spec, "random"
 
 
-def model_identity(model: ClipModel) -> str | None:
-    """What names `model` for the caches: its `fingerprint` (attribute or method), else its `spec`."""
-    fingerprint = getattr(model, "fingerprint", None)
-    if callable(fingerprint):
-        fingerprint = fingerprint()
-    if fingerprint:
-        return f"{type(model).__name__}:{fingerprint}"
-    spec = getattr(model, "spec", None)
-    return str(spec) if spec else None
-
-
-def _sha(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _cache_file(kind: str, identity: str, *parts: object) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", identity)[-48:].strip("_")
-    return cache_dir() / kind / f"{slug}-{_sha(identity, *parts)}.pt"
-
-
-# ---------------------------------------------------------------- caches
-
-
-def _probe_image() -> Image.Image:
-    yy, xx = np.mgrid[0:64, 0:64]
-    arr = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def text_probe(model: ClipModel) -> Tensor:
-    with evaluating(model):
-        return model.encode_text(model.tokenize([_PROBE_TEXT]).to(model.device), normalize=True).float().cpu()
-
-
-def image_probe(model: ClipModel) -> Tensor:
-    with evaluating(model):
-        pixels = model.preprocess(_probe_image()).unsqueeze(0).to(model.device)
-        return model.encode_image(pixels, normalize=True).float().cpu()
-
-
-def _load(path: Path, probe: Tensor, meta: dict) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        log.warning("ignoring unreadable cache entry %s (%s)", path, err)
-        return None
-    if entry.get("meta") != meta or entry["probe"].shape != probe.shape:
-        return None
-    if not torch.allclose(entry["probe"], probe, atol=_PROBE_ATOL):
-        log.info("cache entry %s is from other weights of the same model; recomputing", path.name)
-        return None
-    return entry
-
-
-def _save(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    torch.save(entry, tmp)
-    os.replace(tmp, path)
-
-
-def cached_class_embeddings(
-    model: ClipModel,
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    *,
-    batch_size: int = 256,
-    cache: bool = True,
-    progress: bool = False,
-) -> Tensor:
-    """`class_embeddings`, read from / written to `cache_dir()/text_embeddings` when the model names itself."""
-    identity = model_identity(model) if cache else None
-    if identity is None:
-        return class_embeddings(model, classnames, templates, batch_size=batch_size, progress=progress)
-    meta = {"identity": identity, "classnames": list(classnames), "templates": list(templates)}
-    path = _cache_file("text_embeddings", identity, meta["classnames"], meta["templates"])
-    probe = text_probe(model)
-    entry = _load(path, probe, meta)
-    if entry is not None:
-        log.debug("class embeddings from cache %s", path)
-        return entry["embeddings"]
-    emb = class_embeddings(model, classnames, templates, batch_size=batch_size, progress=progress)
-    _save(path, {"meta": meta, "probe": probe, "embeddings": emb})
-    return emb
-
-
-def _shards_state(shards: Sequence[Path]) -> list:
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in shards]
-
-
 def cached_image_features(
     model: ClipModel,
     info: DatasetInfo,
@@ -203,10 +109,10 @@ def cached_image_features(
     shards = info.shards(split)
     identity = model_identity(model) if cache else None
     if identity is not None:
-        meta = {"identity": identity, "dataset": _shards_state(shards), "every": every}
-        path = _cache_file("image_features", identity, info.name, split, meta)
+        meta = {"identity": identity, "dataset": shards_state(shards), "every": every}
+        path = cache_file("image_features", identity, info.name, split, meta)
         probe = image_probe(model)
-        entry = _load(path, probe, meta)
+        entry = load_entry(path, probe, meta)
         if entry is not None:
             log.info("%s %s features from cache %s", info.name, split, path)
             return entry["features"], entry["labels"], dict(entry["skipped"])
@@ -216,7 +122,7 @@ def cached_image_features(
         model, samples, batch_size=batch_size, progress=progress, total=expected_samples(info, split, every)
     )
     if identity is not None:
-        _save(
+        save_entry(
             path,
             {"meta": meta, "probe": probe, "features": feats, "labels": labels, "skipped": skipped.reasons},
         )

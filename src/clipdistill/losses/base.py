@@ -35,6 +35,8 @@ NEEDS: dict[str, str] = {
     "cluster_centres": "k-means centres and per-sample pseudo-labels (clipdistill cluster)",
 }
 
+DEFAULT_GROUP = "distiller"  # the optimiser group of the shared projectors and of most terms' parameters
+
 
 @dataclass
 class Outputs:
@@ -108,6 +110,9 @@ class Term(nn.Module):
     # pairs; "images" = the term is defined on images alone and also runs on the unpaired images (with
     # text None); a term may instead override `unpaired_loss` (e.g. relational: unpaired images as queries).
     unpaired: ClassVar[str] = "none"
+    # The optimiser group of this term's own parameters (a class attribute: a run's group names, which
+    # optim.groups may override, are known when its config is loaded, before any model is built).
+    group: ClassVar[str] = DEFAULT_GROUP
 
     def __init__(self, ctx: TermContext, **opts) -> None:
         super().__init__()
@@ -151,7 +156,7 @@ class Term(nn.Module):
 
     def param_group(self) -> str:
         """Name of the optimiser parameter group for this term's own parameters."""
-        return "distiller"
+        return self.group
 
 
 TERMS: dict[str, type[Term]] = {}

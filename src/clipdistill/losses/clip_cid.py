@@ -103,6 +103,7 @@ class ClusterDistill(Term):
     needs = frozenset({"teacher", "cluster_centres"})
     default_weight = 1.0
     source = "CLIP-CID (Yang, Gu et al., AAAI 2025); docs/methods.md section 4.2"
+    group = "cluster_classifier"
     options = {
         "centres": None,
         "centres_array": None,
@@ -126,9 +127,6 @@ class ClusterDistill(Term):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # A plain dict, not a submodule: the Distiller owns the shared projector and its param group.
         self._proj = {"image": ctx.projector("image")}
-
-    def param_group(self) -> str:
-        return "cluster_classifier"
 
     @property
     def num_classes(self) -> int:

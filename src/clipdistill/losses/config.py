@@ -6,39 +6,61 @@ YAML form (configs/*.yaml):
       clip: 1.0                       # a number is the weight
       fd: {weight: 2000, form: mse}   # a mapping: optional `weight` (default: the term's) + options
       icl: {faithful: true}
-      groups:                         # optional: per-parameter-group optimiser overrides
-        distiller: {weight_decay: 0.01}
 
 Unknown term names, negative or non-numeric weights, unknown options, options of the wrong type
 and missing required options raise `UserError` naming the valid choices, at load time.
+Optimiser-group overrides (a learning rate for the terms' parameters) are optimiser settings:
+`optim.groups` of the run config (train/config.py), no longer `losses.groups`.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipdistill.errors import UserError
-from clipdistill.losses.base import TERMS, Term, get_term
+from clipdistill.losses.base import DEFAULT_GROUP, TERMS, Term, get_term
 
-GROUP_KEYS = ("lr", "weight_decay")
+log = logging.getLogger(__name__)
+
+MOVED_GROUPS = (
+    "optimiser-group overrides moved from losses.groups to optim.groups: write "
+    "`optim: {groups: {GROUP: {lr: .., weight_decay: ..}}}` instead"
+)
 
 
 @dataclass
 class LossConfig:
-    """Term weights (>= 0), per-term options and per-group optimiser overrides, in config order."""
+    """Term weights (>= 0) and per-term options, in config order.
+
+    `written`: the `losses:` mapping it was parsed from, recorded as written (checkpoints compare it on
+    --resume, config.json shows it); None for a config built in code.
+    """
 
     weights: dict[str, float]
     options: dict[str, dict] = field(default_factory=dict)
-    groups: dict[str, dict] = field(default_factory=dict)
+    written: dict | None = field(default=None, compare=False, repr=False)
 
     def to_spec(self) -> dict:
         """The inverse of `parse_loss_config` (a `losses:` mapping)."""
-        spec: dict = {name: {"weight": w, **self.options.get(name, {})} for name, w in self.weights.items()}
-        if self.groups:
-            spec["groups"] = {k: dict(v) for k, v in self.groups.items()}
-        return spec
+        return {name: {"weight": w, **self.options.get(name, {})} for name, w in self.weights.items()}
+
+    def as_written(self) -> dict:
+        """The `losses:` mapping as the config wrote it (`to_spec()` for a config built in code)."""
+        return copy.deepcopy(self.written) if self.written is not None else self.to_spec()
+
+    def group_names(self) -> list[str]:
+        """The optimiser groups of the Distiller of these terms: "distiller" (shared projectors), then
+        each term's own group (`Term.group`), in config order; some may hold no parameter."""
+        names = [DEFAULT_GROUP]
+        for name in self.weights:
+            group = get_term(name).group
+            if group not in names:
+                names.append(group)
+        return names
 
 
 def _import_terms() -> None:
@@ -87,27 +109,6 @@ def _check_options(cls: type[Term], opts: dict) -> dict:
     return dict(opts)
 
 
-def _groups(value: object) -> dict[str, dict]:
-    if not isinstance(value, dict):
-        raise UserError(f"losses.groups must map a group name to {{lr: .., weight_decay: ..}}, got {value!r}")
-    groups: dict[str, dict] = {}
-    for group, settings in value.items():
-        if not isinstance(settings, dict) or not settings:
-            raise UserError(f"losses.groups.{group} must be a mapping with {' and/or '.join(GROUP_KEYS)}")
-        bad = sorted(set(settings) - set(GROUP_KEYS))
-        if bad:
-            raise UserError(
-                f"losses.groups.{group} has no setting '{bad[0]}'; valid: {', '.join(GROUP_KEYS)}"
-            )
-        groups[str(group)] = {}
-        for key, v in settings.items():
-            number = _number(v, f"losses.groups.{group}.{key}", "give a number >= 0")
-            if number < 0:
-                raise UserError(f"losses.groups.{group}.{key} = {number:g} is negative; give a number >= 0")
-            groups[str(group)][key] = number
-    return groups
-
-
 def parse_loss_config(spec: dict) -> LossConfig:
     """Parse and validate a recipe's `losses:` mapping (see the module docstring) into a `LossConfig`."""
     _import_terms()
@@ -115,13 +116,11 @@ def parse_loss_config(spec: dict) -> LossConfig:
         raise UserError(
             f"losses: must map term names to weights, e.g. {{clip: 1.0}}; known terms: {', '.join(sorted(TERMS))}"
         )
+    if "groups" in spec:
+        raise UserError(MOVED_GROUPS)
     weights: dict[str, float] = {}
     options: dict[str, dict] = {}
-    groups: dict[str, dict] = {}
     for name, value in spec.items():
-        if name == "groups":
-            groups = _groups(value)
-            continue
         cls = get_term(str(name))
         if isinstance(value, dict):
             opts = dict(value)
@@ -130,7 +129,20 @@ def parse_loss_config(spec: dict) -> LossConfig:
             weight, opts = _weight(cls.name, value), {}
         weights[cls.name] = weight
         options[cls.name] = _check_options(cls, opts)
-    return LossConfig(weights=weights, options=options, groups=groups)
+    return LossConfig(weights=weights, options=options, written=copy.deepcopy(spec))
+
+
+def split_moved_groups(spec: object, *, warn: bool = True) -> tuple[object, object]:
+    """A `losses:` mapping without the `groups` entry of older recipes, and that entry (None when absent).
+
+    Recipes written before optim.groups kept optimiser-group overrides under losses.groups; they are still
+    read, with a warning naming the new key (warn=False: a checkpoint's recorded config)."""
+    if not isinstance(spec, dict) or "groups" not in spec:
+        return spec, None
+    if warn:
+        log.warning("losses.groups is deprecated: %s", MOVED_GROUPS)
+    rest = {k: v for k, v in spec.items() if k != "groups"}
+    return rest, spec["groups"]
 
 
 def load_loss_config(path: str | Path) -> LossConfig:
@@ -160,7 +172,7 @@ def load_loss_config(path: str | Path) -> LossConfig:
         ) from None
     if not isinstance(data, dict) or "losses" not in data:
         raise UserError(f"recipe '{path}' has no `losses:` section; add one, e.g. losses: {{clip: 1.0}}")
-    return parse_loss_config(data["losses"])
+    return parse_loss_config(split_moved_groups(data["losses"])[0])
 
 
 def term_table() -> list[dict[str, str]]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from clipdistill.errors import UserError
 from clipdistill.losses._functional import gather, is_distributed
-from clipdistill.losses.base import NEEDS, Outputs, Term, TermContext, get_term
+from clipdistill.losses.base import DEFAULT_GROUP, NEEDS, Outputs, Term, TermContext, get_term
 from clipdistill.losses.config import LossConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ TEACHER_NEEDS = frozenset(
         "text_tokens",
     }
 )
-DEFAULT_GROUP = "distiller"
 
 
 def _gather_tensor(x: Tensor, grad: bool) -> Tensor:
@@ -113,7 +112,6 @@ class Distiller(nn.Module):
         self.terms = nn.ModuleDict(
             {name: get_term(name)(ctx, **cfg.options.get(name, {})) for name in cfg.weights}
         )
-        self._check_groups()
         log.debug("distiller: %s; projectors: %s", self.weights, list(self.projectors))
 
     def _projector(self, modality: str, own: bool = False) -> nn.Module | None:
@@ -250,27 +248,18 @@ class Distiller(nn.Module):
                 term.update_unpaired(su, tu)
 
     def group_names(self) -> list[str]:
-        """Every parameter-group name this Distiller can produce (some may be empty)."""
-        names = [DEFAULT_GROUP]
-        for term in self.terms.values():
-            if term.param_group() not in names:
-                names.append(term.param_group())
-        return names
-
-    def _check_groups(self) -> None:
-        known = self.group_names()
-        for group in self.cfg.groups:
-            if group not in known:
-                raise UserError(
-                    f"losses.groups: unknown parameter group '{group}'; this recipe's groups: {', '.join(known)}"
-                )
+        """Every parameter-group name this Distiller can produce (some may be empty): `LossConfig.group_names`."""
+        names = self.cfg.group_names()
+        return names + [
+            g for g in dict.fromkeys(t.param_group() for t in self.terms.values()) if g not in names
+        ]
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """The Distiller's trainable parameters as optimiser groups ("params", "lr", "weight_decay", "name").
 
         Shared projectors go to "distiller"; a term's own parameters to `term.param_group()`; each
-        parameter once. `cfg.groups` overrides lr / weight_decay per group (CLIP-CID's cluster
-        classifier at 1e-6). Empty groups are left out.
+        parameter once, every group at `lr` and `weight_decay` (a run's optim.groups overrides them per
+        group: train/optim.py). Empty groups are left out.
         """
         params: dict[str, list[nn.Parameter]] = {name: [] for name in self.group_names()}
         seen: set[int] = set()
@@ -287,14 +276,8 @@ class Distiller(nn.Module):
         groups = []
         for name, ps in params.items():
             if ps:
-                override = self.cfg.groups.get(name, {})
                 groups.append(
-                    {
-                        "name": name,
-                        "params": ps,
-                        "lr": float(override.get("lr", lr)),
-                        "weight_decay": float(override.get("weight_decay", weight_decay)),
-                    }
+                    {"name": name, "params": ps, "lr": float(lr), "weight_decay": float(weight_decay)}
                 )
         return groups
 

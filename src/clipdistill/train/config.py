@@ -2,14 +2,18 @@
 
 The torchtune split: a recipe (configs/*.yaml) chooses components and numbers, the command line
 overrides any dotted key (`optim.lr=5e-4 data.batch_size=128`), and the engine receives these
-dataclasses, never a raw dict. Every problem is a `UserError` naming the key and the fix.
+dataclasses, never a raw dict: `losses` arrives as a `LossConfig` and `data.augment` as an
+`AugmentPolicy`, both parsed once while the config is loaded (train/config_io.py), and optim.groups
+is checked against the run's optimiser groups then too. Every problem is a `UserError` naming the key
+and the fix.
 
     student:   {spec: student:vit-t-32, text: own}          # text: own | teacher (frozen teacher text tower)
     teacher:   {spec: teacher:DIR, cache: DIR, mode: auto}  # mode: auto (cache when given) | online | cached
     data:      {train: [flickr8k:train], batch_size: 256, workers: 2, augment: {...},
                 filter: classes=base, keep: runs/balance/keep.txt}
     losses:    {clip: 1.0, crd: 1.0, fd: 2000}              # losses.config.parse_loss_config
-    optim:     {lr: 1e-3, weight_decay: 0.1, betas: [0.9, 0.98], warmup_steps: 100, accum_steps: 1, ...}
+    optim:     {lr: 1e-3, weight_decay: 0.1, betas: [0.9, 0.98], warmup_steps: 100, accum_steps: 1, ...,
+                groups: {distiller: {weight_decay: 0.01}}}  # per optimiser group: lr and/or weight_decay
     precision: bf16                                         # fp32 | bf16
     eval:      {every: 0, datasets: [flickr8k:test, cifar10:test], subsample: {cifar10: 5}}
     steps: 1000          # or epochs: 10
@@ -19,20 +23,15 @@ dataclasses, never a raw dict. Every problem is a `UserError` naming the key and
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from clipdistill.data.augment import AugmentPolicy
-from clipdistill.errors import UserError, did_you_mean
-from clipdistill.losses.config import LossConfig, parse_loss_config
+from clipdistill.errors import UserError
+from clipdistill.losses.config import LossConfig, parse_loss_config, split_moved_groups
 from clipdistill.models.factory import parse_spec
+from clipdistill.train.config_io import apply_overrides, from_dict, merge, read_yaml, to_plain
+from clipdistill.train.optim import check_groups, group_names
 
 
 @dataclass
@@ -82,7 +81,8 @@ class DataConfig:
     batch_size: int = 256  # global: over ranks and accumulation steps
     workers: int = 0
     shuffle_buffer: int = 1000
-    augment: dict | None = None  # AugmentPolicy fields; None: the cache's policy (or the default one)
+    # written as a mapping of AugmentPolicy fields, held parsed; None: the cache's policy (or the default one)
+    augment: AugmentPolicy | None = None
     filter: str | None = None  # classification sets only: classes=base | classes=novel | classes=NAME,NAME
     split_seed: int | None = (
         None  # base/novel split: None = first half of the class order (CoOp), else seeded
@@ -101,9 +101,6 @@ class DataConfig:
     text_batch_size: int = 0  # global; 0 = the same as batch_size
     text_weight: float = 1.0  # multiplies each term's value on the corpus texts
 
-    def policy(self) -> AugmentPolicy | None:
-        return None if self.augment is None else AugmentPolicy.from_dict(self.augment)
-
 
 @dataclass
 class OptimConfig:
@@ -116,9 +113,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
     accum_steps: int = 1  # GradCache micro-batches per step (exact for contrastive terms)
-    groups: dict = field(
-        default_factory=dict
-    )  # group name -> {lr, weight_decay}: student, student_no_decay, distiller...
+    # group name -> {lr, weight_decay}: student, student_no_decay, the recipe's (distiller, cluster_classifier)
+    # and, with student.sparsity, l0_masks and l0_lambdas (train/optim.py); checked when the config is loaded
+    groups: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,7 +139,7 @@ class TrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    losses: dict = field(default_factory=lambda: {"clip": 1.0})
+    losses: LossConfig = field(default_factory=lambda: parse_loss_config({"clip": 1.0}))
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "fp32"
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -157,11 +154,9 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     device: str | None = None  # default: cuda when available, else cpu
 
-    def loss_config(self) -> LossConfig:
-        return parse_loss_config(self.losses)
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (checkpoints, config.json); `losses` and `data.augment` as the config wrote them."""
+        return to_plain(self)
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -263,13 +258,13 @@ class TrainConfig:
         if self.student.text == "teacher" and mode == "none":
             raise UserError("student.text = teacher needs a teacher: set teacher.spec or teacher.cache")
         self._check_student_init()
-        self.data.policy()  # validates the augmentation options
-        weights = self.loss_config().weights  # validates the losses section
+        weights = self.losses.weights
         if not any(w > 0 for w in weights.values()):
             raise UserError(
                 f"every loss weight is 0 ({', '.join(f'{k}: {w:g}' for k, w in weights.items())}): nothing would be "
                 "learned; give at least one term a weight > 0"
             )
+        check_groups(self.optim.groups, group_names(self.losses, masked=self.student.sparsity is not None))
         return self
 
     def _check_student_init(self) -> None:
@@ -352,132 +347,32 @@ class TrainConfig:
         return "online" if self.teacher.spec else "none"
 
 
-# --- generic dict <-> dataclass ---------------------------------------------------------------------
-
-
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise UserError(f"{path or 'config'} must be a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            where = f"{path}.{key}" if path else key
-            raise UserError(
-                f"unknown config key '{where}'; {did_you_mean(key, names)}known: {', '.join(names)}"
-            )
-        kwargs[key] = _convert(hints[key], value, f"{path}.{key}" if path else key)
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, path)
-    if tp is Any:
-        return value
-    if origin is list:
-        value = value if isinstance(value, list) else [value]
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{path} must be a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{path} = {value!r} must be true or false")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise UserError(f"{path} = {value!r} must be a number")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{path} = {value!r} must be a number") from None
-        if tp is int:
-            if number != int(number):
-                raise UserError(f"{path} = {value!r} must be a whole number")
-            return int(number)
-        return number
-    if tp is str:
-        if value is None or isinstance(value, (dict, list)):
-            raise UserError(f"{path} = {value!r} must be a string")
-        return str(value)
-    return value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`a.b=value` overrides (value parsed as YAML) applied to a nested dict (a copy)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"override '{item}' is not key=value; write e.g. optim.lr=5e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+def move_loss_groups(data: dict, *, warn: bool = True) -> dict:
+    """`data` (a run config mapping) with the losses.groups of older recipes moved to optim.groups, where
+    optim.groups keeps the last word on a setting given in both (a copy; `data` itself without them).
+    warn=False: a checkpoint's recorded config, read without a deprecation warning."""
+    losses, groups = split_moved_groups(data.get("losses"), warn=warn)
+    if groups is None:
+        return data
+    if not isinstance(groups, dict):
+        raise UserError(
+            f"losses.groups (now optim.groups) must map a group name to {{lr: .., weight_decay: ..}}, got {groups!r}"
+        )
+    data = {**data, "losses": losses}
+    optim = data.get("optim")
+    if optim is None or isinstance(optim, dict):
+        data["optim"] = merge({"groups": groups}, optim or {})
     return data
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> TrainConfig:
-    data = apply_overrides(data or {}, overrides or [])
-    return _from_dict(TrainConfig, data, "").validate()
-
-
-def _read_yaml(path: str | Path) -> dict:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"config '{path}' is a folder; pass a YAML file (e.g. one of configs/*.yaml)")
-    if not path.is_file():
-        raise UserError(f"config '{path}' does not exist; pass a YAML file (see configs/)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"config '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
-        ) from None
-    except OSError as err:
-        raise UserError(f"cannot read config '{path}' ({err.strerror}); check the file") from None
-    except yaml.YAMLError as err:
-        raise UserError(
-            f"config '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file"
-        ) from None
-    if not isinstance(data, dict):
-        raise UserError(
-            f"config '{path}' must be a YAML mapping of sections (student:, teacher:, data:, losses:, ...)"
-        )
-    return data
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Recursive merge; `losses:` is replaced as a whole (a recipe names every term it wants)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "losses":
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    data = move_loss_groups(apply_overrides(data or {}, overrides or []))
+    return from_dict(TrainConfig, data).validate()
 
 
 def load_configs(paths: list[str | Path], overrides: list[str] | None = None) -> TrainConfig:
     """Merge YAML files in order (e.g. a run config, then a loss recipe), apply overrides, validate."""
     data: dict = {}
     for path in paths:
-        data = merge(data, _read_yaml(path))
+        data = merge(data, read_yaml(path))
     return config_from_dict(data, overrides)

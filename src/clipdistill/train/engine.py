@@ -28,12 +28,11 @@ and the JSON summary.
 
 Here: `train`, and `Run` (setup order, one step, the loop). Elsewhere in train/: setup.py (teacher,
 Distiller, cache checks), streams.py (`DataStream`), step.py (teacher side, guards), optim.py,
-resume.py (checkpoint contents), signals.py (SIGTERM).
+resume.py (checkpoint contents), report.py (logs, summary), signals.py (SIGTERM).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
@@ -47,7 +46,7 @@ import torch
 from clipdistill.data.augment import stable_seed
 from clipdistill.data.loader import worker_error_message
 from clipdistill.errors import UserError
-from clipdistill.models.pruning import L0Config, mask_student, masked_part, prune_student
+from clipdistill.models.pruning import L0Config, mask_student, masked_part
 from clipdistill.train import build, setup
 from clipdistill.train.accumulate import cached_backward
 from clipdistill.train.checkpoint import has_checkpoint, load_checkpoint
@@ -65,7 +64,7 @@ from clipdistill.train.distributed import (
 )
 from clipdistill.train.lock import RunLock, remove_stale_temp_files
 from clipdistill.train.optim import L0_GROUPS, make_optimizer, make_scheduler, param_groups
-from clipdistill.train.report import RunLogger, write_summary
+from clipdistill.train.report import RunLogger, finished_summary, pruned_student, run_summary, write_summary
 from clipdistill.train.resume import restore_run, save_run
 from clipdistill.train.signals import Terminated, sigterm_raises
 from clipdistill.train.step import (
@@ -394,76 +393,23 @@ class Run:
             raise SystemExit(128 + signal.SIGTERM) from None
         finally:
             self.logger.close()
-        elapsed = time.time() - start
-        unpaired = self.unpaired
-        summary = {
-            "steps": self.step,
-            "steps_this_session": self.step - step0,
-            "seconds": round(elapsed, 1),
-            "images_per_s": round((self.step - step0) * cfg.data.batch_size / max(elapsed, 1e-9), 2),
-            "final": logs,
-            "epoch": self._epoch(),
-            "skipped": dict(self.paired.state.skipped.reasons),
-            "unpaired_samples": unpaired.state.samples if unpaired is not None else None,
-            "unpaired_skipped": dict(unpaired.state.skipped.reasons) if unpaired is not None else None,
-            "teacher_mode": self.mode,
-            "student_spec": cfg.student.spec,
-            "student_init": self._student_init(),
-            "trained_on": {
-                "pairs": list(cfg.data.train),
-                "unpaired_images": list(cfg.data.unpaired),
-                "texts": list(cfg.data.texts),
-            },
-            "eval": self.last_eval,
-            "world": self.info.world,
-        }
+        summary = run_summary(self, self.step - step0, time.time() - start, logs)
         student = self.student
         if self.masked is not None:  # automatic inheritance: the run ships the pruned dense student
-            student, final_state, summary["sparsity"] = self._pruned()
+            student, final_state, summary["sparsity"] = pruned_student(self)
         if self.info.is_main:
             summary["student_weights"] = str(write_summary(self.out, summary, student, final_state, cfg))
         return summary
 
-    def _student_init(self) -> dict:
-        """How the student started; with automatic inheritance, its sparsity target and ramp too."""
-        init = self.cfg.student.build_kwargs()
-        if self.masked is not None:
-            init.update(sparsity=self.cfg.student.sparsity, sparsity_warmup=self.masked.cfg.warmup_steps)
-        return init
-
-    def _pruned(self) -> tuple:
-        """(the pruned student, its full state, the sparsity record: target, final expected sparsity and
-        parameter counts per tower before and after pruning)."""
-        from clipdistill.models.pruning import tower_params
-
-        masked = self.masked
-        with torch.no_grad():
-            expected = {tower: round(float(v), 6) for tower, v in masked.expected_sparsity().items()}
-        pruned = prune_student(self.student)
-        inner = pruned if masked is self.student else pruned.image
-        record = {
-            "target": self.cfg.student.sparsity,
-            "warmup_steps": masked.cfg.warmup_steps,
-            "expected": expected,
-            "params_before": tower_params(masked.base.model),
-            "params_after": tower_params(inner.model),
-            "towers": list(masked.cfg.towers),
-        }
-        return pruned, pruned.state_dict(), record
-
     def _finished_summary(self) -> dict:
         """The summary of a run that had already reached its last step (left as it is on disk)."""
-        try:
-            summary = json.loads((self.out / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {"steps": self.step}
         log.info(
             "the run in %s is finished (step %d of %d); nothing to do, its files are unchanged",
             self.out,
             self.step,
             self.total_steps,
         )
-        return {**summary, "already_finished": True}
+        return finished_summary(self.out, self.step)
 
     def _epoch(self) -> float | None:
         if not self.dataset_size:

@@ -1,15 +1,20 @@
-"""The optimiser of a run: AdamW parameter groups, the warmup + cosine learning-rate schedule, and
-optimiser settings changed between a checkpoint and its --resume."""
+"""The optimiser of a run: AdamW parameter groups (and the optim.groups overrides, checked when the config
+is loaded), the warmup + cosine learning-rate schedule, and optimiser settings changed between a
+checkpoint and its --resume."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from clipdistill.errors import UserError, unknown_name
-from clipdistill.train.config import OptimConfig
+from clipdistill.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from clipdistill.losses.config import LossConfig
+    from clipdistill.train.config import OptimConfig
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -17,12 +22,54 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+STUDENT_GROUPS = ("student", "student_no_decay")
 L0_GROUPS = ("l0_masks", "l0_lambdas")  # automatic inheritance: constant lr, no weight decay, no clipping
+GROUP_SETTINGS = ("lr", "weight_decay")
+
+
+def group_names(losses: LossConfig, *, masked: bool) -> list[str]:
+    """Every optimiser group a run can have: the student's, its Distiller's (`LossConfig.group_names`) and,
+    for a masked student (automatic inheritance, student.sparsity), the L0 masks' and lambdas'."""
+    return [*STUDENT_GROUPS, *losses.group_names(), *(L0_GROUPS if masked else ())]
+
+
+def check_groups(groups: object, known: list[str]) -> None:
+    """Refuse an optim.groups (group name -> {lr, weight_decay}, numbers >= 0) naming a group not in `known`."""
+    if not isinstance(groups, dict):
+        raise UserError(f"optim.groups must map a group name to {{lr: .., weight_decay: ..}}, got {groups!r}")
+    for name, settings in groups.items():
+        if name not in known:
+            raise UserError(
+                f"unknown optimiser group '{name}' in optim.groups; {did_you_mean(str(name), known)}"
+                f"this run's groups: {', '.join(known)}"
+            )
+        if not isinstance(settings, dict) or not settings:
+            raise UserError(f"optim.groups.{name} must be a mapping with {' and/or '.join(GROUP_SETTINGS)}")
+        bad = sorted(set(settings) - set(GROUP_SETTINGS))
+        if bad:
+            raise UserError(
+                f"optim.groups.{name} has no setting '{bad[0]}'; valid: {', '.join(GROUP_SETTINGS)}"
+            )
+        for key, value in settings.items():
+            _check_setting(f"optim.groups.{name}.{key}", value)
+
+
+def _check_setting(what: str, value: object) -> None:
+    # bool is an int subclass; PyYAML reads `1e-6` (no dot) as a string, which float() takes
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{what} = {value!r} is not a finite number; give a number >= 0")
+    if number < 0:
+        raise UserError(f"{what} = {number:g} is negative; give a number >= 0")
 
 
 def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> list[dict]:
     """AdamW groups: "student", "student_no_decay", the Distiller's groups and, for a masked student
-    (automatic inheritance, student.sparsity), "l0_masks" and "l0_lambdas"; with cfg.groups overrides."""
+    (automatic inheritance, student.sparsity), "l0_masks" and "l0_lambdas"; each at cfg.lr and
+    cfg.weight_decay (the L0 groups at their own), with the cfg.groups overrides (checked at load)."""
     from clipdistill.models.pruning import masked_part
 
     masked = masked_part(student)
@@ -39,15 +86,8 @@ def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> 
         *l0,
     ]
     groups = [g for g in groups if g["params"]]
-    known = [g["name"] for g in groups]
-    for name, override in cfg.groups.items():
-        if name not in known:
-            raise unknown_name("optimiser group in optim.groups", name, known)
-        bad = set(override) - {"lr", "weight_decay"}
-        if bad:
-            raise UserError(f"optim.groups.{name} has no setting '{sorted(bad)[0]}'; valid: lr, weight_decay")
-        group = next(g for g in groups if g["name"] == name)
-        group.update({k: float(v) for k, v in override.items()})
+    for group in groups:  # a group without parameters in this run (e.g. no projector) has nothing to set
+        group.update({k: float(v) for k, v in cfg.groups.get(group["name"], {}).items()})
     return groups
 
 

@@ -7,12 +7,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from clipdistill.models.factory import parse_spec
 from clipdistill.paths import atomic_path
+
+if TYPE_CHECKING:
+    from clipdistill.train.engine import Run
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,71 @@ class RunLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def run_summary(run: Run, steps: int, elapsed: float, logs: dict) -> dict:
+    """The summary of a finished session of `run` (`steps` optimiser steps in `elapsed` seconds): the
+    last logs, skip counts, what the student was trained on and from, the last evaluation."""
+    cfg, unpaired = run.cfg, run.unpaired
+    return {
+        "steps": run.step,
+        "steps_this_session": steps,
+        "seconds": round(elapsed, 1),
+        "images_per_s": round(steps * cfg.data.batch_size / max(elapsed, 1e-9), 2),
+        "final": logs,
+        "epoch": run._epoch(),
+        "skipped": dict(run.paired.state.skipped.reasons),
+        "unpaired_samples": unpaired.state.samples if unpaired is not None else None,
+        "unpaired_skipped": dict(unpaired.state.skipped.reasons) if unpaired is not None else None,
+        "teacher_mode": run.mode,
+        "student_spec": cfg.student.spec,
+        "student_init": _student_init(run),
+        "trained_on": {
+            "pairs": list(cfg.data.train),
+            "unpaired_images": list(cfg.data.unpaired),
+            "texts": list(cfg.data.texts),
+        },
+        "eval": run.last_eval,
+        "world": run.info.world,
+    }
+
+
+def _student_init(run: Run) -> dict:
+    """How the student started; with automatic inheritance, its sparsity target and ramp too."""
+    init = run.cfg.student.build_kwargs()
+    if run.masked is not None:
+        init.update(sparsity=run.cfg.student.sparsity, sparsity_warmup=run.masked.cfg.warmup_steps)
+    return init
+
+
+def pruned_student(run: Run) -> tuple:
+    """Automatic inheritance: (the pruned student, its full state, the sparsity record: target, final
+    expected sparsity and parameter counts per tower before and after pruning)."""
+    from clipdistill.models.pruning import prune_student, tower_params
+
+    masked = run.masked
+    with torch.no_grad():
+        expected = {tower: round(float(v), 6) for tower, v in masked.expected_sparsity().items()}
+    pruned = prune_student(run.student)
+    inner = pruned if masked is run.student else pruned.image
+    record = {
+        "target": run.cfg.student.sparsity,
+        "warmup_steps": masked.cfg.warmup_steps,
+        "expected": expected,
+        "params_before": tower_params(masked.base.model),
+        "params_after": tower_params(inner.model),
+        "towers": list(masked.cfg.towers),
+    }
+    return pruned, pruned.state_dict(), record
+
+
+def finished_summary(output_dir: Path, step: int) -> dict:
+    """The summary of a run that had already reached its last step, as it is on disk."""
+    try:
+        summary = json.loads((Path(output_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {"steps": step}
+    return {**summary, "already_finished": True}
 
 
 def _atomic_json(path: Path, data: dict) -> None:

@@ -19,6 +19,7 @@ from clipdistill.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from clipdistill.train.config import move_loss_groups
 from clipdistill.train.distributed import all_gather_object
 from clipdistill.train.optim import apply_changed_optim
 from clipdistill.train.streams import CHECKPOINT_KEYS
@@ -65,7 +66,9 @@ def save_run(run: Run) -> dict:
 def restore_run(run: Run, ckpt: dict) -> None:
     """Put `run` where checkpoint `ckpt` left it (optimiser settings changed since then take effect)."""
     info = run.info
-    check_resumable(ckpt.get("config", {}), run.cfg.to_dict())
+    # checkpoints of older releases recorded optimiser-group overrides under losses.groups
+    recorded, config = move_loss_groups(ckpt.get("config", {}), warn=False), run.cfg.to_dict()
+    check_resumable(recorded, config)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     load_model_and_optimizer_state(
         ckpt, run.student, run.forward_module, run.distiller, run.optimizer, fsdp=run.fsdp
@@ -75,7 +78,7 @@ def restore_run(run: Run, ckpt: dict) -> None:
     run.step = int(ckpt["step"])
     run.last_eval = ckpt.get("eval", {})
     run.last_logs = dict(ckpt.get("logs") or {})
-    before, now = ckpt.get("config", {}).get("optim", {}), run.cfg.to_dict()["optim"]
+    before, now = recorded.get("optim", {}), config["optim"]
     changed = apply_changed_optim(run.optimizer, run.scheduler, before, now, fresh)
     if changed and info.is_main:
         log.warning(

@@ -63,17 +63,15 @@ def build_distiller(
 ) -> Distiller:
     """The Distiller of `cfg.losses`, sized for the student's and the teacher's (pooled) widths."""
     from clipdistill.losses.base import get_term
-    from clipdistill.losses.config import parse_loss_config
 
-    loss_cfg = parse_loss_config(cfg.losses)
-    needs = set().union(*(get_term(n).needs for n in loss_cfg.weights))
+    needs = set().union(*(get_term(n).needs for n in cfg.losses.weights))
     s_pooled = build.pooled_width(student, device) if "student_pooled" in needs else None
     if "teacher_pooled" in needs:
         t_pooled = cache.info.pooled_dim if mode == "cached" else build.pooled_width(teacher, device)
     else:
         t_pooled = None
     return Distiller(
-        loss_cfg,
+        cfg.losses,
         student.embed_dim,
         teacher_dim or student.embed_dim,
         student_pooled_dim=s_pooled,
@@ -120,7 +118,7 @@ def check_caches(
         paired.cache.check(
             shards=paired.shards,
             teacher=parts,
-            policy=cfg.data.policy(),
+            policy=cfg.data.augment,
             pooled="teacher_pooled" in needs and mode == "cached",
             text=text,
         )
@@ -139,7 +137,7 @@ def check_caches(
     if unpaired is not None and unpaired.cache is not None:
         cache, cache_u = paired.cache, unpaired.cache
         cache_u.check(
-            shards=unpaired.shards, teacher=parts, policy=cfg.data.policy(), pooled="teacher_pooled" in needs
+            shards=unpaired.shards, teacher=parts, policy=cfg.data.augment, pooled="teacher_pooled" in needs
         )
         if cache is not None and cache_u.info.parts.get("weights") != cache.info.parts.get("weights"):
             raise UserError(

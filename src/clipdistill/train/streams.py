@@ -113,7 +113,7 @@ def shard_stream_config(
         size, key = data.batch_size, "data.batch_size"
     else:
         size, key = data.unpaired_batch_size or data.batch_size, "data.unpaired_batch_size"
-    policy = data.policy() or (stream.cache.info.policy if stream.cache is not None else AugmentPolicy())
+    policy = data.augment or (stream.cache.info.policy if stream.cache is not None else AugmentPolicy())
     return StreamConfig(
         shards=stream.shards,
         batch_size=micro_size(size, key, info.world, cfg.optim.accum_steps),
