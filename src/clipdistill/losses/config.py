@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clipdistill.errors import UserError
 from clipdistill.losses.base import DEFAULT_GROUP, TERMS, Term, get_term
+from clipdistill.yaml_file import read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,6 @@ def split_moved_groups(spec: object, *, warn: bool = True) -> tuple[object, obje
 
 def load_loss_config(path: str | Path) -> LossConfig:
     """The `losses:` section of a YAML recipe file, parsed."""
-    import yaml
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -158,18 +158,7 @@ def load_loss_config(path: str | Path) -> LossConfig:
         raise UserError(
             f"recipe '{path}' does not exist; pass a YAML file with a `losses:` section (see configs/)"
         )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"recipe '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
-        ) from None
-    except OSError as err:
-        raise UserError(f"cannot read recipe '{path}' ({err.strerror}); check the file") from None
-    except yaml.YAMLError as err:
-        raise UserError(
-            f"recipe '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file"
-        ) from None
+    data = read_yaml_file(path, "recipe")
     if not isinstance(data, dict) or "losses" not in data:
         raise UserError(f"recipe '{path}' has no `losses:` section; add one, e.g. losses: {{clip: 1.0}}")
     return parse_loss_config(split_moved_groups(data["losses"])[0])

@@ -21,6 +21,7 @@ import yaml
 from clipdistill.data.augment import AugmentPolicy
 from clipdistill.errors import UserError, did_you_mean
 from clipdistill.losses.config import LossConfig, parse_loss_config
+from clipdistill.yaml_file import read_yaml_file
 
 
 def _augment_policy(value: Any, path: str) -> AugmentPolicy:
@@ -137,18 +138,7 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"config '{path}' is a folder; pass a YAML file (e.g. one of configs/*.yaml)")
     if not path.is_file():
         raise UserError(f"config '{path}' does not exist; pass a YAML file (see configs/)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"config '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
-        ) from None
-    except OSError as err:
-        raise UserError(f"cannot read config '{path}' ({err.strerror}); check the file") from None
-    except yaml.YAMLError as err:
-        raise UserError(
-            f"config '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the file"
-        ) from None
+    data = read_yaml_file(path, "config") or {}
     if not isinstance(data, dict):
         raise UserError(
             f"config '{path}' must be a YAML mapping of sections (student:, teacher:, data:, losses:, ...)"
