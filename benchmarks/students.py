@@ -28,32 +28,28 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 # Spinning OpenMP workers wait on descheduled siblings on a shared 2-core CPU and slow the many small ops
 # of preprocessing 5-10x (clipdistill.models.latency); it must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from students_data import (  # noqa: E402
+    CELLS,
+    CROP_SCALE,
+    EVAL,
+    FREEZE_MIN,
+    RESULTS,
+    WORK,
+    _write,
+    collected,
+    deeper,
+    metrics,
+    student_model,
+    teacher,
+    training_set,
+)
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-CELLS = RESULTS / "students"
-WORK = ROOT.parent / "runs" / "students"
-ARCH = "efficientnet-lite0"
-FREEZE_MIN = 4  # prefixes are stored after this many blocks; deeper freezing runs the extra blocks once
-# name: (split, every, captions, mirror views). CIFAR-10 train: every 4th image, centre views only (the
-# budget of collecting prefixes on this 2-core CPU); Flickr8k train: every image and its mirror image.
-TRAIN = {"flickr8k": ("train", 1, True, True), "cifar10": ("train", 4, False, False)}
-EVAL = {
-    "cifar10": ("test", 5),
-    "cifar100-916": ("test", 1),
-    "imagenet-1k-sample": ("test", 1),
-    "flickr8k": ("test", 1),
-    "dev": ("dev", 1),
-    "dtd-10": ("test", 1),
-    "mnist": ("test", 5),
-}
 RETENTION = {
     "cifar10": ("cifar10", "acc1"),
     "cifar100-916": ("cifar100-916", "acc1"),
@@ -61,17 +57,6 @@ RETENTION = {
     "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
 }
 CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
-# The teacher's own image tower (TinyCLIP inheritance: its blocks and head) at a lower resolution; with
-# `depths`, fewer blocks in the stages after the stored prefix (TinyCLIP's manual inheritance, first blocks).
-# Stored prefixes, one cache file each: (family, init, resolution).
-PREFIX_KEYS = [
-    ("lite0", "pretrained", 128),
-    ("lite0", "pretrained", 160),
-    ("lite0", "random", 128),
-    ("lite2i", "inherit", 192),
-    ("lite2i", "inherit", 160),
-    ("lite2i", "inherit", 128),
-]
 # Feature distillation alone (CLIP-KD FD, MSE between normalised embeddings, weight 2000), from the ridge
 # head. On Flickr8k dev (seed 0, 128 px) the CLIP task loss beside it lowered the retrieval mean below the
 # frozen-trunk floor (28.1 with freeze 5 against 33.0): with 6,000 captioned images it fits the training
@@ -90,6 +75,7 @@ class Student:
     family: str = "lite0"  # lite0: EfficientNet-Lite0 preset; lite2i: the teacher's own Lite2, inherited
     depths: tuple[int, ...] | None = None  # blocks kept per stage (None: all of them)
     seeds: int = 3  # 1: tried on seed 0, dominated on the speed/retention front, not continued
+    crops: int = 0  # random resized crops per Flickr8k train image, beside the centre and mirror views
 
     @property
     def tower(self) -> str:
@@ -119,10 +105,13 @@ def grid(freeze: int) -> list[Student]:
         Student("lite0-128", "pretrained", 128, freeze),
         # freeze 4 (blocks 4-6 train): 1.4 points above freeze 5 on Flickr8k dev, at 2.5x the training time
         Student("lite0-128-f4", "pretrained", 128, FREEZE_MIN),
+        # + 4 random resized crops of each Flickr8k train image (teacher targets of the same crops)
+        Student("lite0-128-crops", "pretrained", 128, FREEZE_MIN, crops=4),
         Student("lite0-160", "pretrained", 160, freeze),
         Student("lite0-128-random", "random", 128, freeze),
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),
+        Student("lite2i-192-crops", "inherit", 192, freeze, family="lite2i", crops=4),
         Student("lite2i-160-head", "inherit", 160, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-160", "inherit", 160, freeze, family="lite2i"),
         Student(
@@ -131,134 +120,6 @@ def grid(freeze: int) -> list[Student]:
         Student("lite2i-128-cut", "inherit", 128, FREEZE_MIN, family="lite2i", depths=CUT),
         Student("lite0-160-cut", "pretrained", 160, FREEZE_MIN, depths=LITE0_CUT),
     ]
-
-
-# --------------------------------------------------------------------------- data
-
-
-_TEACHER: list = []
-
-
-def teacher():
-    """The offline teacher (`clipdistill teacher build` into the cache folder), its tower in ONNX Runtime."""
-    from clipdistill.models.composed import load_teacher
-    from clipdistill.paths import cache_dir
-
-    if not _TEACHER:
-        t = load_teacher(cache_dir() / "teacher")
-        t.use_onnx_tower()
-        _TEACHER.append(t)
-    return _TEACHER[0]
-
-
-def student_model(init: str, size: int, seed: int = 0, family: str = "lite0", depths=None):
-    from clipdistill.models.students import create_student
-
-    torch.manual_seed(seed)
-    if family == "lite2i":
-        from clipdistill.models.composed_inherit import inherited_image_student
-
-        return inherited_image_student(teacher(), image_size=size, depths=list(depths) if depths else None)
-    model = create_student(ARCH, embed_dim=512, init=init, image_size=size)
-    if depths is not None:
-        from clipdistill.models.freeze import keep_first_blocks
-
-        keep_first_blocks(model, list(depths))
-    return model
-
-
-def _dataset(name: str) -> str:
-    return "flickr8k" if name == "dev" else name
-
-
-def collected(
-    kind: str, name: str, split: str, every: int, captions: bool, flip: bool, keys: list[tuple]
-) -> dict:
-    """{prefix key: Activations} of one set, each key's computed once (the missing ones in one pass over
-    the images) and then loaded from runs/students/cache."""
-    from clipdistill.data.shards import dataset_info, iter_samples, subsample
-    from clipdistill.models.freeze import split_image_tower
-    from clipdistill.train.prefix import collect
-
-    def path(key) -> Path:
-        family, init, size = key
-        return WORK / "cache" / f"{kind}-{name}-{split}-{every}-{family}-{init}{size}.pt"
-
-    missing = [k for k in keys if not path(k).exists()]
-    if missing:
-        prefixes = {}
-        for family, init, size in missing:
-            model = student_model(init, size, family=family).eval()
-            prefix = split_image_tower(model, FREEZE_MIN)[0].eval().to(memory_format=torch.channels_last)
-            prefixes[(family, init, size)] = (prefix, model)
-        info = dataset_info(_dataset(name))
-        samples = subsample(iter_samples(info.shards(split)), every)
-        acts = collect(prefixes, teacher(), samples, captions=captions, flip=flip, desc=f"{name}/{split}")
-        for key, a in acts.items():
-            _save(path(key), a)
-    return {k: torch.load(path(k), weights_only=False) for k in keys}
-
-
-def collect_all(keys=PREFIX_KEYS) -> None:
-    """Every stored prefix of every training and evaluation set (one pass over each set's images)."""
-    for name, (split, every, caps, flip) in TRAIN.items():
-        collected("train", name, split, every, caps, flip, list(keys))
-    for name, (split, every) in EVAL.items():
-        collected("eval", name, split, every, name in ("flickr8k", "dev"), False, list(keys))
-
-
-def _save(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def class_embeddings(name: str) -> torch.Tensor:
-    from clipdistill.data.shards import dataset_info
-    from clipdistill.eval.runner import cached_class_embeddings
-
-    path = WORK / "cache" / f"classes-{name}.pt"
-    if path.exists():
-        return torch.load(path)
-    info = dataset_info(name)
-    emb = cached_class_embeddings(teacher(), info.classnames, info.templates)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(emb, path)
-    return emb
-
-
-def metrics(name: str, image_emb: torch.Tensor, acts) -> dict:
-    from clipdistill.eval.retrieval import retrieval_metrics
-    from clipdistill.eval.zeroshot import classification_metrics, zeroshot_logits
-
-    if acts.text is not None:
-        m = retrieval_metrics(image_emb, acts.text, acts.text_owner)
-        m["ret_mean"] = statistics.fmean(m.values())
-        return m
-    return classification_metrics(zeroshot_logits(image_emb, class_embeddings(_dataset(name))), acts.labels)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def deeper(acts, model, freeze: int):
-    """Activations after `freeze` blocks, from the stored ones after FREEZE_MIN (frozen blocks run once)."""
-    from clipdistill.train.prefix import Activations
-
-    if freeze == FREEZE_MIN:
-        return acts
-    from clipdistill.models.freeze import split_image_tower
-
-    blocks = split_image_tower(model, FREEZE_MIN)[1].blocks[: freeze - FREEZE_MIN].eval()
-    with torch.no_grad():
-        views = [
-            torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)])
-            for v in acts.prefix
-        ]
-    return Activations(
-        torch.stack(views), acts.teacher_image, acts.text, acts.text_owner, acts.keys, acts.labels
-    )
 
 
 def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
@@ -287,8 +148,7 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         log, minutes = {**dev["train"], "weights_of": dev_tag}, dev["train_minutes"]
     else:
         train_sets = {
-            name: deeper(collected("train", name, split, every, caps, flip, [key])[key], model, freeze)
-            for name, (split, every, caps, flip) in TRAIN.items()
+            name: deeper(training_set(name, key, st.crops), model, freeze) for name in ("flickr8k", "cifar10")
         }
         t0 = time.time()
         log = train_suffix(
@@ -312,7 +172,8 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         "trained_on": {
             "pairs": "flickr8k:train",
             "unpaired_images": "cifar10:train (every 4th)",
-            "views": "centre crops; Flickr8k also mirrored",
+            "views": "centre crops; Flickr8k also mirrored"
+            + (f" and {st.crops} random resized crops (area {CROP_SCALE})" if st.crops else ""),
         },
         "metrics": {},
     }
@@ -416,13 +277,6 @@ def latency(threads: int = 2, rounds: int = 3) -> dict:
     }
     _write(CELLS / "latency.json", result)
     return result
-
-
-def _write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from students import CELLS, EVAL, WORK, _dataset, _write, class_embeddings, collected, teacher
+from students_data import CELLS, EVAL, WORK, _dataset, _write, class_embeddings, collected, teacher
 
 IMAGE_STUDENT = "lite0-128"  # the >= 4x image student of benchmarks/students.py with the most retention
 RECIPE = {"clip": 1.0, "fd": 2000.0}

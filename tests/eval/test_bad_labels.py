@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 from fake_clip import class_index, lookup_model, one_hot
+from helpers.cli import run_eval
 
-from clipdistill.cli.main import main
 from clipdistill.errors import UserError
 from clipdistill.eval.runner import evaluate
 from clipdistill.models import factory
@@ -49,20 +49,7 @@ def test_label_outside_classnames_is_refused(toy, label, task):
 def test_more_labels_than_classnames_is_refused_by_the_cli(toy, tmp_path, capsys):
     (toy / "toy" / "classnames.txt").write_text("cat\ndog\n")  # the shards still hold label 2
     out = tmp_path / "results" / "rec.json"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "fake:x",
-            "--dataset",
-            "toy",
-            "--data-root",
-            str(toy),
-            "--quiet",
-            "--output",
-            str(out),
-        ]
-    )
+    rc = run_eval(toy, "--quiet", "--output", str(out))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "label 2, but classnames.txt names 2 classes (labels 0..1)" in err

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from fake_clip import perfect_classifier
-from helpers.cli import one_line_error
+from helpers.cli import one_line_error, run_eval
 
 from clipdistill.cli.main import main
 from clipdistill.eval.report import compare, format_record
@@ -25,48 +25,34 @@ def toy(make_dataset, monkeypatch):
 
 
 def test_unknown_model_prefix(toy, capsys):
-    rc = main(["eval", "--model", "nope:x", "--dataset", "toy", "--data-root", str(toy)])
+    rc = run_eval(toy, model="nope:x")
     one_line_error(capsys, rc, "unknown model spec prefix 'nope'", "known:")
 
 
 def test_missing_data_root(tmp_path, capsys):
-    rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--data-root", str(tmp_path / "nowhere")])
+    rc = run_eval(tmp_path / "nowhere")
     one_line_error(capsys, rc, "nowhere", "--data-root")
 
 
 def test_missing_dataset_directory(toy, capsys):
-    rc = main(["eval", "--model", "fake:x", "--dataset", "tyo", "--data-root", str(toy)])
+    rc = run_eval(toy, dataset="tyo")
     one_line_error(capsys, rc, "unknown dataset 'tyo'", "did you mean 'toy'")
 
 
 def test_wrong_split(toy, capsys):
-    rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--split", "val", "--data-root", str(toy)])
+    rc = run_eval(toy, "--split", "val")
     one_line_error(capsys, rc, "no split 'val'", "available splits: test")
 
 
 def test_wrong_task(toy, capsys):
-    rc = main(
-        ["eval", "--model", "fake:x", "--dataset", "toy", "--task", "base2nvel", "--data-root", str(toy)]
-    )
+    rc = run_eval(toy, "--task", "base2nvel")
     one_line_error(capsys, rc, "unknown task", "did you mean 'base2novel'")
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "fake:x",
-            "--dataset",
-            "toy",
-            "--task",
-            "zeroshot_retrieval",
-            "--data-root",
-            str(toy),
-        ]
-    )
+    rc = run_eval(toy, "--task", "zeroshot_retrieval")
     one_line_error(capsys, rc, "needs a retrieval dataset")
 
 
 def test_bad_every(toy, capsys):
-    rc = main(["eval", "--model", "fake:x", "--dataset", "toy", "--every", "0", "--data-root", str(toy)])
+    rc = run_eval(toy, "--every", "0")
     one_line_error(capsys, rc, "--every")
 
 
@@ -87,22 +73,7 @@ def test_help(cmd, capsys):
 
 def test_eval_prints_table_writes_json_and_compare_reads_it(toy, tmp_path, capsys):
     out = tmp_path / "results" / "fake-toy.json"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "fake:perfect",
-            "--dataset",
-            "toy",
-            "--data-root",
-            str(toy),
-            "--quiet",
-            "--output",
-            str(out),
-            "--threads",
-            "1",
-        ]
-    )
+    rc = run_eval(toy, "--quiet", "--output", str(out), "--threads", "1", model="fake:perfect")
     printed = capsys.readouterr().out
     assert rc == 0
     assert "| top-1 | 100.0 |" in printed and "10 samples" in printed

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fake_clip import class_index, lookup_model, one_hot
+from helpers.cli import run_eval
 
 from clipdistill.cli.main import main
 from clipdistill.data.teacher_cache import TeacherCache
@@ -47,20 +48,7 @@ def _index(root: Path, split: str = "test") -> None:
 
 def test_eval_counts_the_samples_a_truncated_shard_lost(toy, tmp_path, capsys):
     _index(toy)
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "fake:x",
-            "--dataset",
-            "toy",
-            "--data-root",
-            str(toy),
-            "--quiet",
-            "--output",
-            str(tmp_path / "rec.json"),
-        ]
-    )
+    rc = run_eval(toy, "--quiet", "--output", str(tmp_path / "rec.json"))
     out = capsys.readouterr().out
     assert rc == 0
     assert "9 samples, 7 skipped" in out, out

@@ -19,6 +19,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def run_eval(data_root: Path | str, *args: str, model: str = "fake:x", dataset: str = "toy") -> int:
+    """`clipdistill eval --model MODEL --dataset DATASET --data-root DATA_ROOT ARGS...`, in this process;
+    its exit status."""
+    from clipdistill.cli.main import main
+
+    return main(["eval", "--model", model, "--dataset", dataset, "--data-root", str(data_root), *args])
+
+
 def one_line_error(capsys, rc: int | None, *words: str) -> str:
     """The CLI's stderr, asserted to be one line (no traceback) holding every word in `words`, after
     exit status `rc` == 2 (None: status not checked)."""

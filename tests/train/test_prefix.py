@@ -13,7 +13,16 @@ from clipdistill.data.shards import dataset_info, iter_samples
 from clipdistill.errors import UserError
 from clipdistill.models.freeze import split_image_tower
 from clipdistill.models.students import create_student
-from clipdistill.train.prefix import Activations, SuffixTrainConfig, collect, embed, fit_head, train_suffix
+from clipdistill.train.prefix import (
+    Activations,
+    SuffixTrainConfig,
+    collect,
+    embed,
+    fit_head,
+    join_views,
+    random_crop,
+    train_suffix,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +53,32 @@ def test_collect_then_embed_equals_the_whole_tower(lite0, make_dataset):
     torch.testing.assert_close(embed(suffix, acts.prefix[0]), whole, atol=2e-2, rtol=0)  # fp16 storage
     with pytest.raises(UserError, match="no samples"):
         collect({"k": (prefix, lite0)}, teacher, [], captions=False)
+
+
+def test_crop_views_are_reproducible_and_targets_match_their_crop(lite0, make_dataset):
+    root = make_dataset("caps", kind="retrieval", n=5, split="train")
+    prefix, _ = split_image_tower(lite0, 5)
+    teacher = FakeTeacher(24)
+    samples = list(iter_samples(dataset_info("caps", root).shards("train")))
+    run = dict(captions=True, flip=False, centre=False, crops=2, crop_scale=(0.3, 0.6), batch_size=2)
+    a = collect({"k": (prefix.eval(), lite0)}, teacher, samples, **run)["k"]
+    b = collect({"k": (prefix.eval(), lite0)}, teacher, samples, **run)["k"]
+    assert a.prefix.shape[:2] == (2, 5)
+    torch.testing.assert_close(a.prefix, b.prefix, atol=0, rtol=0)  # drawn from the keys: same crops
+    crop = random_crop(samples[3].image.convert("RGB"), samples[3].key, 1, (0.3, 0.6))
+    w, h = samples[3].image.size
+    assert 0.3 * w * h * 0.9 <= crop.size[0] * crop.size[1] <= 0.6 * w * h * 1.1
+    with torch.no_grad():
+        target = teacher.image_features(teacher.preprocess(crop)[None]).embedding[0]
+    torch.testing.assert_close(a.teacher_image[1, 3], target.float())
+    assert not torch.equal(a.teacher_image[0], a.teacher_image[1])  # two different crops
+    centre = collect({"k": (prefix.eval(), lite0)}, teacher, samples, captions=True, flip=True, batch_size=2)
+    joined = join_views(centre["k"], a)
+    assert joined.prefix.shape[:2] == (4, 5) and torch.equal(joined.teacher_image[2:], a.teacher_image)
+    with pytest.raises(UserError, match="different images"):
+        join_views(centre["k"], Activations(a.prefix[:, :2], a.teacher_image[:, :2], keys=a.keys[:2]))
+    with pytest.raises(UserError, match="no views"):
+        collect({"k": (prefix, lite0)}, teacher, samples, captions=False, centre=False)
 
 
 # The suffix of the synthetic-activation tests: Lite0's last block and head (at 32 px its input is 192 x 1 x 1),

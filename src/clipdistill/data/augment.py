@@ -26,6 +26,7 @@ import copy
 import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from clipdistill.errors import UserError
-from clipdistill.models.base import ImageConfig
+
+if TYPE_CHECKING:
+    # models.base names the model interface; data uses it in annotations only, so it is not imported at run
+    # time (data sits below models: docs/import_graph.md).
+    from clipdistill.models.base import ImageConfig
 
 AUG_FIELDS = (
     "top",

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipdistill.data.augment import AugmentPolicy, replay, sample_params, stable_seed
 from clipdistill.data.shards import IMAGE_EXTS, Sample, SkipCounter, dataset_info, decode_image, shard_name
 from clipdistill.errors import UserError
-from clipdistill.models.base import ImageConfig
+
+if TYPE_CHECKING:
+    # models.base names the model interface; data uses it in annotations only, so it is not imported at run
+    # time (data sits below models: docs/import_graph.md).
+    from clipdistill.models.base import ImageConfig
 
 log = logging.getLogger(__name__)
 

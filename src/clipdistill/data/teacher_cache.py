@@ -21,6 +21,7 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,7 +43,11 @@ from clipdistill.data.teacher_cache_format import (
     write_json,
 )
 from clipdistill.errors import UserError
-from clipdistill.models.base import ClipModel
+
+if TYPE_CHECKING:
+    # models.base names the model interface; data uses it in annotations only, so it is not imported at run
+    # time (data sits below models: docs/import_graph.md).
+    from clipdistill.models.base import ClipModel
 
 log = logging.getLogger(__name__)
 

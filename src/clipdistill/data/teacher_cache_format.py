@@ -24,6 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,8 +32,12 @@ import torch
 from clipdistill.data.augment import AugmentPolicy
 from clipdistill.data.loader import shard_identity, shard_name
 from clipdistill.errors import UserError
-from clipdistill.models.base import ClipModel
 from clipdistill.paths import atomic_path
+
+if TYPE_CHECKING:
+    # models.base names the model interface; data uses it in annotations only, so it is not imported at run
+    # time (data sits below models: docs/import_graph.md).
+    from clipdistill.models.base import ClipModel
 
 log = logging.getLogger(__name__)
 

