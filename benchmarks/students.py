@@ -1,6 +1,7 @@
 """The headline study (issue "Students that keep the teacher"): pretrained students against the teacher.
 
     python benchmarks/students.py --select            # freeze depth on Flickr8k dev (seed 0)
+    python benchmarks/students.py --dev-trials        # variants tried on Flickr8k dev only (seed 0)
     python benchmarks/students.py --seeds 0 1 2       # train + evaluate every student (resumes)
     python benchmarks/students.py --latency           # batch-1 speed beside the teacher, same process
     python benchmarks/students.py --render            # students.json / .md / .png and the README block
@@ -12,7 +13,8 @@ The frozen prefix's activations are stored once (`clipdistill.train.prefix`), so
 its suffix (the last blocks, conv head and a linear head, fitted first in closed form) for 10 epochs in
 minutes. Recipe: CLIP-KD FD against the teacher's image embeddings, on Flickr8k train images and
 every 4th CIFAR-10 train image (unlabelled, as the unpaired half of each batch); centre views, and
-mirror images of the Flickr8k ones. Never an evaluation split, never a label.
+mirror images of the Flickr8k ones; `-crops` rows also 4 random resized crops of each Flickr8k image,
+each with the teacher's embedding of the same crop. Never an evaluation split, never a label.
 
 Retention = student / teacher on the same figure and images; only where the teacher is >= 2x chance:
 CIFAR-10 top-1 (every 5th test image), cifar100-916 top-1, imagenet-1k-sample top-5, Flickr8k test
@@ -111,7 +113,8 @@ def grid(freeze: int) -> list[Student]:
         Student("lite0-128-random", "random", 128, freeze),
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),
-        Student("lite2i-192-crops", "inherit", 192, freeze, family="lite2i", crops=4),
+        # crops did not help the inherited tower on Flickr8k dev (47.2 against 47.3): not continued
+        Student("lite2i-192-crops", "inherit", 192, freeze, family="lite2i", crops=4, seeds=1),
         Student("lite2i-160-head", "inherit", 160, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-160", "inherit", 160, freeze, family="lite2i"),
         Student(
@@ -156,7 +159,7 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
             train_sets["flickr8k"],
             train_sets["cifar10"],
             cfg,
-            teacher_scale=float(teacher().logit_scale()),
+            teacher_scale=float(teacher().logit_scale().detach()),
         )
         minutes = round((time.time() - t0) / 60, 2)
         weights = WORK / "weights" / f"{tag}.pt"
@@ -228,6 +231,25 @@ def select_freeze(candidates=(5, 4)) -> int:
     return best
 
 
+# Variants tried on Flickr8k dev alone (seed 0) and not continued, or not yet: `--dev-trials` runs them and
+# records their dev Ret mean in selection.json ("trials").
+DEV_TRIALS = [
+    Student("lite0-128-crops-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, seeds=1),
+]
+
+
+def dev_trials() -> dict:
+    path = CELLS / "selection.json"
+    scores = {}
+    for st in DEV_TRIALS:
+        scores[st.name] = round(run_cell(st, 0, dev_only=True)["metrics"]["dev"]["ret_mean"], 4)
+        print("dev ret_mean", scores, flush=True)
+    selection = json.loads(path.read_text())
+    selection["trials"] = {**selection.get("trials", {}), **scores}
+    _write(path, selection)
+    return scores
+
+
 def selected_freeze() -> int:
     path = CELLS / "selection.json"
     if not path.exists():
@@ -286,6 +308,7 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="choose the freeze depth on Flickr8k dev")
     parser.add_argument("--seeds", type=int, nargs="*", default=[])
     parser.add_argument("--only", nargs="*", help="student names to run (default: all)")
+    parser.add_argument("--dev-trials", action="store_true", help="variants tried on Flickr8k dev only")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -293,6 +316,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.select:
         print("selected freeze:", select_freeze())
+    if args.dev_trials:
+        dev_trials()
     if args.seeds:
         teacher_metrics()
         for seed in args.seeds:
