@@ -23,7 +23,9 @@ import time
 import torch
 from students_data import CELLS, EVAL, WORK, _dataset, _write, class_embeddings, collected, teacher
 
-IMAGE_STUDENT = "lite0-128"  # the >= 4x image student of benchmarks/students.py with the most retention
+IMAGE_STUDENT = (
+    "lite0-128-crops-kd"  # the >= 4x image student of benchmarks/students.py with the most retention
+)
 RECIPE = {"clip": 1.0, "fd": 2000.0}
 EPOCHS = 5.0
 
@@ -214,7 +216,10 @@ def run(layers: int, seed: int, epochs: float, image_student: str = IMAGE_STUDEN
     model = student_model(st.init, st.image_size, seed, st.family, st.depths)
     freeze = min(st.freeze, 7)
     _, suffix = split_image_tower(model, freeze)
-    suffix.load_state_dict(torch.load(WORK / "weights" / f"{st.name}-f{st.freeze}-s{seed}.pt"))
+    weights = WORK / "weights" / f"{st.name}-f{st.freeze}-s{seed}.pt"
+    if not weights.exists():  # seed 0 of a row chosen on dev: its cell evaluated the dev run's weights
+        weights = weights.with_name(f"{st.name}-f{st.freeze}-s{seed}-dev.pt")
+    suffix.load_state_dict(torch.load(weights))
     suffix.eval()
     result = {
         "text_layers": layers,

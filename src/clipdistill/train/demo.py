@@ -219,7 +219,9 @@ def _distil_prefix(cfg: DemoConfig, teacher, shards, student_dir: Path) -> dict:
         warmup_steps=0 if cfg.quick else 20,
         seed=0,
     )
-    training = train_suffix(suffix, acts, None, train_cfg, teacher_scale=float(teacher.logit_scale().detach()))
+    training = train_suffix(
+        suffix, acts, None, train_cfg, teacher_scale=float(teacher.logit_scale().detach())
+    )
     student_dir.mkdir(parents=True, exist_ok=True)
     weights = student_dir / "student.pt"
     tmp = atomic_path(weights)
