@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # Spinning OpenMP workers wait on descheduled siblings on a shared 2-core CPU and slow the many small ops
 # of preprocessing 5-10x (clipdistill.models.latency); it must be set before torch is imported.
@@ -107,6 +108,11 @@ CUT = (1, 3, 3, 4, 2, 2, 1)
 LITE0_CUT = (1, 2, 2, 3, 1, 1, 1)
 
 
+# Hinton KD over each batch's teacher captions (both directions) beside FD: retrieval is a ranking, which
+# KD matches and FD does not see. Tried on dev first (DEV_TRIALS), then a grid row.
+CROPS_KD = Student("lite0-128-crops-kd", "pretrained", 128, FREEZE_MIN, crops=4, recipe=KD_RECIPE)
+
+
 def grid(freeze: int) -> list[Student]:
     return [
         Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0),
@@ -116,7 +122,7 @@ def grid(freeze: int) -> list[Student]:
         # + 4 random resized crops of each Flickr8k train image (teacher targets of the same crops)
         Student("lite0-128-crops", "pretrained", 128, FREEZE_MIN, crops=4),
         # + Hinton KD over each batch's teacher captions beside FD (0.7 points more on Flickr8k dev)
-        Student("lite0-128-crops-kd", "pretrained", 128, FREEZE_MIN, crops=4, recipe=KD_RECIPE),
+        CROPS_KD,
         Student("lite0-160", "pretrained", 160, freeze),
         Student("lite0-128-random", "random", 128, freeze),
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
@@ -131,6 +137,13 @@ def grid(freeze: int) -> list[Student]:
         Student("lite2i-128-cut", "inherit", 128, FREEZE_MIN, family="lite2i", depths=CUT),
         Student("lite0-160-cut", "pretrained", 160, FREEZE_MIN, depths=LITE0_CUT),
     ]
+
+
+def trained_weights(st: Student, seed: int) -> Path:
+    """The suffix weights that `st`'s test cell of `seed` evaluated (a dev run's, where it reused one)."""
+    tag = f"{st.name}-f{st.freeze}-s{seed}"
+    cell = json.loads((CELLS / "cells" / f"{tag}.json").read_text())
+    return WORK / "weights" / f"{cell['train'].get('weights_of', tag)}.pt"
 
 
 def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
@@ -243,8 +256,7 @@ def select_freeze(candidates=(5, 4)) -> int:
 # records their dev Ret mean in selection.json ("trials").
 DEV_TRIALS = [
     Student("lite0-128-crops-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, seeds=1),
-    # + Hinton KD over the batch's teacher captions (both directions), beside FD: retrieval is a ranking
-    Student("lite0-128-crops-kd", "pretrained", 128, FREEZE_MIN, crops=4, recipe=KD_RECIPE),
+    CROPS_KD,
 ]
 
 

@@ -198,7 +198,7 @@ def select_epochs(layers: int, candidates=(5.0, 20.0)) -> float:
 
 
 def run(layers: int, seed: int, epochs: float, image_student: str = IMAGE_STUDENT) -> dict:
-    from students import deeper, grid, selected_freeze, student_model
+    from students import deeper, grid, selected_freeze, student_model, trained_weights
 
     from clipdistill.eval.retrieval import retrieval_metrics
     from clipdistill.eval.zeroshot import class_embeddings as student_class_embeddings
@@ -216,10 +216,7 @@ def run(layers: int, seed: int, epochs: float, image_student: str = IMAGE_STUDEN
     model = student_model(st.init, st.image_size, seed, st.family, st.depths)
     freeze = min(st.freeze, 7)
     _, suffix = split_image_tower(model, freeze)
-    weights = WORK / "weights" / f"{st.name}-f{st.freeze}-s{seed}.pt"
-    if not weights.exists():  # seed 0 of a row chosen on dev: its cell evaluated the dev run's weights
-        weights = weights.with_name(f"{st.name}-f{st.freeze}-s{seed}-dev.pt")
-    suffix.load_state_dict(torch.load(weights))
+    suffix.load_state_dict(torch.load(trained_weights(st, seed)))
     suffix.eval()
     result = {
         "text_layers": layers,
