@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from helpers.cli import TINY_CLI_SCRIPT
@@ -172,6 +173,7 @@ def _assert_clean_after_resume(run: Path, ref: Path) -> None:
     )
 
 
+@pytest.mark.slow  # 3 s: a training subprocess killed with SIGKILL, then resumed; CI runs it (-m slow)
 def test_sigkill_resume_one_process(tiny, caption_root, tmp_path):
     rng = random.Random(11)
     changes = {"steps": 16, "checkpoint_every": 3, "data.workers": 2, "optim.accum_steps": 2}

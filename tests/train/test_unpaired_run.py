@@ -167,6 +167,7 @@ def test_corpus_texts_need_the_students_own_text_tower(tiny, mixed_root, corpus,
         )
 
 
+@pytest.mark.slow  # 3 s: a mixed run crashed and resumed; CI runs it (-m slow)
 def test_crash_and_resume_of_a_mixed_run(tiny, mixed_root, corpus, tmp_path, monkeypatch):
     """A mixed run (paired, unpaired and corpus streams) dies at a random step and resumes exactly. It dies
     in-process: what the mixed streams add is their state in the checkpoint, read back by the resume in
