@@ -74,6 +74,14 @@ def _overrides_update(term: Term) -> bool:
     return type(term).update is not Term.update or type(term).update_unpaired is not Term.update_unpaired
 
 
+def _uses_unpaired(term: Term) -> bool:
+    return (
+        term.unpaired != "none"
+        or type(term).unpaired_loss is not Term.unpaired_loss
+        or type(term).update_unpaired is not Term.update_unpaired
+    )
+
+
 class Distiller(nn.Module):
     """All configured loss terms, their learnable parts and their weighted sum (calling convention: losses/base.py).
 
@@ -132,6 +140,12 @@ class Distiller(nn.Module):
     def needs(self) -> set[str]:
         """The union of the configured terms' needs (instance-level: a term may add needs from its options)."""
         return set().union(*(term.needs for term in self.terms.values()))
+
+    @property
+    def uses_unpaired(self) -> bool:
+        """Whether some term may read the unpaired part of a mixed batch (`Term.unpaired`, or its own
+        `unpaired_loss` or `update_unpaired`); when none does, that part changes neither the loss nor any state."""
+        return any(_uses_unpaired(term) for term in self.terms.values())
 
     def check(self, teacher_mode: str, available: set[str]) -> None:
         """Refuse a run whose teacher mode and `available` needs do not meet every term's needs.

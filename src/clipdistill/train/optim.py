@@ -85,9 +85,15 @@ def param_groups(student: nn.Module, distiller: nn.Module, cfg: OptimConfig) -> 
         *distiller.param_groups(cfg.lr, cfg.weight_decay),
         *l0,
     ]
-    groups = [g for g in groups if g["params"]]
-    for group in groups:  # a group without parameters in this run (e.g. no projector) has nothing to set
-        group.update({k: float(v) for k, v in cfg.groups.get(group["name"], {}).items()})
+    # a group without parameters in this run (e.g. no projector) has nothing to set
+    return apply_group_overrides([g for g in groups if g["params"]], cfg.groups)
+
+
+def apply_group_overrides(groups: list[dict], overrides: dict[str, dict] | None) -> list[dict]:
+    """Set each named group's optim.groups overrides (lr, weight_decay; checked by `check_groups`) in
+    place; returns `groups`."""
+    for group in groups:
+        group.update({k: float(v) for k, v in (overrides or {}).get(group.get("name"), {}).items()})
     return groups
 
 
