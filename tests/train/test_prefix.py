@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,16 +12,19 @@ from tiny_models import FakeTeacher
 
 from clipdistill.data.shards import dataset_info, iter_samples
 from clipdistill.errors import UserError
+from clipdistill.losses.distiller import Distiller
 from clipdistill.models.freeze import split_image_tower
 from clipdistill.models.students import create_student
 from clipdistill.train.prefix import (
     Activations,
+    SuffixStudent,
     SuffixTrainConfig,
     collect,
     embed,
     fit_head,
     join_views,
     random_crop,
+    suffix_param_groups,
     train_suffix,
 )
 
@@ -134,3 +138,173 @@ def test_training_lowers_the_loss_and_keeps_batchnorm_statistics(lite0):
     no_caps = Activations(paired.prefix, paired.teacher_image)
     with pytest.raises(UserError, match="no captions"):
         train_suffix(suffix, no_caps, None, cfg, teacher_scale=50.0)
+
+
+# A short run for the tests below: 120 paired rows in batches of 40 (3 steps an epoch), unpaired batches of 20.
+SHORT = dict(epochs=3, batch_size=40, unpaired_batch_size=20, warmup_steps=2)
+
+
+def _short_run(suffix, losses, on_step=None, **cfg):
+    paired, unpaired = _synthetic(suffix, 120, views=2), _synthetic(suffix, 60, seed=1)
+    cfg = SuffixTrainConfig(losses=losses, **{**SHORT, **cfg})
+    return train_suffix(suffix, paired, unpaired, cfg, teacher_scale=50.0, on_step=on_step)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_groups_are_the_old_head_and_trunk_groups(lite0):
+    """Without cfg.groups the Distiller's parameters join the head's groups, as before optim.groups existed."""
+    _, suffix = split_image_tower(lite0, SPLIT)
+    recipe = {"clip": 1.0, "icl": 1.0, "afd": 1.0}  # the Distiller owns scales and fusion layers
+    model = SuffixStudent(suffix)
+    distiller = Distiller(SuffixTrainConfig(losses=recipe).losses, 24, 24)
+    params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
+    # the construction before cfg.groups, verbatim
+    cfg = SuffixTrainConfig(losses=recipe, lr=3e-4, trunk_lr=1e-4, weight_decay=0.05)
+    head = {id(p) for p in suffix.head.parameters()} | {id(model.logit_scale)}
+    head |= {id(p) for p in distiller.parameters()}
+    old = []
+    for lr, members in (
+        (cfg.lr, [p for p in params if id(p) in head]),
+        (cfg.trunk_lr, [p for p in params if id(p) not in head]),
+    ):
+        old += [
+            (lr, cfg.weight_decay, [id(p) for p in members if p.ndim >= 2]),
+            (lr, 0.0, [id(p) for p in members if p.ndim < 2]),
+        ]
+    old = [g for g in old if g[2]]
+    for groups in (None, {}):
+        cfg.groups = groups
+        new = suffix_param_groups(model, distiller, params, cfg)
+        assert [(g["base_lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in new] == old
+    assert any(len(g[2]) for g in old[:2]) and len({lr for lr, _, _ in old}) == 2
+
+
+def test_group_overrides_apply_to_the_distillers_groups_and_follow_the_schedule(lite0, monkeypatch):
+    made = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    _, suffix = split_image_tower(lite0, SPLIT)
+    groups = {"distiller": {"lr": 1e-6, "weight_decay": 0.01}}
+    log = _short_run(suffix, {"clip": 1.0, "afd": 1.0}, groups=groups, lr=3e-4, trunk_lr=1e-4)
+    by_name = {g["name"]: g for g in made[0].param_groups}
+    assert set(by_name) == {
+        "head",
+        "head_no_decay",
+        "trunk",
+        "trunk_no_decay",
+        "distiller",
+        "distiller_no_decay",
+    }
+    assert by_name["distiller"]["base_lr"] == by_name["distiller_no_decay"]["base_lr"] == 1e-6
+    assert (
+        by_name["distiller"]["weight_decay"] == 0.01 and by_name["distiller_no_decay"]["weight_decay"] == 0.0
+    )
+    assert by_name["head"]["base_lr"] == 3e-4 and by_name["trunk"]["base_lr"] == 1e-4
+    assert by_name["head"]["weight_decay"] == 0.05
+    # the warmup/cosine factor of the last step (9 steps, 2 of warmup) scales every group alike
+    factor = 0.5 * (1 + math.cos(math.pi * 6 / 7))
+    assert log["steps"] == 9
+    for g in made[0].param_groups:
+        assert g["lr"] == pytest.approx(g["base_lr"] * factor, rel=1e-12)
+    with pytest.raises(UserError, match="did you mean 'distiller'"):
+        SuffixTrainConfig(losses={"clip": 1.0, "afd": 1.0}, groups={"distiler": {"lr": 1e-6}})
+    with pytest.raises(UserError, match="no setting 'momentum'"):
+        SuffixTrainConfig(losses={"clip": 1.0}, groups={"distiller": {"momentum": 0.9}})
+
+
+@pytest.mark.parametrize(
+    ("losses", "term"),
+    [({"clip": 1.0, "mfd": 2000.0}, "mfd"), ({"dclip": 1.0}, "dclip")],
+)
+def test_recipes_the_stored_activations_cannot_serve_are_refused_before_training(lite0, losses, term):
+    _, suffix = split_image_tower(lite0, SPLIT)
+    before = _state(suffix)
+    with pytest.raises(UserError, match=f"term '{term}' needs") as err:
+        _short_run(suffix, losses)
+    assert "\n" not in str(err.value)
+    assert _same(_state(suffix), before)  # refused before the head's fit and any step
+
+
+def test_the_unpaired_forward_runs_only_when_a_term_reads_it(lite0, monkeypatch):
+    """Skipping it changes nothing: same paired batches, same weights."""
+    cfg = SuffixTrainConfig(losses={"clip": 1.0, "kd": 1.0})
+    assert not Distiller(cfg.losses, 24, 24).uses_unpaired
+    assert Distiller(SuffixTrainConfig(losses={"fd": 2000.0}).losses, 24, 24).uses_unpaired
+    own = {"weight": 1.0, "own_projector": True, "bank_size": 64}
+    assert Distiller(SuffixTrainConfig(losses={"relational": own}).losses, 24, 24).uses_unpaired
+
+    def run(losses, **cfg):
+        _, suffix = split_image_tower(copy.deepcopy(lite0), SPLIT)
+        sizes = []
+        suffix.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        _short_run(suffix, losses, **cfg)
+        return _state(suffix), 20 in sizes  # 20: an unpaired batch (paired: 40)
+
+    skipped, forward = run(cfg.losses.weights)
+    assert not forward
+    _, forward = run({"fd": 2000.0})
+    assert forward
+    _, forward = run(cfg.losses.weights, frozen_bn=False)  # batch norm in train mode: its statistics move
+    assert forward
+    monkeypatch.setattr(Distiller, "uses_unpaired", property(lambda self: True))
+    kept, forward = run(cfg.losses.weights)
+    assert forward and _same(kept, skipped)
+
+
+def test_on_step_runs_every_curve_every_steps_and_after_the_last(lite0):
+    steps = []
+    _, suffix = split_image_tower(copy.deepcopy(lite0), SPLIT)
+    _, plain = split_image_tower(copy.deepcopy(lite0), SPLIT)
+    suffix.head.drop.p = plain.head.drop.p = 0.2  # training draws from the global generator
+
+    def record(step, module):
+        steps.append(step)
+        assert module is suffix
+        embed(module, torch.zeros(2, *PREFIX_SHAPE))  # switches every module to train mode and back
+        torch.rand(3)  # draws from the global generator too
+
+    log = _short_run(suffix, {"clip": 1.0, "fd": 2000.0}, on_step=record, curve_every=4)
+    assert log["steps"] == 9 and steps == [0, 4, 8, 9]
+    _short_run(plain, {"clip": 1.0, "fd": 2000.0})
+    assert _same(_state(suffix), _state(plain))  # the hook changed nothing (frozen batch norms included)
+    steps.clear()
+    _, suffix = split_image_tower(copy.deepcopy(lite0), SPLIT)
+    _short_run(suffix, {"clip": 1.0}, on_step=lambda step, m: steps.append(step), epochs=1)
+    assert steps == [3]  # curve_every 0: the last step only
+    with pytest.raises(UserError, match="curve_every"):
+        SuffixTrainConfig(curve_every=-1)
+
+
+def test_subset_keeps_captions_with_their_images(lite0):
+    _, suffix = split_image_tower(lite0, SPLIT)
+    acts = _synthetic(suffix, 6, views=2)
+    counts = torch.tensor([2, 1, 3, 1, 2, 1])
+    acts.text = torch.randn(int(counts.sum()), 24, generator=torch.Generator().manual_seed(3))
+    acts.text_owner = torch.repeat_interleave(torch.arange(6), counts)
+    acts.keys, acts.labels = [f"img{i}" for i in range(6)], torch.arange(6) * 10
+    captions = {acts.keys[o]: acts.text[acts.text_owner == o] for o in range(6)}
+    for rows, picked in (([4, 1, 5], [4, 1, 5]), (acts.labels >= 30, [3, 4, 5])):
+        sub = acts.subset(rows)
+        assert len(sub) == 3 and sub.keys == [f"img{i}" for i in picked]
+        assert torch.equal(sub.prefix, acts.prefix[:, picked])
+        assert torch.equal(sub.teacher_image, acts.teacher_image[:, picked])
+        assert sub.labels.tolist() == [10 * i for i in picked]
+        assert sub.text_owner.tolist() == sorted(sub.text_owner.tolist())  # image by image
+        for j, key in enumerate(sub.keys):
+            assert torch.equal(sub.text[sub.text_owner == j], captions[key])
+    plain = Activations(acts.prefix, acts.teacher_image).subset([0, 2])
+    assert plain.text is None and plain.keys == [] and plain.labels is None
+    with pytest.raises(UserError, match="repeat"):
+        acts.subset([1, 1])

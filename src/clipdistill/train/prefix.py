@@ -24,7 +24,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ from clipdistill.losses.base import Outputs
 from clipdistill.losses.config import LossConfig, parse_loss_config
 from clipdistill.losses.distiller import Distiller
 from clipdistill.models.base import ClipModel
+from clipdistill.train.optim import apply_group_overrides, check_groups
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,30 @@ class Activations:
 
     def __len__(self) -> int:
         return self.prefix.shape[1]
+
+    def subset(self, rows: Tensor | Sequence[int]) -> Activations:
+        """The images `rows` (indices, or an N-long bool mask), in that order, with their captions (kept
+        image by image, owners renumbered), keys and labels."""
+        idx = torch.as_tensor(rows)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long().flatten()
+        if len(idx.unique()) != len(idx):
+            raise UserError("Activations.subset: rows repeat an image; give each row once")
+        text = owner = None
+        if self.text is not None:
+            new = torch.full((len(self),), -1, dtype=torch.long)
+            new[idx] = torch.arange(len(idx))
+            owners = new[self.text_owner]
+            kept = (owners >= 0).nonzero().flatten()
+            kept = kept[torch.argsort(owners[kept], stable=True)]  # image by image in the new order
+            text, owner = self.text[kept], owners[kept]
+        return Activations(
+            self.prefix[:, idx],
+            self.teacher_image[:, idx],
+            text,
+            owner,
+            [self.keys[i] for i in idx.tolist()] if self.keys else [],
+            self.labels[idx] if self.labels is not None else None,
+        )
 
 
 def random_crop(image: Image.Image, key: str, view: int, scale: tuple[float, float]) -> Image.Image:
@@ -202,10 +227,18 @@ class SuffixTrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     max_minutes: float | None = None  # stop early (cosine schedule cut) when the wall-clock budget runs out
+    # A recipe's optim.groups: {Distiller group: {lr, weight_decay}}, e.g. {"cluster_classifier": {"lr": 1e-6}};
+    # absolute lrs, scaled by the warmup/cosine factor like every group's.
+    groups: dict[str, dict[str, float]] | None = None
+    curve_every: int = 0  # call train_suffix's on_step every this many steps (0: at the last step only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.losses, LossConfig):
             self.losses = parse_loss_config(self.losses)
+        if self.groups:
+            check_groups(self.groups, self.losses.group_names())
+        if self.curve_every < 0:
+            raise UserError(f"curve_every = {self.curve_every} must be >= 0")
 
 
 class SuffixStudent(nn.Module):
@@ -273,16 +306,90 @@ def _rows(n: int, size: int, gen: torch.Generator) -> Iterable[Tensor]:
             yield perm[i : i + size]
 
 
+def check_recipe(distiller: Distiller) -> None:
+    """Refuse terms that stored activations cannot serve: they hold the cached teacher's image and text
+    embeddings alone (no student text tower, masked view, tokens, pooled features or teacher extras)."""
+    distiller.check("cached", {"teacher_text", "cluster_centres"})
+    if "dclip" in distiller.terms and distiller.terms["dclip"].head is None:
+        raise UserError(
+            "term 'dclip' needs the meta-teacher's enriched embeddings (teacher extras), which stored "
+            "activations do not hold; remove losses.dclip"
+        )
+
+
+def suffix_param_groups(
+    model: SuffixStudent, distiller: Distiller, params: list[nn.Parameter], cfg: SuffixTrainConfig
+) -> list[dict]:
+    """AdamW groups of `params` (the model's trainable parameters, then the Distiller's): the linear head and
+    logit scale ("head") at cfg.lr, the trunk blocks ("trunk") at cfg.trunk_lr, weight decay only on
+    parameters of 2 or more dims ("<name>_no_decay": none). The Distiller's parameters join "head"; with
+    cfg.groups they keep their own groups (`Distiller.param_groups`) with the overrides applied."""
+    head = {id(p) for p in getattr(model.suffix, "head", nn.Identity()).parameters()}
+    head.add(id(model.logit_scale))
+    named = []
+    if cfg.groups:
+        named = apply_group_overrides(distiller.param_groups(cfg.lr, cfg.weight_decay), cfg.groups)
+        mine = {id(p) for p in model.parameters()}
+        params = [p for p in params if id(p) in mine]
+    else:
+        head |= {id(p) for p in distiller.parameters()}
+    parts = [
+        ("head", cfg.lr, cfg.weight_decay, [p for p in params if id(p) in head]),
+        ("trunk", cfg.trunk_lr, cfg.weight_decay, [p for p in params if id(p) not in head]),
+        *((g["name"], g["lr"], g["weight_decay"], g["params"]) for g in named),
+    ]
+    groups = []
+    for name, lr, decay, members in parts:
+        groups += [
+            {
+                "name": name,
+                "params": [p for p in members if p.ndim >= 2],
+                "weight_decay": decay,
+                "base_lr": lr,
+            },
+            {
+                "name": f"{name}_no_decay",
+                "params": [p for p in members if p.ndim < 2],
+                "weight_decay": 0.0,
+                "base_lr": lr,
+            },
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def _call_hook(on_step: Callable[[int, nn.Module], None], step: int, suffix: nn.Module) -> float:
+    """Run the progress hook without letting it change training: the modules' train/eval modes (e.g. the
+    frozen batch norms, which `embed` would switch back to train) and the global RNG are restored.
+    Returns the seconds it took."""
+    began = time.time()
+    modes = [(m, m.training) for m in suffix.modules()]
+    rng = torch.get_rng_state()
+    on_step(step, suffix)
+    torch.set_rng_state(rng)
+    for m, mode in modes:
+        m.training = mode
+    return time.time() - began
+
+
 def train_suffix(
     suffix: nn.Module,
     paired: Activations,
     unpaired: Activations | None,
     cfg: SuffixTrainConfig,
     teacher_scale: float,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> dict:
-    """Train `suffix` (in place) from stored activations; returns {"steps", "seconds", "final": logs}."""
+    """Train `suffix` (in place) from stored activations; returns {"steps", "seconds", "final": logs}.
+
+    on_step(step, suffix), e.g. to record a learning curve, with `step` the optimiser steps taken: at 0 (after
+    the head's fit) and every `cfg.curve_every` steps when that is > 0, and after the last step taken. Its
+    time counts toward neither `cfg.max_minutes` nor "seconds".
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    dim = paired.teacher_image.shape[-1]
+    distiller = Distiller(cfg.losses, dim, dim)
+    check_recipe(distiller)
     model = SuffixStudent(suffix).train()
     fit_cos = None
     if cfg.head_init == "ridge":
@@ -291,21 +398,15 @@ def train_suffix(
         for m in suffix.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    dim = paired.teacher_image.shape[-1]
-    distiller = Distiller(cfg.losses, dim, dim)
-    head = {id(p) for p in getattr(suffix, "head", nn.Identity()).parameters()} | {id(model.logit_scale)}
-    head |= {id(p) for p in distiller.parameters()}
     params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
-    groups = []
-    for lr, members in (
-        (cfg.lr, [p for p in params if id(p) in head]),
-        (cfg.trunk_lr, [p for p in params if id(p) not in head]),
-    ):
-        groups += [
-            {"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "base_lr": lr},
-            {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "base_lr": lr},
-        ]
-    optim = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = suffix_param_groups(model, distiller, params, cfg)
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # Without a term that reads them, the unpaired images' forward is wasted, unless it moves the running
+    # statistics of batch norms in train mode; their rows are still drawn so the paired batches stay the same
+    # (a suffix with active dropout then draws its masks from the global generator in another order).
+    forward_u = distiller.uses_unpaired or any(
+        m.training for m in suffix.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
     n = len(paired)
     batch = min(cfg.batch_size, n)
     total = int(cfg.epochs * n / batch)  # 0: the ridge head alone (linear probe)
@@ -324,6 +425,10 @@ def train_suffix(
     start = time.time()
     logs: dict = {}
     done = 0
+    called = None  # the last step on_step was called at
+    if on_step is not None and cfg.curve_every > 0:
+        start += _call_hook(on_step, 0, suffix)
+        called = 0
     bar = tqdm(range(total), desc="train suffix", unit="step", leave=False)
     for step in bar:
         if cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes:
@@ -349,10 +454,11 @@ def train_suffix(
         if rows_u is not None:
             iu = next(rows_u)
             vu = torch.randint(unpaired.prefix.shape[0], (len(iu),), generator=gen)
-            extra = (
-                Outputs(image=model(unpaired.prefix[vu, iu]), text=None, scale=scale),
-                Outputs(image=unpaired.teacher_image[vu, iu], text=None, scale=scale_t),
-            )
+            if forward_u:
+                extra = (
+                    Outputs(image=model(unpaired.prefix[vu, iu]), text=None, scale=scale),
+                    Outputs(image=unpaired.teacher_image[vu, iu], text=None, scale=scale_t),
+                )
         loss, logs = distiller(student, teacher, unpaired=extra)
         if not torch.isfinite(loss):
             raise UserError(f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
@@ -364,6 +470,11 @@ def train_suffix(
         done = step + 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_step is not None and cfg.curve_every > 0 and done % cfg.curve_every == 0:
+            start += _call_hook(on_step, done, suffix)
+            called = done
+    if on_step is not None and called != done:
+        start += _call_hook(on_step, done, suffix)
     model.eval()
     return {
         "steps": done,
