@@ -137,6 +137,10 @@ LITE2I_192_CUT_KD4 = Student(
 
 
 def grid(freeze: int) -> list[Student]:
+    if freeze != FREEZE_SELECTED:
+        raise SystemExit(
+            f"selection.json chose freeze {freeze}; set FREEZE_SELECTED (now {FREEZE_SELECTED}) to it"
+        )
     return [
         Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0),
         Student("lite0-128", "pretrained", 128, freeze),
@@ -288,6 +292,8 @@ DEV_TRIALS = [
     CROPS_KD4,
     LITE2I_192_CUT,
     LITE2I_192_CUT_KD4,
+    # the two dev gains together: KD (weight 1) and 20 epochs
+    Student("lite0-128-crops-kd-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, recipe=KD_RECIPE),
 ]
 
 
