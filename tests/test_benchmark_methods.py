@@ -3,27 +3,16 @@ margin, dev-only selection of our variant, and the rendered table, on synthetic 
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-PACKAGE = Path(__file__).resolve().parents[1] / "benchmarks" / "methods"
+from helpers.bench import methods_package
 
 
 @pytest.fixture(scope="module")
 def methods():
-    spec = importlib.util.spec_from_file_location(
-        "bench_methods", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_methods"] = module
-    spec.loader.exec_module(module)
-    yield module
-    for name in [n for n in sys.modules if n == "bench_methods" or n.startswith("bench_methods.")]:
-        sys.modules.pop(name)
+    with methods_package("bench_methods") as module:
+        yield module
 
 
 def metrics(zs: float, ret: float, dev: float) -> dict:

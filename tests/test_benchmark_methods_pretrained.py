@@ -3,31 +3,21 @@ suffix trainer takes, the headline score, and track b2n's image filter."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
+from helpers.bench import methods_package
 
 from clipdistill.errors import UserError
 from clipdistill.losses.distiller import Distiller
 from clipdistill.train.prefix import SuffixTrainConfig, check_recipe
 
-PACKAGE = Path(__file__).resolve().parents[1] / "benchmarks" / "methods"
-
 
 @pytest.fixture(scope="module")
 def pretrained():
-    spec = importlib.util.spec_from_file_location(
-        "bench_methods_p", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_methods_p"] = module
-    spec.loader.exec_module(module)
-    yield importlib.import_module("bench_methods_p.pretrained")
-    for name in [n for n in sys.modules if n.startswith("bench_methods_p")]:
-        sys.modules.pop(name)
+    with methods_package("bench_methods_p"):
+        yield importlib.import_module("bench_methods_p.pretrained")
 
 
 def test_every_method_of_the_regime_passes_the_suffix_trainers_checks(pretrained):
