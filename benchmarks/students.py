@@ -47,19 +47,13 @@ from students_data import (  # noqa: E402
     _write,
     collected,
     deeper,
+    eval_embeddings,
     metrics,
     student_model,
     teacher,
     training_set,
 )
 
-RETENTION = {
-    "cifar10": ("cifar10", "acc1"),
-    "cifar100-916": ("cifar100-916", "acc1"),
-    "imagenet_top5": ("imagenet-1k-sample", "acc5"),
-    "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
-}
-CHANCE_LEVEL = {"dtd-10": "acc1", "mnist": "acc1"}
 # Feature distillation alone (CLIP-KD FD, MSE between normalised embeddings, weight 2000), from the ridge
 # head. On Flickr8k dev (seed 0, 128 px) the CLIP task loss beside it lowered the retrieval mean below the
 # frozen-trunk floor (28.1 with freeze 5 against 33.0): with 6,000 captioned images it fits the training
@@ -109,7 +103,7 @@ LITE0_CUT = (1, 2, 2, 3, 1, 1, 1)
 
 
 # Hinton KD over each batch's teacher captions (both directions) beside FD: retrieval is a ranking, which
-# KD matches and FD does not see. Tried on dev first (DEV_TRIALS), then a grid row.
+# KD matches and FD does not see. Tried on dev first (dev_trial_rows), then a grid row.
 CROPS_KD = Student("lite0-128-crops-kd", "pretrained", 128, FREEZE_MIN, crops=4, recipe=KD_RECIPE)
 # KD at 4x the weight: the ranking term that lifted Flickr8k dev, given more of the gradient
 CROPS_KD4 = Student(
@@ -120,28 +114,20 @@ CROPS_KD4 = Student(
 # 2.04-2.05x at the same resolution (ONNX Runtime, 2 threads, batch 1, side by side); 176 px whole ran 2.18x
 # in an ad hoc measurement.
 LITE2_192_CUT = (1, 3, 3, 4, 3, 4, 1)
-FREEZE_SELECTED = 5  # what `--select` chose on Flickr8k dev (selection.json), for rows named before it runs
-LITE2I_192_CUT = Student(
-    "lite2i-192-cut", "inherit", 192, FREEZE_SELECTED, family="lite2i", depths=LITE2_192_CUT, seeds=1
-)
-# the cut tower lost 1.8 points of Flickr8k dev against the whole one (45.5 against 47.3): the KD recipe
-# that won on dev for Lite0 (FD + KD at weight 4)
-LITE2I_192_CUT_KD4 = Student(
-    "lite2i-192-cut-kd4",
-    "inherit",
-    192,
-    FREEZE_SELECTED,
-    family="lite2i",
-    depths=LITE2_192_CUT,
-    recipe=CROPS_KD4.recipe,
-)
+
+
+def lite2i_192_cut(freeze: int) -> list[Student]:
+    """The cut 192 px inherited tower at the selected freeze depth: FD alone (one seed), then FD + KD 4 (the
+    cut lost 1.8 points of Flickr8k dev against the whole tower, 45.5 against 47.3; the KD recipe that won
+    on dev for Lite0)."""
+    cut = dict(family="lite2i", depths=LITE2_192_CUT)
+    return [
+        Student("lite2i-192-cut", "inherit", 192, freeze, seeds=1, **cut),
+        Student("lite2i-192-cut-kd4", "inherit", 192, freeze, recipe=CROPS_KD4.recipe, **cut),
+    ]
 
 
 def grid(freeze: int) -> list[Student]:
-    if freeze != FREEZE_SELECTED:
-        raise SystemExit(
-            f"selection.json chose freeze {freeze}; set FREEZE_SELECTED (now {FREEZE_SELECTED}) to it"
-        )
     return [
         Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0),
         Student("lite0-128", "pretrained", 128, freeze),
@@ -158,8 +144,7 @@ def grid(freeze: int) -> list[Student]:
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),
         # one block fewer in stages 4 and 5: just over 2x instead of just under it, at the same resolution
-        LITE2I_192_CUT,
-        LITE2I_192_CUT_KD4,
+        *lite2i_192_cut(freeze),
         # crops did not help the inherited tower on Flickr8k dev (47.2 against 47.3): not continued
         Student("lite2i-192-crops", "inherit", 192, freeze, family="lite2i", crops=4, seeds=1),
         Student("lite2i-160-head", "inherit", 160, 7, head_only=True, epochs=0.0, family="lite2i"),
@@ -181,7 +166,7 @@ def trained_weights(st: Student, seed: int) -> Path:
 
 def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
     from clipdistill.models.freeze import freeze_module, freeze_prefix, split_image_tower
-    from clipdistill.train.prefix import SuffixTrainConfig, embed, train_suffix
+    from clipdistill.train.prefix import SuffixTrainConfig, train_suffix
 
     tag = f"{st.name}-f{st.freeze}-s{seed}" + ("-dev" if dev_only else "")
     out = CELLS / "cells" / f"{tag}.json"
@@ -234,15 +219,8 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         },
         "metrics": {},
     }
-    for name, (split, every) in EVAL.items():
-        if dev_only and name != "dev":
-            continue
-        acts = deeper(
-            collected("eval", name, split, every, name in ("flickr8k", "dev"), False, [key])[key],
-            model,
-            freeze,
-        )
-        result["metrics"][name] = metrics(name, embed(suffix, acts.prefix[0]), acts)
+    for name, emb, acts in eval_embeddings(suffix, model, key, freeze, only=("dev",) if dev_only else None):
+        result["metrics"][name] = metrics(name, emb, acts)
     _write(out, result)
     return result
 
@@ -287,21 +265,23 @@ def select_freeze(candidates=(5, 4)) -> int:
 
 # Variants tried on Flickr8k dev alone (seed 0) and not continued, or not yet: `--dev-trials` runs them and
 # records their dev Ret mean in selection.json ("trials").
-DEV_TRIALS = [
-    Student("lite0-128-crops-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, seeds=1),
-    CROPS_KD,
-    CROPS_KD4,
-    LITE2I_192_CUT,
-    LITE2I_192_CUT_KD4,
-    # the two dev gains together: KD (weight 1) and 20 epochs
-    Student("lite0-128-crops-kd-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, recipe=KD_RECIPE),
-]
+def dev_trial_rows(freeze: int) -> list[Student]:
+    return [
+        Student("lite0-128-crops-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, seeds=1),
+        CROPS_KD,
+        CROPS_KD4,
+        *lite2i_192_cut(freeze),
+        # the two dev gains together: KD (weight 1) and 20 epochs
+        Student(
+            "lite0-128-crops-kd-e20", "pretrained", 128, FREEZE_MIN, crops=4, epochs=20.0, recipe=KD_RECIPE
+        ),
+    ]
 
 
 def dev_trials(only=None) -> dict:
     path = CELLS / "selection.json"
     scores = {}
-    for st in DEV_TRIALS:
+    for st in dev_trial_rows(selected_freeze()):
         if only and st.name not in only:
             continue
         scores[st.name] = round(run_cell(st, 0, dev_only=True)["metrics"]["dev"]["ret_mean"], 4)

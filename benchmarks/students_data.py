@@ -199,6 +199,19 @@ def deeper(acts, model, freeze: int):
     )
 
 
+def eval_embeddings(suffix, model, key: tuple, freeze: int, only=None):
+    """(name, student embeddings, stored activations) of every evaluation set in EVAL (or those in `only`),
+    through `model`'s blocks up to `freeze` and then `suffix`."""
+    from clipdistill.train.prefix import embed
+
+    for name, (split, every) in EVAL.items():
+        if only is not None and name not in only:
+            continue
+        acts = collected("eval", name, split, every, name in ("flickr8k", "dev"), False, [key])[key]
+        acts = deeper(acts, model, freeze)
+        yield name, embed(suffix, acts.prefix[0]), acts
+
+
 def _write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -33,17 +33,12 @@ BENCH = Path(__file__).resolve().parents[1]
 if str(BENCH) not in sys.path:  # the study's data module (benchmarks/students_data.py)
     sys.path.insert(0, str(BENCH))
 
+from students_render import SOURCES  # noqa: E402  (figure -> (results, key), where the teacher is >= 2x chance)
+
 from .grid import GRID, TRACKS  # noqa: E402
 from .runner import recipe, recipe_groups  # noqa: E402
 
 OUT = BENCH / "results" / "methods_pretrained"
-# (results, key): the four figures of the headline score, where the teacher is >= 2x chance
-RETENTION = {
-    "cifar10": ("cifar10", "acc1"),
-    "cifar100-916": ("cifar100-916", "acc1"),
-    "imagenet_top5": ("imagenet-1k-sample", "acc5"),
-    "flickr8k_ret_mean": ("flickr8k", "ret_mean"),
-}
 B2N_SETS = ("cifar10", "cifar100-916")
 # Methods the stored activations cannot serve, and why (train_suffix refuses them before any step).
 EXCLUDED = {
@@ -64,6 +59,11 @@ class Regime:
     epochs: float = 10.0
     setting: str = "image"
     views: str = "centre crops; Flickr8k also mirrored"
+
+    @property
+    def prefix_key(self) -> tuple[str, str, int]:
+        """The stored prefix this regime trains from (benchmarks/students_data.py PREFIX_KEYS)."""
+        return (self.student, self.init, self.image_size)
 
 
 REGIME = Regime()
@@ -89,7 +89,7 @@ def losses_of(method: str) -> tuple[dict, dict]:
 def headline_score(metrics: dict, teacher: dict) -> dict:
     """Retention per figure (fractions) and their mean (`score`); only figures where the teacher is >= 2x
     chance enter it."""
-    kept = {name: metrics[d][k] / teacher[d][k] for name, (d, k) in RETENTION.items()}
+    kept = {name: metrics[d][k] / teacher[d][k] for name, (d, k) in SOURCES.items()}
     return {"retention": kept, "score": statistics.fmean(kept.values())}
 
 
@@ -106,13 +106,12 @@ def train_sets(track: str):
     """(paired, unpaired or None) stored activations of `track` after the regime's frozen blocks."""
     import students_data as D
 
-    key = (REGIME.student, REGIME.init, REGIME.image_size)
     model = _model(0)
-    paired = D.deeper(D.training_set("flickr8k", key), model, REGIME.freeze)
+    paired = D.deeper(D.training_set("flickr8k", REGIME.prefix_key), model, REGIME.freeze)
     spec = TRACKS[track]
     if not spec.get("unpaired"):
         return paired, None
-    unpaired = D.deeper(D.training_set("cifar10", key), model, REGIME.freeze)
+    unpaired = D.deeper(D.training_set("cifar10", REGIME.prefix_key), model, REGIME.freeze)
     if spec.get("filter") == "classes=base":
         unpaired = unpaired.subset(base_rows(unpaired.labels, 10))
     return paired, unpaired
@@ -133,16 +132,9 @@ def evaluate(suffix, model) -> dict:
 
     from clipdistill.data.filter import split_classes
     from clipdistill.eval.base2novel import base2novel_metrics
-    from clipdistill.train.prefix import embed
 
-    key = (REGIME.student, REGIME.init, REGIME.image_size)
     out = {}
-    for name, (split, every) in D.EVAL.items():
-        caps = name in ("flickr8k", "dev")
-        acts = D.deeper(
-            D.collected("eval", name, split, every, caps, False, [key])[key], model, REGIME.freeze
-        )
-        emb = embed(suffix, acts.prefix[0])
+    for name, emb, acts in D.eval_embeddings(suffix, model, REGIME.prefix_key, REGIME.freeze):
         out[name] = D.metrics(name, emb, acts)
         if name in B2N_SETS:
             classes = D.class_embeddings(D._dataset(name))
