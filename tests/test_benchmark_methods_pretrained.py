@@ -4,6 +4,7 @@ suffix trainer takes, the headline score, and track b2n's image filter."""
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -66,3 +67,63 @@ def test_b2n_keeps_only_base_class_images(pretrained):
 
 def test_cells_are_named_by_track_setting_method_and_seed(pretrained):
     assert pretrained.cell_name("fd_only", "B", 2) == "B-image-fd_only-s2"
+
+
+def test_the_no_teacher_baseline_never_fits_its_head_to_the_teachers_image_tower(pretrained):
+    assert pretrained.HEAD_INIT == {"no_teacher": "caption"}
+    assert pretrained.losses_of("no_teacher")[0] == {"clip": 1.0}  # and no term reads the teacher either
+    for init in pretrained.HEAD_INIT.values():
+        SuffixTrainConfig(head_init=init)  # a valid choice
+
+
+def _cell(method: str, seed: int, score: float, track: str = "B") -> dict:
+    kept = {"cifar10": score, "cifar100-916": score, "imagenet_top5": score, "flickr8k_ret_mean": score}
+    return {
+        "cell": {"method": method, "track": track, "setting": "image", "seed": seed},
+        "headline": {"retention": kept, "score": score},
+        "metrics": {"cifar10-b2n": {"hm": score / 2}},
+    }
+
+
+@pytest.fixture(scope="module")
+def report(pretrained):
+    return importlib.import_module("bench_methods_p.pretrained_report")
+
+
+def test_relational_margin_is_paired_by_seed_over_the_best_published_method(report):
+    # clip_kd is the best published method on the mean; tinyclip wins one seed but loses on the mean
+    scores = {
+        "clip_kd": [0.80, 0.84, 0.82],
+        "tinyclip": [0.85, 0.70, 0.71],
+        "relational": [0.83, 0.86, 0.84, 0.99],  # seed 3 has no partner: not in the margin
+        "no_teacher": [0.90, 0.90, 0.90],  # not a published method: never the one to beat
+    }
+    cells = [_cell(m, s, v) for m, vs in scores.items() for s, v in enumerate(vs)]
+    table = report.tables(cells)["B/image"]
+    m = table["relational_margin"]
+    assert m["over"] == "clip_kd" and m["seeds"] == [0, 1, 2]
+    diffs = [3.0, 2.0, 2.0]  # points
+    assert m["mean"] == pytest.approx(sum(diffs) / 3, abs=1e-3)
+    assert m["std"] == pytest.approx(torch.tensor(diffs).std().item(), abs=1e-3)
+    assert m["wins"] is True  # 2.33 - 2 x 0.58 >= 1
+    row = table["rows"]["relational"]
+    assert row["seeds"] == [0, 1, 2, 3] and row["score_mean"] == pytest.approx(0.88)
+    assert row["b2n_hm"] == {"cifar10": pytest.approx(0.44)}
+    two = [c for c in cells if c["cell"]["seed"] < 2]
+    assert report.tables(two)["B/image"]["relational_margin"]["wins"] is False  # too few seeds
+
+
+def test_report_writes_its_keys_and_keeps_the_noise_regimes(report, tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for s, v in enumerate([0.8, 0.82, 0.81]):
+        for method, score in (("relational", v), ("hinton_kd", v - 0.01)):
+            (cells / f"B-image-{method}-s{s}.json").write_text(json.dumps(_cell(method, s, score)))
+    (tmp_path / "methods.json").write_text(json.dumps({"summary": [1], "relational_margin": {"old": 1}}))
+    regime = {"student": "lite0", "init": "pretrained", "image_size": 128, "freeze": 5, "epochs": 10.0}
+    report.render(cells, {**regime, "setting": "image"}, results=tmp_path)
+    out = json.loads((tmp_path / "methods.json").read_text())
+    assert out["summary"] == [1] and out["relational_margin"]["over"] == "hinton_kd"
+    assert out["headline"]["rows"]["relational"]["seeds"] == [0, 1, 2]
+    assert out["headline"]["regime"]["track"] == "B/image"
+    assert "| relational | 81.0 ± 1.0 |" in (tmp_path / "summary.md").read_text()

@@ -22,8 +22,11 @@ A finished cell writes `benchmarks/results/methods/<cell>.json` (metrics, wall t
 never run again; an interrupted cell resumes from its checkpoint in `runs/methods/<cell>/`. So the grid
 can be spread over sessions and machines. `render` aggregates every finished cell into
 `benchmarks/results/methods.{json,csv,md,png}` and `docs/benchmark.md`: mean and std over seeds per
-metric, retention % of the teacher, and `relational_margin` (ours against the best published method on
-the benchmark score = mean of the zero-shot top-1 mean and the retrieval recall mean, paired by seed).
+metric, retention % of the teacher, and `noise_relational_margin` (ours against the best published method
+on the benchmark score = mean of the zero-shot top-1 mean and the retrieval recall mean, paired by seed).
+That regime's students keep 16-20% of the teacher; `pretrained` and `pretrained_report` are the regime
+where they keep most of it (issue 24), and own methods.json's `headline`, `regimes`, `tracks` and
+`relational_margin`.
 Evaluation: zero-shot top-1 on cifar10 (every 5th test image), imagenet-1k-sample (top-1 and top-5),
 dtd-10, mnist (every 10th); Flickr8k test retrieval R@1/5/10 both ways; plus Flickr8k dev retrieval,
 the only figure used to select options of our method.

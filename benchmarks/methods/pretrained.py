@@ -48,6 +48,11 @@ EXCLUDED = {
 }
 # The study's own recipe as a reference row: FD alone, no task loss (benchmarks/students.py RECIPE).
 EXTRA = {"fd_only": {"fd": 2000.0}}
+# Every cell fits its linear head in closed form before the first step. To the teacher's image embeddings
+# for the methods (a closed-form FD: they distil); the no-teacher baseline must not see the teacher's image
+# tower, so its head is fitted to each image's captions instead (the frozen text tower, which setting
+# `image` gives every cell).
+HEAD_INIT = {"no_teacher": "caption"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,10 @@ def run_cell(method: str, track: str, seed: int) -> dict:
     if out.exists():
         return json.loads(out.read_text())
     losses, groups = losses_of(method)
-    cfg = SuffixTrainConfig(losses=losses, epochs=REGIME.epochs, seed=seed, groups=groups or None)
+    head_init = HEAD_INIT.get(method, "ridge")
+    cfg = SuffixTrainConfig(
+        losses=losses, epochs=REGIME.epochs, seed=seed, groups=groups or None, head_init=head_init
+    )
     model = _model(seed)
     _, suffix = split_image_tower(model, REGIME.freeze)
     paired, unpaired = train_sets(track)
@@ -167,6 +175,7 @@ def run_cell(method: str, track: str, seed: int) -> dict:
         "regime": asdict(REGIME),
         "losses": losses,
         "groups": groups,
+        "head_init": head_init,
         "train": log,
         "train_minutes": minutes,
         "eval_seconds": round(time.time() - t1, 1),

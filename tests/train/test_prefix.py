@@ -19,6 +19,7 @@ from clipdistill.train.prefix import (
     Activations,
     SuffixStudent,
     SuffixTrainConfig,
+    caption_targets,
     collect,
     embed,
     fit_head,
@@ -111,6 +112,30 @@ def test_ridge_head_recovers_a_linear_target(lite0):
     torch.testing.assert_close(
         embed(suffix, acts.prefix[0]), F.normalize(acts.teacher_image[0], dim=-1), atol=1e-3, rtol=0
     )
+
+
+def test_caption_head_fits_the_captions_and_never_reads_the_teacher_image(lite0):
+    _, suffix = split_image_tower(lite0, SPLIT)
+    acts = _synthetic(suffix, 300)
+    target = F.normalize(acts.teacher_image[0].double(), dim=-1)  # what the captions average to
+    gen = torch.Generator().manual_seed(3)
+    # two captions per image, on either side of the target (their normalised mean is the target's direction)
+    side = torch.randn(300, 24, generator=gen, dtype=torch.float64)
+    side -= (side * target).sum(-1, keepdim=True) * target
+    caps = torch.stack([target + 0.3 * side, target - 0.3 * side], 1).reshape(600, 24)
+    acts.text, acts.text_owner = (caps * 7.0).float(), torch.arange(300).repeat_interleave(2)
+    expect = torch.stack(
+        [F.normalize(F.normalize(caps[2 * i : 2 * i + 2], dim=-1).sum(0), dim=0) for i in range(300)]
+    )
+    torch.testing.assert_close(caption_targets(acts).double(), expect, atol=1e-6, rtol=0)
+    acts.teacher_image = torch.full_like(acts.teacher_image, float("nan"))  # must not be read
+    no_caps = Activations(acts.prefix, acts.teacher_image)  # caption-less sets are skipped
+    assert fit_head(suffix, [acts, no_caps], ridge=1e-8, target="caption") > 0.999
+    torch.testing.assert_close(embed(suffix, acts.prefix[0]).double(), expect, atol=1e-3, rtol=0)
+    with pytest.raises(UserError, match="needs a set with captions"):
+        fit_head(suffix, [no_caps], target="caption")
+    with pytest.raises(UserError, match="choose one of ridge, caption, random"):
+        SuffixTrainConfig(head_init="teacher")
 
 
 def test_training_lowers_the_loss_and_keeps_batchnorm_statistics(lite0):

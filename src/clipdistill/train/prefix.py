@@ -202,6 +202,9 @@ def collect(
     }
 
 
+HEAD_INITS = ("ridge", "caption", "random")
+
+
 @dataclass
 class SuffixTrainConfig:
     """The recipe and budget of `train_suffix`. `losses` may be given as a recipe's `losses:` mapping; it is
@@ -216,7 +219,9 @@ class SuffixTrainConfig:
         1e-4  # pretrained trunk blocks: lower, so fine-tuning does not wash out ImageNet features
     )
     # "ridge": fit the linear head in closed form to the teacher's image embeddings before any step (linear
-    # probing, then fine-tuning: the random head otherwise spends the budget undoing its own noise)
+    # probing, then fine-tuning: the random head otherwise spends the budget undoing its own noise);
+    # "caption": the same fit to each image's captions (the mean of their text embeddings), for runs that
+    # must not see the teacher's image tower (a no-teacher baseline); "random": the head as built.
     head_init: str = "ridge"
     # Batch-norm layers keep their pretrained running statistics (eval mode) while their weights train, so
     # training and evaluation see the same function and the ridge head stays fitted to it; in train mode
@@ -233,6 +238,8 @@ class SuffixTrainConfig:
     curve_every: int = 0  # call train_suffix's on_step every this many steps (0: at the last step only)
 
     def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise UserError(f"head_init = {self.head_init!r}: choose one of {', '.join(HEAD_INITS)}")
         if not isinstance(self.losses, LossConfig):
             self.losses = parse_loss_config(self.losses)
         if self.groups:
@@ -253,11 +260,33 @@ class SuffixStudent(nn.Module):
         return self.suffix(x.float().to(memory_format=torch.channels_last))
 
 
+def caption_targets(acts: Activations) -> Tensor:
+    """N x d: each image's captions, as the normalised mean of their normalised text embeddings."""
+    text = F.normalize(acts.text.float(), dim=-1)
+    sums = torch.zeros(len(acts), text.shape[1]).index_add_(0, acts.text_owner.long(), text)
+    if (sums.norm(dim=-1) == 0).any():
+        raise UserError("head_init 'caption': an image of the paired set has no caption")
+    return F.normalize(sums, dim=-1)
+
+
 @torch.no_grad()
-def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, batch_size: int = 512) -> float:
+def fit_head(
+    suffix: nn.Module,
+    sets: list[Activations],
+    ridge: float = 1e-3,
+    batch_size: int = 512,
+    target: str = "teacher_image",
+) -> float:
     """Set `suffix.head` (a Linear, or a Sequential ending in one) to the ridge-regression solution from the
-    pooled features of every view in `sets` to the teacher's normalised image embeddings; returns the mean
-    cosine between the fitted embeddings and the targets."""
+    pooled features of every view in `sets` to the teacher's normalised image embeddings (`target`
+    "teacher_image"), or to each image's caption target (`target` "caption", `caption_targets`; sets without
+    captions are skipped); returns the mean cosine between the fitted embeddings and the targets."""
+    if target not in ("teacher_image", "caption"):
+        raise UserError(f"fit_head target {target!r}: choose teacher_image or caption")
+    if target == "caption":
+        sets = [acts for acts in sets if acts.text is not None]
+        if not sets:
+            raise UserError("head_init 'caption' needs a set with captions (the paired set has none)")
     head = suffix.head
     linear = (
         head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
@@ -277,7 +306,11 @@ def fit_head(suffix: nn.Module, sets: list[Activations], ridge: float = 1e-3, ba
                     ]
                 ).double()
             )
-            targets.append(F.normalize(acts.teacher_image[v].double(), dim=-1))
+            targets.append(
+                caption_targets(acts).double()
+                if target == "caption"
+                else F.normalize(acts.teacher_image[v].double(), dim=-1)
+            )
     suffix.head = original
     suffix.train(was)
     x, y = torch.cat(feats), torch.cat(targets)
@@ -392,8 +425,10 @@ def train_suffix(
     check_recipe(distiller)
     model = SuffixStudent(suffix).train()
     fit_cos = None
-    if cfg.head_init == "ridge":
-        fit_cos = fit_head(suffix, [paired] + ([unpaired] if unpaired is not None else []), cfg.ridge)
+    if cfg.head_init != "random":
+        target = "caption" if cfg.head_init == "caption" else "teacher_image"
+        sets = [paired] + ([unpaired] if unpaired is not None else [])
+        fit_cos = fit_head(suffix, sets, cfg.ridge, target=target)
     if cfg.frozen_bn:
         for m in suffix.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -1,0 +1,169 @@
+"""The report of the pretrained-student regime (issue 24), from its finished cells
+(benchmarks/results/methods_pretrained/cells): per (track, setting) and method, the headline score's mean
+and std over seeds, each figure's retention and track b2n's HM; the relational margin, paired by seed,
+over the best published method. They land in benchmarks/results/methods.json (`headline`, `regimes`,
+`tracks`, `relational_margin`; the noise regime's keys are left as they are) and in
+benchmarks/results/methods_pretrained/summary.md.
+
+    python -m benchmarks.methods.pretrained_report
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from . import layout
+from .grid import METHODS
+from .stats import MIN_SEEDS
+
+HEADLINE = "B/image"  # the track the headline table and margin are read from (the study's own data)
+OURS = "relational"
+# the keys of methods.json this report owns; the noise regime's `render` keeps them as they are
+OWNED = ("headline", "regimes", "tracks", "relational_margin")
+
+
+def load(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _group(cells: list[dict]) -> dict[str, dict[str, dict[int, dict]]]:
+    """'track/setting' -> method -> seed -> cell."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for c in cells:
+        key = f"{c['cell']['track']}/{c['cell']['setting']}"
+        out.setdefault(key, {}).setdefault(c["cell"]["method"], {})[c["cell"]["seed"]] = c
+    return out
+
+
+def method_row(by_seed: dict[int, dict]) -> dict:
+    """{score_mean, score_std, seeds, retention, retention_std, b2n_hm}: fractions, means over seeds."""
+    seeds = sorted(by_seed)
+    cells = [by_seed[s] for s in seeds]
+    mean, std = _mean_std([c["headline"]["score"] for c in cells])
+    figures = cells[0]["headline"]["retention"]
+    kept = {f: _mean_std([c["headline"]["retention"][f] for c in cells]) for f in figures}
+    hm = {
+        name.removesuffix("-b2n"): statistics.fmean(c["metrics"][name]["hm"] for c in cells)
+        for name in cells[0]["metrics"]
+        if name.endswith("-b2n")
+    }
+    return {
+        "score_mean": round(mean, 4),
+        "score_std": round(std, 4),
+        "seeds": seeds,
+        "retention": {f: round(m, 4) for f, (m, _) in kept.items()},
+        "retention_std": {f: round(s, 4) for f, (_, s) in kept.items()},
+        "b2n_hm": {k: round(v, 4) for k, v in hm.items()},
+    }
+
+
+def margin(rows: dict[str, dict[int, dict]], ours: str = OURS) -> dict | None:
+    """Ours minus the best published method (highest mean score), in points of the headline score (percent),
+    paired by seed: {mean, std, over, ours, seeds, wins}; a win is mean - 2 std >= 1 point over at least
+    MIN_SEEDS seeds."""
+    published = [m for m in rows if m in METHODS and METHODS[m].published]
+    if ours not in rows or not published:
+        return None
+    best = max(published, key=lambda m: statistics.fmean(c["headline"]["score"] for c in rows[m].values()))
+    seeds = sorted(set(rows[ours]) & set(rows[best]))
+    if not seeds:
+        return None
+    diffs = [100 * (rows[ours][s]["headline"]["score"] - rows[best][s]["headline"]["score"]) for s in seeds]
+    mean, std = _mean_std(diffs)
+    return {
+        "mean": round(mean, 3),
+        "std": round(std, 3),
+        "over": best,
+        "ours": ours,
+        "seeds": seeds,
+        "wins": bool(len(seeds) >= MIN_SEEDS and mean - 2 * std >= 1.0),
+    }
+
+
+def tables(cells: list[dict]) -> dict[str, dict]:
+    """'track/setting' -> {rows: {method: method_row}, relational_margin}."""
+    return {
+        key: {"rows": {m: method_row(s) for m, s in sorted(ms.items())}, "relational_margin": margin(ms)}
+        for key, ms in sorted(_group(cells).items())
+    }
+
+
+FIGURES = ("cifar10", "cifar100-916", "flickr8k_ret_mean", "imagenet_top5")
+
+
+def summary(tracks: dict[str, dict], regime: dict) -> str:
+    """The markdown table of every track: method, score, each retention (percent, mean ± std), HM, seeds."""
+    lines = [
+        f"Student: {regime['student']} ({regime['init']}) at {regime['image_size']} px, blocks 0-"
+        f"{regime['freeze'] - 1} frozen, {regime['epochs']:g} epochs, setting {regime['setting']}. Score: "
+        "mean retention (student / teacher) over the four figures where the teacher is >= 2x chance.",
+        "",
+    ]
+    for key, table in tracks.items():
+        lines += [
+            f"### Track {key}",
+            "",
+            "| method | score | CIFAR-10 | cifar100-916 | Flickr8k Ret | IN top-5 | HM C-10 / C-100 | seeds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = sorted(table["rows"].items(), key=lambda kv: -kv[1]["score_mean"])
+        for method, r in rows:
+            kept = " | ".join(
+                f"{100 * r['retention'][f]:.1f} ± {100 * r['retention_std'][f]:.1f}" for f in FIGURES
+            )
+            hm = " / ".join(f"{100 * v:.1f}" for v in r["b2n_hm"].values())
+            score = f"{100 * r['score_mean']:.1f} ± {100 * r['score_std']:.1f}"
+            lines.append(f"| {method} | {score} | {kept} | {hm} | {len(r['seeds'])} |")
+        m = table["relational_margin"]
+        if m:
+            verdict = "wins" if m["wins"] else "does not win"
+            lines += [
+                "",
+                f"Relational margin over {m['over']}: {m['mean']:+.2f} ± {m['std']:.2f} points "
+                f"over seeds {m['seeds']} ({verdict}: a win needs mean - 2 std >= 1 over >= {MIN_SEEDS} seeds).",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(cells_dir: Path, regime: dict, results: Path | None = None) -> dict:
+    """Write the regime's keys into methods.json (others kept) and its summary table; returns those keys."""
+    results = layout.RESULTS if results is None else results
+    cells = load(cells_dir)
+    if not cells:
+        raise SystemExit(
+            f"no finished cell in {cells_dir}; run `python -m benchmarks.methods.pretrained` first"
+        )
+    tracks = tables(cells)
+    head = tracks.get(HEADLINE) or next(iter(tracks.values()))
+    head_key = HEADLINE if HEADLINE in tracks else next(iter(tracks))
+    owned = {
+        "headline": {"regime": {**regime, "track": head_key}, "rows": head["rows"]},
+        "regimes": {"pretrained": regime, "noise": "budget (the tables under `summary`)"},
+        "tracks": tracks,
+        "relational_margin": head["relational_margin"],
+    }
+    path = results / "methods.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    layout.write_json(path, {**data, **owned})
+    (cells_dir.parent / "summary.md").write_text(summary(tracks, regime))
+    return owned
+
+
+def main() -> None:
+    from .pretrained import OUT, REGIME
+
+    owned = render(OUT / "cells", asdict(REGIME))
+    print((OUT / "summary.md").read_text())
+    print("relational margin:", owned["relational_margin"])
+
+
+if __name__ == "__main__":
+    main()
