@@ -112,14 +112,14 @@ def test_summary_is_spliced_between_markers_only(methods, tmp_path):
     assert "| relational | 2 | 30.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 |" in text and "+10.00 ± 0.00" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmark summary -->\nold\n<!-- /benchmark summary -->\noutro\n")
-    methods.report._splice(readme, "benchmark summary", text)
-    methods.report._splice(readme, "benchmark summary", text)  # idempotent
+    methods.layout.splice(readme, "benchmark summary", text)
+    methods.layout.splice(readme, "benchmark summary", text)  # idempotent
     content = readme.read_text()
     assert content.startswith("intro\n") and content.endswith("outro\n") and "old" not in content
     assert content.count("| relational | 2 |") == 1
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
-    methods.report._splice(plain, "benchmark summary", text)
+    methods.layout.splice(plain, "benchmark summary", text)
     assert plain.read_text() == "no markers\n"
 
 

@@ -120,10 +120,29 @@ def test_report_writes_its_keys_and_keeps_the_noise_regimes(report, tmp_path):
         for method, score in (("relational", v), ("hinton_kd", v - 0.01)):
             (cells / f"B-image-{method}-s{s}.json").write_text(json.dumps(_cell(method, s, score)))
     (tmp_path / "methods.json").write_text(json.dumps({"summary": [1], "relational_margin": {"old": 1}}))
+    (tmp_path / "doc.md").write_text(
+        "intro\n<!-- pretrained methods -->\nold\n<!-- /pretrained methods -->\nend\n"
+    )
     regime = {"student": "lite0", "init": "pretrained", "image_size": 128, "freeze": 5, "epochs": 10.0}
-    report.render(cells, {**regime, "setting": "image"}, results=tmp_path)
+    report.render(cells, {**regime, "setting": "image"}, results=tmp_path, doc=tmp_path / "doc.md")
     out = json.loads((tmp_path / "methods.json").read_text())
     assert out["summary"] == [1] and out["relational_margin"]["over"] == "hinton_kd"
     assert out["headline"]["rows"]["relational"]["seeds"] == [0, 1, 2]
     assert out["headline"]["regime"]["track"] == "B/image"
     assert "| relational | 81.0 ± 1.0 |" in (tmp_path / "summary.md").read_text()
+    doc = (tmp_path / "doc.md").read_text()
+    assert (
+        doc.startswith("intro\n") and doc.endswith("end\n") and "old" not in doc and "| relational |" in doc
+    )
+
+
+def test_our_variant_is_chosen_on_flickr8k_dev_alone(report, pretrained):
+    cells = [_cell("relational", 0, 0.9), _cell("relational_fd", 0, 0.7), _cell("clip_kd", 0, 0.8)]
+    for c, dev in zip(cells, (0.30, 0.35, 0.99)):
+        c["metrics"]["dev"] = {"ret_mean": dev}
+    rows = report._group(cells)["B/image"]
+    assert report.select_ours(rows) == "relational_fd"  # best dev, worst test: dev decides
+    assert report.margin(rows)["ours"] == "relational_fd"
+    for variant in pretrained.VARIANTS:
+        assert variant.startswith("relational") and variant in pretrained.methods()
+        check_recipe(Distiller(SuffixTrainConfig(losses=pretrained.losses_of(variant)[0]).losses, 8, 8))

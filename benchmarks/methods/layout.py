@@ -46,3 +46,18 @@ def load_cells(folder: Path, budget: Budget) -> list[dict]:
         for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))
         if r["budget"] == asdict(budget)
     ]
+
+
+def splice(path: Path, marker: str, text: str) -> None:
+    """Replace what stands between `<!-- marker -->` and `<!-- /marker -->` in `path` (atomically); no markers, no change."""
+    if not path.exists():
+        return
+    content = path.read_text()
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in content or end not in content:
+        return
+    head, rest = content.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    os.replace(tmp, path)

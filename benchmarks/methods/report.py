@@ -53,7 +53,7 @@ def render(budget: Budget, teacher_metrics: dict | None = None, cells: Path | No
     (results / "methods.md").write_text(table + "\n")
     summary = summary_table(agg)
     (results / "methods_summary.md").write_text(summary)
-    _splice(layout.REPO / "README.md", "benchmark summary", summary)
+    layout.splice(layout.REPO / "README.md", "benchmark summary", summary)
     _write_csv(agg["rows"], results / "methods.csv")
     plot(agg, results / "methods.png")
     _write_doc(table)
@@ -101,21 +101,6 @@ def _latency(student: str) -> dict:
         if row.get("model") == student and row.get("tower") == "image":
             return row
     return {}
-
-
-def _splice(path: Path, marker: str, text: str) -> None:
-    """Replace what stands between `<!-- marker -->` and `<!-- /marker -->` in `path` (atomically); no markers, no change."""
-    if not path.exists():
-        return
-    content = path.read_text()
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    if start not in content or end not in content:
-        return
-    head, rest = content.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-    os.replace(tmp, path)
 
 
 def _write_doc(table: str) -> None:
