@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import layout
 from .grid import METHODS
-from .stats import MIN_SEEDS
+from .stats import MIN_SEEDS, paired_margin
 
 HEADLINE = "B/image"  # the track the headline table and margin are read from (the study's own data)
 OURS = "relational"
@@ -82,19 +82,11 @@ def margin(rows: dict[str, dict[int, dict]], ours: str | None = None) -> dict | 
     if ours not in rows or not published:
         return None
     best = max(published, key=lambda m: statistics.fmean(c["headline"]["score"] for c in rows[m].values()))
-    seeds = sorted(set(rows[ours]) & set(rows[best]))
-    if not seeds:
-        return None
-    diffs = [100 * (rows[ours][s]["headline"]["score"] - rows[best][s]["headline"]["score"]) for s in seeds]
-    mean, std = _mean_std(diffs)
-    return {
-        "mean": round(mean, 3),
-        "std": round(std, 3),
-        "over": best,
-        "ours": ours,
-        "seeds": seeds,
-        "wins": bool(len(seeds) >= MIN_SEEDS and mean - 2 * std >= 1.0),
-    }
+
+    def points(method: str) -> dict[int, float]:
+        return {seed: 100 * c["headline"]["score"] for seed, c in rows[method].items()}
+
+    return paired_margin(ours, points(ours), best, points(best))
 
 
 def tables(cells: list[dict]) -> dict[str, dict]:

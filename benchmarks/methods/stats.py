@@ -187,11 +187,18 @@ def relational_margin(records: list[dict], key: str = "score", ours: str | None 
     if not ranking:
         return None
     best = ranking[0]
-    seeds = sorted(set(by_method[ours]) & set(by_method[best]))
+    return paired_margin(ours, by_method[ours], best, by_method[best], metric=key)
+
+
+def paired_margin(
+    ours: str, mine: dict[int, float], best: str, theirs: dict[int, float], **extra
+) -> dict | None:
+    """`mine` - `theirs` (seed -> score, in points) over their common seeds: {mean, std, over, ours, seeds,
+    **extra, wins}, or None when they share no seed."""
+    seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         return None
-    diffs = [by_method[ours][s] - by_method[best][s] for s in seeds]
-    m, s = mean_std(diffs)
+    m, s = mean_std([mine[k] - theirs[k] for k in seeds])
     # a win needs the spread of at least MIN_SEEDS paired seeds (issue 6): one seed has no std to beat
     return {
         "mean": round(m, 3),
@@ -199,7 +206,7 @@ def relational_margin(records: list[dict], key: str = "score", ours: str | None 
         "over": best,
         "ours": ours,
         "seeds": seeds,
-        "metric": key,
+        **extra,
         "wins": bool(len(seeds) >= MIN_SEEDS and m - 2 * s >= 1.0),
     }
 
