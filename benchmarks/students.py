@@ -116,8 +116,9 @@ KD16 = (("fd", 2000.0), ("kd", 16.0))
 # in an ad hoc measurement.
 LITE2_192_CUT = (1, 3, 3, 4, 3, 4, 1)
 # The frozen stage 4 above runs with a block missing that no training reaches (training it, freeze 4, ran
-# 17 s a step at 1 thread beside another run: over the hour). Cutting only the trained stage 5 instead, to 2 of its 5 blocks, removes more
-# multiply-adds (59M against 47M at 192 px) and leaves the stored prefix the whole tower's.
+# 17 s a step at 1 thread beside another run: over the hour). Cutting only the trained stage 5 instead, to
+# 2 of its 5 blocks, removes more multiply-adds (59M against 47M at 192 px) and leaves the stored prefix
+# the whole tower's.
 CUT5 = (1, 3, 3, 4, 4, 2, 1)
 
 

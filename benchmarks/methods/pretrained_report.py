@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import layout
 from .grid import METHODS
-from .stats import MIN_SEEDS, paired_margin
+from .stats import MIN_SEEDS, mean_std, paired_margin
 
 HEADLINE = "B/image"  # the track the headline table and margin are read from (the study's own data)
 OURS = "relational"
@@ -26,10 +26,6 @@ OWNED = ("headline", "regimes", "tracks", "relational_margin")
 
 def load(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _group(cells: list[dict]) -> dict[str, dict[str, dict[int, dict]]]:
@@ -45,9 +41,9 @@ def method_row(by_seed: dict[int, dict]) -> dict:
     """{score_mean, score_std, seeds, retention, retention_std, b2n_hm}: fractions, means over seeds."""
     seeds = sorted(by_seed)
     cells = [by_seed[s] for s in seeds]
-    mean, std = _mean_std([c["headline"]["score"] for c in cells])
+    mean, std = mean_std([c["headline"]["score"] for c in cells])
     figures = cells[0]["headline"]["retention"]
-    kept = {f: _mean_std([c["headline"]["retention"][f] for c in cells]) for f in figures}
+    kept = {f: mean_std([c["headline"]["retention"][f] for c in cells]) for f in figures}
     hm = {
         name.removesuffix("-b2n"): statistics.fmean(c["metrics"][name]["hm"] for c in cells)
         for name in cells[0]["metrics"]
@@ -148,8 +144,8 @@ def render(cells_dir: Path, regime: dict, results: Path | None = None, doc: Path
             f"no finished cell in {cells_dir}; run `python -m benchmarks.methods.pretrained` first"
         )
     tracks = tables(cells)
-    head = tracks.get(HEADLINE) or next(iter(tracks.values()))
     head_key = HEADLINE if HEADLINE in tracks else next(iter(tracks))
+    head = tracks[head_key]
     owned = {
         "headline": {"regime": {**regime, "track": head_key}, "rows": head["rows"]},
         "regimes": {"pretrained": regime, "noise": "budget (the tables under `summary`)"},

@@ -44,11 +44,10 @@ def render(budget: Budget, teacher_metrics: dict | None = None, cells: Path | No
     }
     results = layout.RESULTS
     # the pretrained-student regime's keys (pretrained_report) stay as that report wrote them
-    previous = (
-        json.loads((results / "methods.json").read_text()) if (results / "methods.json").exists() else {}
-    )
+    path = results / "methods.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
     out.update({k: previous[k] for k in OWNED if k in previous})
-    layout.write_json(results / "methods.json", out)
+    layout.write_json(path, out)
     table = "\n".join([markdown(agg, budget, latency)] + budget_table(agg["budgets"]))
     (results / "methods.md").write_text(table + "\n")
     summary = summary_table(agg)

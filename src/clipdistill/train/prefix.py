@@ -296,6 +296,7 @@ def fit_head(
     original, suffix.head = suffix.head, nn.Identity()
     feats, targets = [], []
     for acts in sets:
+        captions = caption_targets(acts).double() if target == "caption" else None  # the same for every view
         for v in range(acts.prefix.shape[0]):
             x = acts.prefix[v]
             feats.append(
@@ -307,9 +308,7 @@ def fit_head(
                 ).double()
             )
             targets.append(
-                caption_targets(acts).double()
-                if target == "caption"
-                else F.normalize(acts.teacher_image[v].double(), dim=-1)
+                captions if captions is not None else F.normalize(acts.teacher_image[v].double(), dim=-1)
             )
     suffix.head = original
     suffix.train(was)
