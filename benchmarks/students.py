@@ -120,6 +120,9 @@ LITE2_192_CUT = (1, 3, 3, 4, 3, 4, 1)
 # 2 of its 5 blocks, removes more multiply-adds (59M against 47M at 192 px) and leaves the stored prefix
 # the whole tower's.
 CUT5 = (1, 3, 3, 4, 4, 2, 1)
+# Lite0 at 144 px runs at about 4x the teacher's speed (3.76-4.01x over two ad hoc side-by-side runs): two
+# blocks fewer in stage 5 (2 of 4, the first kept; stage 5 trains, freeze 4) make it 4.2x, a margin over 4x.
+LITE0_144_CUT = (1, 2, 2, 3, 3, 2, 1)
 
 
 def lite2i_192_cut(freeze: int) -> list[Student]:
@@ -174,6 +177,19 @@ def grid(freeze: int) -> list[Student]:
             seeds=1,
         ),
         Student("lite0-160", "pretrained", 160, freeze),
+        # the >= 4x candidates at 144 px: the crops + KD recipe of 128 px, KD at weights 4 and 16
+        Student(
+            "lite0-144-cut-kd4",
+            "pretrained",
+            144,
+            FREEZE_MIN,
+            depths=LITE0_144_CUT,
+            crops=4,
+            recipe=CROPS_KD4.recipe,
+        ),
+        Student(
+            "lite0-144-cut-kd16", "pretrained", 144, FREEZE_MIN, depths=LITE0_144_CUT, crops=4, recipe=KD16
+        ),
         Student("lite0-128-random", "random", 128, freeze),
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),

@@ -42,6 +42,7 @@ EVAL = {
 PREFIX_KEYS = [
     ("lite0", "pretrained", 128),
     ("lite0", "pretrained", 160),
+    ("lite0", "pretrained", 144),
     ("lite0", "random", 128),
     ("lite2i", "inherit", 192),
     ("lite2i", "inherit", 160),

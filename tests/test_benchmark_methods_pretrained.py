@@ -146,3 +146,32 @@ def test_our_variant_is_chosen_on_flickr8k_dev_alone(report, pretrained):
     for variant in pretrained.VARIANTS:
         assert variant.startswith("relational") and variant in pretrained.methods()
         check_recipe(Distiller(SuffixTrainConfig(losses=pretrained.losses_of(variant)[0]).losses, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def curves(pretrained):
+    return importlib.import_module("bench_methods_p.curves")
+
+
+def test_curves_plot_one_line_per_method_and_budget(curves, tmp_path):
+    folder = tmp_path / "curves"
+    folder.mkdir()
+    for method, epochs in (("no_teacher", 10.0), ("tinyclip", 10.0), ("no_teacher", 30.0)):
+        points = [{"step": s, "epoch": s / 10, "score": 0.7 + s / 1000} for s in range(0, 101, 10)]
+        doc = {"cell": {"method": method}, "regime": {"epochs": epochs}, "points": points}
+        curves.curve_path(folder, f"B-image-{method}-s0", epochs).write_text(json.dumps(doc))
+    assert sorted(p.name for p in folder.iterdir())[0] == "B-image-no_teacher-s0-e10.json"
+    png = tmp_path / "curves.png"
+    curves.plot(folder, png)
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(SystemExit, match="no curves"):
+        curves.plot(tmp_path / "empty", png)
+
+
+def test_curves_of_an_unknown_or_excluded_method_exit_2_before_any_work(pretrained, monkeypatch, capsys):
+    for bad in ("dclip", "nope"):
+        monkeypatch.setattr("sys.argv", ["pretrained", "--curves", bad])
+        with pytest.raises(SystemExit) as exc:
+            pretrained.main()
+        assert exc.value.code == 2
+        assert "choose from" in capsys.readouterr().err

