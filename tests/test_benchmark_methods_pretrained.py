@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers.bench import methods_package
@@ -21,10 +22,13 @@ def pretrained():
         yield importlib.import_module("bench_methods_p.pretrained")
 
 
-def test_every_method_of_the_regime_passes_the_suffix_trainers_checks(pretrained):
+def test_every_method_of_the_regime_passes_the_suffix_trainers_checks(pretrained, tmp_path):
     assert "no_teacher" in pretrained.methods() and "relational" in pretrained.methods()
+    assert "clip_cid" in pretrained.methods()  # with its curation of the stored sets
+    centres = tmp_path / "centres.npy"
+    np.save(centres, np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32))
     for method in pretrained.methods():
-        losses, groups = pretrained.losses_of(method)
+        losses, groups = pretrained.losses_of(method, str(centres))
         cfg = SuffixTrainConfig(losses=losses, groups=groups or None)
         check_recipe(Distiller(cfg.losses, 8, 8))
 
@@ -175,3 +179,24 @@ def test_curves_of_an_unknown_or_excluded_method_exit_2_before_any_work(pretrain
             pretrained.main()
         assert exc.value.code == 2
         assert "choose from" in capsys.readouterr().err
+
+
+def test_clip_cid_curation_drops_near_duplicates_and_clusters_kept_and_unpaired_images(
+    pretrained, monkeypatch, tmp_path
+):
+    from clipdistill.train.prefix import Activations
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    base[280:] = base[:20] + 1e-3 * torch.randn(20, 16, generator=g)  # 20 near-copies of the first 20
+    n, nu = len(base), 100
+    paired = Activations(torch.zeros(1, n, 1, 1, 1), base[None], keys=[f"p{i}" for i in range(n)])
+    unpaired = Activations(torch.zeros(1, nu, 1, 1, 1), torch.randn(1, nu, 16, generator=g))
+    monkeypatch.setattr(pretrained, "train_sets", lambda track: (paired, unpaired))
+    kept, centres = pretrained.curation("B", tmp_path)
+    dropped = set(range(n)) - set(kept)
+    assert len(dropped) == 20 and all(i < 20 or i >= 280 for i in dropped)
+    assert all(isinstance(i, int) for i in kept) and kept == sorted(kept)
+    assert np.load(centres).shape == (pretrained.CLIP_CID["k"], 16)
+    monkeypatch.setattr(pretrained, "train_sets", lambda track: pytest.fail("curation recomputed"))
+    assert pretrained.curation("B", tmp_path) == (kept, centres)  # stored once per track

@@ -31,19 +31,14 @@ def run_curve(method: str, track: str, seed: int, epochs: float, folder: Path) -
     import students_data as D
 
     from clipdistill.models.freeze import split_image_tower
-    from clipdistill.train.prefix import SuffixTrainConfig, train_suffix
+    from clipdistill.train.prefix import train_suffix
 
     from . import pretrained as P
 
     out = curve_path(folder, P.cell_name(method, track, seed), epochs)
     if out.exists():
         return json.loads(out.read_text())
-    losses, groups = P.losses_of(method)
-    head_init = P.HEAD_INIT.get(method, "ridge")
-    paired, unpaired = P.train_sets(track)
-    cfg = SuffixTrainConfig(
-        losses=losses, epochs=epochs, seed=seed, groups=groups or None, head_init=head_init
-    )
+    cfg, losses, _, paired, unpaired, _ = P.cell_setup(method, track, seed, epochs)
     steps = int(epochs * len(paired) / min(cfg.batch_size, len(paired)))
     cfg.curve_every = max(1, steps // POINTS)
     model = P._model(seed)
@@ -70,7 +65,7 @@ def run_curve(method: str, track: str, seed: int, epochs: float, folder: Path) -
         "cell": {"method": method, "track": track, "setting": P.REGIME.setting, "seed": seed},
         "regime": {**asdict(P.REGIME), "epochs": epochs},
         "losses": losses,
-        "head_init": head_init,
+        "head_init": cfg.head_init,
         "steps": steps,
         "train": log,
         "minutes_with_evaluations": round((time.time() - t0) / 60, 2),

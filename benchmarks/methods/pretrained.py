@@ -37,16 +37,16 @@ if str(BENCH) not in sys.path:  # the study's data module (benchmarks/students_d
 
 from students_render import SOURCES  # noqa: E402  (figure -> (results, key), where the teacher is >= 2x chance)
 
-from .grid import GRID, TRACKS  # noqa: E402
+from .grid import CLIP_CID, GRID, TRACKS  # noqa: E402
 from .runner import recipe, recipe_groups  # noqa: E402
 
 OUT = BENCH / "results" / "methods_pretrained"
+CURATION = BENCH.parent / "runs" / "methods_pretrained" / "curation"  # CLIP-CID's keep-lists and centres
 B2N_SETS = ("cifar10", "cifar100-916")
 # Methods the stored activations cannot serve, and why (train_suffix refuses them before any step).
 EXCLUDED = {
     "clip_kd_mfd": "needs a ViT student's masked-token view; this student is a CNN",
     "dclip": "needs the meta-teacher's enriched embeddings per caption, not stored beside the prefixes yet",
-    "clip_cid": "needs its curation (semantic balance, k-means centres) over the prefix sets: not built yet",
 }
 # The study's own recipe as a reference row: FD alone, no task loss (benchmarks/students.py RECIPE).
 EXTRA = {"fd_only": {"fd": 2000.0}}
@@ -64,6 +64,8 @@ VARIANTS = {
 # tower, so its head is fitted to each image's captions instead (the frozen text tower, which setting
 # `image` gives every cell).
 HEAD_INIT = {"no_teacher": "caption"}
+# Methods that train on their own curation of the data (`curation`): CLIP-CID's kept images and centres.
+CURATED = ("clip_cid",)
 
 
 @dataclass(frozen=True)
@@ -93,15 +95,45 @@ def cell_name(method: str, track: str, seed: int, setting: str = REGIME.setting)
     return f"{track}-{setting}-{method}-s{seed}"
 
 
-def losses_of(method: str) -> tuple[dict, dict]:
-    """(losses, optimiser-group overrides) of `method`'s recipe."""
+def losses_of(method: str, centres: str | None = None) -> tuple[dict, dict]:
+    """(losses, optimiser-group overrides) of `method`'s recipe; `centres`: the k-means centres (.npy) a
+    `cluster` term reads (CLIP-CID's, from `curation`)."""
     if method in EXTRA:
         return dict(EXTRA[method]), {}
     if method in VARIANTS:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in VARIANTS[method].items()}, {}
     if method in EXCLUDED:
         raise SystemExit(f"method {method} is not in this regime: {EXCLUDED[method]}")
-    return recipe(method, {}), recipe_groups(method)
+    return recipe(method, {"centres": centres}), recipe_groups(method)
+
+
+def curation(track: str, folder: Path = CURATION) -> tuple[list[int], Path]:
+    """CLIP-CID's data curation over `track`'s stored teacher embeddings (centre views): semantic balance of
+    the Flickr8k train images (beta CLIP_CID["beta"]; the paired rows it keeps) and the k-means centres
+    (CLIP_CID["k"]) of the kept images and the track's unpaired ones. Computed once per track, in `folder`."""
+    import numpy as np
+
+    from clipdistill.curate.balance import BalanceConfig, balance
+    from clipdistill.curate.cluster import ClusterConfig, cluster
+    from clipdistill.curate.io import Embeddings
+
+    out = folder / f"{track}-beta{CLIP_CID['beta']}-k{CLIP_CID['k']}"
+    keep_path, centres = out / "keep_rows.json", out / "cluster" / "centres.npy"
+    if not (keep_path.exists() and centres.exists()):
+        paired, unpaired = train_sets(track)
+        emb = Embeddings(array=paired.teacher_image[0].float().numpy(), keys=list(paired.keys))
+        kept = balance(emb, BalanceConfig(beta=CLIP_CID["beta"], plots=False), out / "balance")
+        rows = [int(i) for i in np.flatnonzero(kept.keep)]
+        arrays = [emb.array[rows]]
+        if unpaired is not None:
+            arrays.append(unpaired.teacher_image[0].float().numpy())
+        points = Embeddings(array=np.ascontiguousarray(np.concatenate(arrays)))
+        cluster(points, ClusterConfig(k=CLIP_CID["k"], plots=False), out / "cluster")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = keep_path.with_name(f".{keep_path.name}.tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(keep_path)
+    return json.loads(keep_path.read_text()), centres
 
 
 def headline_score(metrics: dict, teacher: dict) -> dict:
@@ -161,23 +193,39 @@ def evaluate(suffix, model) -> dict:
     return out
 
 
+def cell_setup(method: str, track: str, seed: int, epochs: float = REGIME.epochs):
+    """(SuffixTrainConfig, losses, groups, paired, unpaired, kept rows or None) of a cell: the method's
+    recipe and head, and the track's stored sets (CLIP-CID's: the images its curation keeps)."""
+    from clipdistill.train.prefix import SuffixTrainConfig
+
+    paired, unpaired = train_sets(track)
+    kept, centres = curation(track) if method in CURATED else (None, None)
+    losses, groups = losses_of(method, centres and str(centres))
+    cfg = SuffixTrainConfig(
+        losses=losses,
+        epochs=epochs,
+        seed=seed,
+        groups=groups or None,
+        head_init=HEAD_INIT.get(method, "ridge"),
+    )
+    if kept is not None:
+        paired = paired.subset(kept)
+    return cfg, losses, groups, paired, unpaired, kept
+
+
 def run_cell(method: str, track: str, seed: int) -> dict:
     import students_data as D
 
     from clipdistill.models.freeze import split_image_tower
-    from clipdistill.train.prefix import SuffixTrainConfig, train_suffix
+    from clipdistill.train.prefix import train_suffix
 
     out = OUT / "cells" / f"{cell_name(method, track, seed)}.json"
     if out.exists():
         return json.loads(out.read_text())
-    losses, groups = losses_of(method)
-    head_init = HEAD_INIT.get(method, "ridge")
-    cfg = SuffixTrainConfig(
-        losses=losses, epochs=REGIME.epochs, seed=seed, groups=groups or None, head_init=head_init
-    )
+    cfg, losses, groups, paired, unpaired, kept = cell_setup(method, track, seed)
+    head_init = cfg.head_init
     model = _model(seed)
     _, suffix = split_image_tower(model, REGIME.freeze)
-    paired, unpaired = train_sets(track)
     t0 = time.time()
     log = train_suffix(suffix, paired, unpaired, cfg, teacher_scale=float(D.teacher().logit_scale().detach()))
     minutes = round((time.time() - t0) / 60, 2)
@@ -193,7 +241,8 @@ def run_cell(method: str, track: str, seed: int) -> dict:
         "train_minutes": minutes,
         "eval_seconds": round(time.time() - t1, 1),
         "data": {
-            "pairs": "flickr8k:train",
+            "pairs": "flickr8k:train"
+            + ("" if kept is None else f" ({len(kept)} images kept by CLIP-CID's semantic balance)"),
             "unpaired_images": None
             if unpaired is None
             else f"cifar10:train (every 4th, {len(unpaired)} images)",
