@@ -21,7 +21,17 @@ import statistics
 import time
 
 import torch
-from students_data import CELLS, EVAL, WORK, _dataset, _write, class_embeddings, collected, teacher
+from students_data import (
+    CELLS,
+    EVAL,
+    WORK,
+    _dataset,
+    _write,
+    class_embeddings,
+    collected,
+    prefix_depth,
+    teacher,
+)
 
 IMAGE_STUDENT = (
     "lite0-128-crops-kd"  # the >= 4x image student of benchmarks/students.py with the most retention
@@ -233,6 +243,7 @@ def run(layers: int, seed: int, epochs: float, image_student: str = IMAGE_STUDEN
                 collected("eval", name, split, every, captioned, False, [st.prefix_key])[st.prefix_key],
                 model,
                 freeze,
+                prefix_depth(st.prefix_key),
             )
             image = embed(suffix, acts.prefix[0])
             if captioned:

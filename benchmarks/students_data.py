@@ -38,7 +38,8 @@ EVAL = {
 
 # The teacher's own image tower (TinyCLIP inheritance: its blocks and head) at a lower resolution; with
 # `depths`, fewer blocks in the stages after the stored prefix (TinyCLIP's manual inheritance, first blocks).
-# Stored prefixes, one cache file each: (family, init, resolution).
+# Stored prefixes, one cache file each: (family, init, resolution), after FREEZE_MIN blocks; a fourth
+# element stores them after that many blocks instead (fewer: a student that trains more of its trunk).
 PREFIX_KEYS = [
     ("lite0", "pretrained", 128),
     ("lite0", "pretrained", 160),
@@ -80,6 +81,11 @@ def student_model(init: str, size: int, seed: int = 0, family: str = "lite0", de
     return model
 
 
+def prefix_depth(key: tuple) -> int:
+    """The blocks a stored prefix of `key` has run."""
+    return key[3] if len(key) > 3 else FREEZE_MIN
+
+
 def _dataset(name: str) -> str:
     return "flickr8k" if name == "dev" else name
 
@@ -102,17 +108,19 @@ def collected(
     from clipdistill.train.prefix import collect
 
     def path(key) -> Path:
-        family, init, size = key
+        family, init, size = key[:3]
         tag = f"-crops{crops}" if crops else ""
-        return WORK / "cache" / f"{kind}-{name}-{split}-{every}{tag}-{family}-{init}{size}.pt"
+        depth = "" if prefix_depth(key) == FREEZE_MIN else f"-b{prefix_depth(key)}"
+        return WORK / "cache" / f"{kind}-{name}-{split}-{every}{tag}-{family}-{init}{size}{depth}.pt"
 
     missing = [k for k in keys if not path(k).exists()]
     if missing:
         prefixes = {}
-        for family, init, size in missing:
+        for key in missing:
+            family, init, size = key[:3]
             model = student_model(init, size, family=family).eval()
-            prefix = split_image_tower(model, FREEZE_MIN)[0].eval().to(memory_format=torch.channels_last)
-            prefixes[(family, init, size)] = (prefix, model)
+            prefix = split_image_tower(model, prefix_depth(key))[0].eval()
+            prefixes[key] = (prefix.to(memory_format=torch.channels_last), model)
         info = dataset_info(_dataset(name))
         samples = subsample(iter_samples(info.shards(split)), every)
         views = (
@@ -181,15 +189,17 @@ def metrics(name: str, image_emb: torch.Tensor, acts) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def deeper(acts, model, freeze: int):
-    """Activations after `freeze` blocks, from the stored ones after FREEZE_MIN (frozen blocks run once)."""
+def deeper(acts, model, freeze: int, stored: int = FREEZE_MIN):
+    """Activations after `freeze` blocks, from the stored ones after `stored` (frozen blocks run once)."""
     from clipdistill.train.prefix import Activations
 
-    if freeze == FREEZE_MIN:
+    if freeze == stored:
         return acts
+    if freeze < stored:
+        raise SystemExit(f"freeze {freeze} needs a prefix stored after {freeze} blocks (this one: {stored})")
     from clipdistill.models.freeze import split_image_tower
 
-    blocks = split_image_tower(model, FREEZE_MIN)[1].blocks[: freeze - FREEZE_MIN].eval()
+    blocks = split_image_tower(model, stored)[1].blocks[: freeze - stored].eval()
     with torch.no_grad():
         views = [
             torch.cat([blocks(v[i : i + 256].float()).half() for i in range(0, v.shape[0], 256)])
@@ -209,7 +219,7 @@ def eval_embeddings(suffix, model, key: tuple, freeze: int, only=None):
         if only is not None and name not in only:
             continue
         acts = collected("eval", name, split, every, name in ("flickr8k", "dev"), False, [key])[key]
-        acts = deeper(acts, model, freeze)
+        acts = deeper(acts, model, freeze, prefix_depth(key))
         yield name, embed(suffix, acts.prefix[0]), acts
 
 
