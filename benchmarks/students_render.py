@@ -183,9 +183,9 @@ def table(rows: list[dict], teacher: dict) -> str:
         speed = f"{r['speedup_ort']:.1f}x / {r['speedup_torch']:.1f}x" if r["speedup_ort"] else "-"
         one = len(r["seeds"]) == 1  # no spread from one seed: say so instead of printing ± 0
         cells = [
-            f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f}%)"
+            f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.1f}%)"
             if one
-            else f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.0f} ± {100 * r['retention_std'][f]:.0f}%)"
+            else f"{r['percent'][f]:.1f} ({100 * r['retention'][f]:.1f} ± {100 * r['retention_std'][f]:.1f}%)"
             for f in FIGURES
         ]
         mean = (
