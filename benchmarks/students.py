@@ -49,7 +49,6 @@ from students_data import (  # noqa: E402
     deeper,
     eval_embeddings,
     metrics,
-    prefix_depth,
     student_model,
     teacher,
     training_set,
@@ -154,6 +153,7 @@ def lite2i_192_cut(freeze: int) -> list[Student]:
 
 
 def grid(freeze: int) -> list[Student]:
+    cut144, crops144 = ("pretrained", 144, FREEZE_MIN), dict(depths=LITE0_144_CUT, crops=4)
     return [
         Student("lite0-128-head", "pretrained", 128, 7, head_only=True, epochs=0.0),
         Student("lite0-128", "pretrained", 128, freeze),
@@ -188,26 +188,8 @@ def grid(freeze: int) -> list[Student]:
         Student("lite0-128-f3-crops-kd16", "pretrained", 128, 3, crops=4, recipe=KD16),
         # 144 px with stage 5 cut (4.2x): the crops + KD recipe of 128 px, KD at weights 4 and 16 (41.3 and
         # 41.6 on Flickr8k dev at seed 0, 84% of the test Ret mean: the cut costs what the pixels gain)
-        Student(
-            "lite0-144-cut-kd4",
-            "pretrained",
-            144,
-            FREEZE_MIN,
-            depths=LITE0_144_CUT,
-            crops=4,
-            recipe=CROPS_KD4.recipe,
-            seeds=2,
-        ),
-        Student(
-            "lite0-144-cut-kd16",
-            "pretrained",
-            144,
-            FREEZE_MIN,
-            depths=LITE0_144_CUT,
-            crops=4,
-            recipe=KD16,
-            seeds=1,
-        ),
+        Student("lite0-144-cut-kd4", *cut144, recipe=CROPS_KD4.recipe, seeds=2, **crops144),
+        Student("lite0-144-cut-kd16", *cut144, recipe=KD16, seeds=1, **crops144),
         Student("lite0-128-random", "random", 128, freeze),
         Student("lite2i-192-head", "inherit", 192, 7, head_only=True, epochs=0.0, family="lite2i"),
         Student("lite2i-192", "inherit", 192, freeze, family="lite2i"),
@@ -258,7 +240,7 @@ def run_cell(st: Student, seed: int, *, dev_only: bool = False) -> dict:
         log, minutes = {**dev["train"], "weights_of": dev_tag}, dev["train_minutes"]
     else:
         train_sets = {
-            name: deeper(training_set(name, key, st.crops), model, freeze, prefix_depth(key))
+            name: deeper(training_set(name, key, st.crops), model, freeze, key)
             for name in ("flickr8k", "cifar10")
         }
         t0 = time.time()

@@ -29,7 +29,6 @@ from students_data import (
     _write,
     class_embeddings,
     collected,
-    prefix_depth,
     teacher,
 )
 
@@ -239,11 +238,9 @@ def run(layers: int, seed: int, epochs: float, image_student: str = IMAGE_STUDEN
     with torch.no_grad():
         for name, (split, every) in EVAL.items():
             captioned = name in ("flickr8k", "dev")
+            key = st.prefix_key
             acts = deeper(
-                collected("eval", name, split, every, captioned, False, [st.prefix_key])[st.prefix_key],
-                model,
-                freeze,
-                prefix_depth(st.prefix_key),
+                collected("eval", name, split, every, captioned, False, [key])[key], model, freeze, key
             )
             image = embed(suffix, acts.prefix[0])
             if captioned:

@@ -189,10 +189,11 @@ def metrics(name: str, image_emb: torch.Tensor, acts) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def deeper(acts, model, freeze: int, stored: int = FREEZE_MIN):
-    """Activations after `freeze` blocks, from the stored ones after `stored` (frozen blocks run once)."""
+def deeper(acts, model, freeze: int, key: tuple):
+    """Activations after `freeze` blocks, from those stored for prefix `key` (frozen blocks run once)."""
     from clipdistill.train.prefix import Activations
 
+    stored = prefix_depth(key)
     if freeze == stored:
         return acts
     if freeze < stored:
@@ -219,7 +220,7 @@ def eval_embeddings(suffix, model, key: tuple, freeze: int, only=None):
         if only is not None and name not in only:
             continue
         acts = collected("eval", name, split, every, name in ("flickr8k", "dev"), False, [key])[key]
-        acts = deeper(acts, model, freeze, prefix_depth(key))
+        acts = deeper(acts, model, freeze, key)
         yield name, embed(suffix, acts.prefix[0]), acts
 
 

@@ -31,7 +31,7 @@ def run_curve(method: str, track: str, seed: int, epochs: float, folder: Path) -
     import students_data as D
 
     from clipdistill.models.freeze import split_image_tower
-    from clipdistill.train.prefix import train_suffix
+    from clipdistill.train.prefix import planned_steps, train_suffix
 
     from . import pretrained as P
 
@@ -39,7 +39,7 @@ def run_curve(method: str, track: str, seed: int, epochs: float, folder: Path) -
     if out.exists():
         return json.loads(out.read_text())
     cfg, losses, _, paired, unpaired, _ = P.cell_setup(method, track, seed, epochs)
-    steps = int(epochs * len(paired) / min(cfg.batch_size, len(paired)))
+    steps = planned_steps(cfg, len(paired))
     cfg.curve_every = max(1, steps // POINTS)
     model = P._model(seed)
     _, suffix = split_image_tower(model, P.REGIME.freeze)

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import cache
+from itertools import product
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1]
@@ -157,11 +158,11 @@ def train_sets(track: str):
     import students_data as D
 
     model = _model(0)
-    paired = D.deeper(D.training_set("flickr8k", REGIME.prefix_key), model, REGIME.freeze)
+    paired = D.deeper(D.training_set("flickr8k", REGIME.prefix_key), model, REGIME.freeze, REGIME.prefix_key)
     spec = TRACKS[track]
     if not spec.get("unpaired"):
         return paired, None
-    unpaired = D.deeper(D.training_set("cifar10", REGIME.prefix_key), model, REGIME.freeze)
+    unpaired = D.deeper(D.training_set("cifar10", REGIME.prefix_key), model, REGIME.freeze, REGIME.prefix_key)
     if spec.get("filter") == "classes=base":
         unpaired = unpaired.subset(base_rows(unpaired.labels, 10))
     return paired, unpaired
@@ -284,11 +285,8 @@ def main() -> None:
         from .curves import plot, run_curve
 
         torch.set_num_threads(args.threads)
-        for epochs in args.curve_epochs:
-            for name in args.curves:
-                for seed in args.seeds:
-                    for track in args.tracks:
-                        run_curve(name, track, seed, epochs, OUT / "curves")
+        for epochs, name, seed, track in product(args.curve_epochs, args.curves, args.seeds, args.tracks):
+            run_curve(name, track, seed, epochs, OUT / "curves")
         plot(OUT / "curves", OUT / "curves.png")
         return
     if args.report:

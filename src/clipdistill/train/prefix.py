@@ -403,6 +403,12 @@ def _call_hook(on_step: Callable[[int, nn.Module], None], step: int, suffix: nn.
     return time.time() - began
 
 
+def planned_steps(cfg: SuffixTrainConfig, n: int) -> int:
+    """The optimiser steps `train_suffix` plans for `n` paired images: `cfg.epochs` passes at its batch size
+    (0: the ridge head alone, a linear probe)."""
+    return int(cfg.epochs * n / min(cfg.batch_size, n))
+
+
 def train_suffix(
     suffix: nn.Module,
     paired: Activations,
@@ -443,7 +449,7 @@ def train_suffix(
     )
     n = len(paired)
     batch = min(cfg.batch_size, n)
-    total = int(cfg.epochs * n / batch)  # 0: the ridge head alone (linear probe)
+    total = planned_steps(cfg, n)
     views = paired.prefix.shape[0]
     rows = _rows(n, batch, gen)
     rows_u = (
