@@ -128,7 +128,14 @@ def test_report_writes_its_keys_and_keeps_the_noise_regimes(report, tmp_path):
         "intro\n<!-- pretrained methods -->\nold\n<!-- /pretrained methods -->\nend\n"
     )
     regime = {"student": "lite0", "init": "pretrained", "image_size": 128, "freeze": 5, "epochs": 10.0}
-    report.render(cells, {**regime, "setting": "image"}, results=tmp_path, doc=tmp_path / "doc.md")
+    (tmp_path / "readme.md").write_text("top\n<!-- pretrained methods -->\n<!-- /pretrained methods -->\n")
+    report.render(
+        cells,
+        {**regime, "setting": "image"},
+        results=tmp_path,
+        doc=tmp_path / "doc.md",
+        readme=tmp_path / "readme.md",
+    )
     out = json.loads((tmp_path / "methods.json").read_text())
     assert out["summary"] == [1] and out["relational_margin"]["over"] == "hinton_kd"
     assert out["headline"]["rows"]["relational"]["seeds"] == [0, 1, 2]
@@ -138,6 +145,9 @@ def test_report_writes_its_keys_and_keeps_the_noise_regimes(report, tmp_path):
     assert (
         doc.startswith("intro\n") and doc.endswith("end\n") and "old" not in doc and "| relational |" in doc
     )
+    readme = (tmp_path / "readme.md").read_text()
+    assert readme.startswith("top\n") and "| relational | 81.0 ± 1.0 |" in readme
+    assert "Relational margin over hinton_kd" in readme and "Student:" not in readme
 
 
 def test_our_variant_is_chosen_on_flickr8k_dev_alone(report, pretrained):

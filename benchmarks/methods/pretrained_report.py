@@ -134,9 +134,29 @@ def summary(tracks: dict[str, dict], regime: dict) -> str:
     return "\n".join(lines)
 
 
-def render(cells_dir: Path, regime: dict, results: Path | None = None, doc: Path | None = None) -> dict:
+def readme_block(tracks: dict[str, dict], regime: dict, head_key: str) -> str:
+    """The README's summary: the headline track's table and margin line, and where the rest is."""
+    table = summary({head_key: tracks[head_key]}, regime).split("\n", 2)[2]
+    table = table.replace(f"### Track {head_key}", f"**Track {head_key}**", 1)
+    others = [k for k in tracks if k != head_key]
+    rest = f" Other tracks so far: {', '.join(others)}." if others else ""
+    return (
+        f"{table.rstrip()}\n\nEvery track, the learning curves and what each cell ran: "
+        f"[docs/benchmark.md](docs/benchmark.md).{rest} Regenerate with "
+        "`python -m benchmarks.methods.pretrained --report`."
+    )
+
+
+def render(
+    cells_dir: Path,
+    regime: dict,
+    results: Path | None = None,
+    doc: Path | None = None,
+    readme: Path | None = None,
+) -> dict:
     """Write the regime's keys into methods.json (others kept) and its summary table, also into `doc`
-    (default docs/benchmark.md) between its `<!-- pretrained methods -->` markers; returns those keys."""
+    (default docs/benchmark.md) between its `<!-- pretrained methods -->` markers, and the headline track's
+    table into `readme` (default README.md) between the same markers; returns those keys."""
     results = layout.RESULTS if results is None else results
     cells = load(cells_dir)
     if not cells:
@@ -158,4 +178,6 @@ def render(cells_dir: Path, regime: dict, results: Path | None = None, doc: Path
     text = summary(tracks, regime)
     (cells_dir.parent / "summary.md").write_text(text)
     layout.splice(layout.DOC if doc is None else doc, "pretrained methods", text)
+    readme = layout.REPO / "README.md" if readme is None else readme
+    layout.splice(readme, "pretrained methods", readme_block(tracks, regime, head_key))
     return owned
