@@ -199,7 +199,9 @@ def grid(freeze: int) -> list[Student]:
         Student("lite0-128-f3-crops-kd16", "pretrained", 128, 3, crops=4, recipe=KD16, seeds=5),
         # + our relational term over a 16,384-row bank (cross-modal rows only, or all four): 40.4 and 39.8 on
         # Flickr8k dev at seed 0 against KD 16's 40.9: not continued
-        Student("lite0-128-f3-crops-kd16-relx", "pretrained", 128, 3, crops=4, recipe=KD16_REL_CROSS, seeds=1),
+        Student(
+            "lite0-128-f3-crops-kd16-relx", "pretrained", 128, 3, crops=4, recipe=KD16_REL_CROSS, seeds=1
+        ),
         Student("lite0-128-f3-crops-kd16-rel", "pretrained", 128, 3, crops=4, recipe=KD16_REL, seeds=1),
         # 136 px whole (frozen at freeze 5, 160 px kept 8.5 points more of the Flickr8k Ret mean than 128 px;
         # 144 px whole ran 3.8-4.0x, too close to 4x): the freeze-3 KD 16 recipe, its own block-2 prefix

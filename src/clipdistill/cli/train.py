@@ -48,7 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="store K augmented views per sample and the teacher's embeddings of them (and of every caption)",
     )
     c.add_argument(
-        "--teacher", required=True, help="teacher model spec, e.g. teacher:DIR or openclip:ViT-B-32@ckpt.pt"
+        "--teacher",
+        required=True,
+        action="append",
+        help="teacher model spec, e.g. teacher:DIR or openclip:ViT-B-32@ckpt.pt; repeat it for an ensemble "
+        "(the members in order, as teacher.spec lists them)",
     )
     c.add_argument(
         "--data",
@@ -150,7 +154,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     from clipdistill.data.augment import AugmentPolicy
     from clipdistill.data.loader import resolve_shards
     from clipdistill.data.teacher_cache import build_cache
-    from clipdistill.models.factory import create_model
+    from clipdistill.models.factory import create_model, ensemble_spec, parse_spec
     from clipdistill.train.config_io import apply_overrides
     from clipdistill.train.distributed import pick_device
 
@@ -162,6 +166,9 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         )
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1 (views per teacher forward pass)")
+    teacher_spec = ensemble_spec(args.teacher)
+    if args.dclip and parse_spec(teacher_spec).kind == "ensemble":
+        raise UserError("--dclip trains a meta-teacher head on one teacher's tokens; pass a single --teacher")
     check_output_dir(args.out, "--out")
     shards, kinds = [], []
     for spec in args.data:
@@ -173,7 +180,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
             "--dclip trains on image-caption pairs; pass image-caption data (e.g. flickr8k:train) to --data"
         )
     policy = AugmentPolicy.from_dict(apply_overrides({}, args.augment))
-    teacher = create_model(args.teacher).to(pick_device(args.device))
+    teacher = create_model(teacher_spec).to(pick_device(args.device))
     cache = build_cache(
         teacher,
         shards,
@@ -197,7 +204,9 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     unreadable = [note for s in info.shards for note in s.get("unreadable", [])]
     print(
         f"teacher cache {args.out}: {info.samples} samples x {info.augmentations} views, {len(info.shards)} shards, "
-        f"embedding width {info.embed_dim}, skipped {skipped}, fingerprint {info.fingerprint}"
+        f"embedding width {info.embed_dim}"
+        + (f" ({' + '.join(str(m['embed_dim']) for m in info.members)}, normalised)" if info.members else "")
+        + f", skipped {skipped}, fingerprint {info.fingerprint}"
         + "".join(f"; {note}" for note in unreadable)
     )
     return 0

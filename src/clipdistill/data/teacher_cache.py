@@ -6,6 +6,10 @@ features when asked) and the teacher's text embedding of every caption. Training
 on the raw image at the student's resolution (`augment.replay`) and reads the stored embeddings, so no
 teacher embedding is ever computed twice for the same image and view.
 
+An ensemble teacher (models/ensemble.py) is cached member by member: every member embeds the same K
+views, each replayed at that member's own preprocessing, and a stored row joins the members' normalised
+embeddings (docs/methods.md section 7.1).
+
 The folder's layout, its fingerprint and the reader (`TeacherCache`, also importable from here) are in
 data/teacher_cache_format.py. Each shard folder is written to a temporary name and renamed, and
 `cache.json` is written last, so an interrupted build leaves no half cache and a rerun keeps the
@@ -31,12 +35,14 @@ from clipdistill.data.augment import AUG_WIDTH, AugmentPolicy, replay_many, samp
 from clipdistill.data.loader import decode_record, shard_identity, shard_name
 from clipdistill.data.shards import SkipCounter, read_records
 from clipdistill.data.teacher_cache_format import (
+    ENSEMBLE_FORMAT,
     FORMAT,
     INFO_FILE,
     CacheInfo,
     CacheShard,
     TeacherCache,
     digest,
+    ensemble_members,
     fingerprint_parts,
     teacher_parts,
     weights_hash,
@@ -105,15 +111,27 @@ def build_cache(
     (out / "shards").mkdir(parents=True, exist_ok=True)
     start = time.time()
     teacher.eval()
+    members = ensemble_members(teacher)
     entries: list[dict] = []
-    pooled_dim = None
+    pooled_dim = pooled_dims = None
     for i, (path, ident) in enumerate(zip(shards, idents)):
         shard_fp = digest({"fingerprint": fingerprint, "shard": ident})
         folder = out / "shards" / f"{i:05d}"
         meta = _read_meta(folder)
         if meta is None or meta.get("fingerprint") != shard_fp:
             meta = _build_shard(
-                teacher, path, folder, shard_fp, augmentations, policy, seed, pooled, text, batch_size, dtype
+                members or [teacher],
+                members is not None,
+                path,
+                folder,
+                shard_fp,
+                augmentations,
+                policy,
+                seed,
+                pooled,
+                text,
+                batch_size,
+                dtype,
             )
         else:
             log.info("teacher cache: shard %s already done", ident["name"])
@@ -126,8 +144,9 @@ def build_cache(
             }
         )
         pooled_dim = meta.get("pooled_dim") or pooled_dim
+        pooled_dims = meta.get("pooled_dims") or pooled_dims
     info = {
-        "format": FORMAT,
+        "format": FORMAT if members is None else ENSEMBLE_FORMAT,
         "fingerprint": fingerprint,
         "parts": parts,
         "augmentations": augmentations,
@@ -139,6 +158,16 @@ def build_cache(
         "dtype": dtype,
         "seconds": round(time.time() - start, 1),
     }
+    if members is not None:
+        info["members"] = [
+            {
+                "teacher": getattr(m, "spec", None) or m.name,
+                "embed_dim": int(m.embed_dim),
+                "pooled_dim": pooled_dims[k] if pooled_dims else None,
+                "logit_scale": float(m.logit_scale().detach()),
+            }
+            for k, m in enumerate(members)
+        ]
     write_json(out / INFO_FILE, info)
     return TeacherCache(out)
 
@@ -151,7 +180,11 @@ def _read_meta(folder: Path) -> dict | None:
 
 
 @torch.no_grad()
-def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text, batch_size, dtype) -> dict:
+def _build_shard(
+    models, joined, path, folder, shard_fp, k, policy, seed, pooled, text, batch_size, dtype
+) -> dict:
+    """One shard's cache. `models`: [the teacher], or an ensemble's members with `joined` True: every
+    member embeds the same views at its own preprocessing, and each row joins their normalised embeddings."""
     name = shard_name(path)
     skipped = SkipCounter()
     keys: list[str] = []
@@ -160,19 +193,25 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
     offsets = [0]
     image_out: list[np.ndarray] = []
     pooled_out: list[np.ndarray] = []
-    pending: list[torch.Tensor] = []
+    pending: list[list[torch.Tensor]] = [[] for _ in models]  # per model: its views of the pending samples
     centre: list[bool] = []
+    pooled_dims: list[int] | None = None
 
     def flush() -> None:
-        if not pending:
+        nonlocal pooled_dims
+        if not centre:
             return
-        x = torch.cat(pending).to(teacher.device)
         flags = torch.tensor(centre)
-        emb, pool = _embed_views(teacher, x, flags, pooled)
-        image_out.append(emb)
+        embs, pools = [], []
+        for model, views in zip(models, pending):
+            emb, pool = _embed_views(model, torch.cat(views).to(model.device), flags, pooled)
+            embs.append(_unit(emb) if joined else emb)
+            pools.append(pool)
+            views.clear()
+        image_out.append(np.concatenate(embs, axis=1))
         if pooled:
-            pooled_out.append(pool)
-        pending.clear()
+            pooled_out.append(np.concatenate(pools, axis=1))
+            pooled_dims = [int(p.shape[-1]) for p in pools]
         centre.clear()
 
     bar = tqdm(desc=f"teacher cache {name}", unit="img", leave=False)
@@ -182,7 +221,8 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
             continue
         rng = np.random.default_rng(stable_seed(seed, "cache", name, sample.key))
         params = sample_params(policy, sample.image.width, sample.image.height, k, rng)
-        pending.append(replay_many(sample.image, params, teacher.image_config))
+        for model, views in zip(models, pending):
+            views.append(replay_many(sample.image, params, model.image_config))
         centre.extend(bool(row[AUG_WIDTH - 1] >= 0.5) for row in params)
         keys.append(sample.key)
         augs.append(params)
@@ -190,15 +230,18 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
             captions.extend(sample.captions)
         offsets.append(len(captions))
         bar.update(1)
-        if sum(len(p) for p in pending) >= batch_size:
+        if len(centre) >= batch_size:
             flush()
     flush()
     bar.close()
     n = len(keys)
-    image = (
-        np.concatenate(image_out).reshape(n, k, -1) if n else np.zeros((0, k, teacher.embed_dim), np.float32)
-    )
-    text_emb = _encode_texts(teacher, captions) if captions else np.zeros((0, teacher.embed_dim), np.float32)
+    width = sum(int(m.embed_dim) for m in models)
+    image = np.concatenate(image_out).reshape(n, k, -1) if n else np.zeros((0, k, width), np.float32)
+    if captions:
+        texts = [_encode_texts(m, captions) for m in models]
+        text_emb = np.concatenate([_unit(t) for t in texts] if joined else texts, axis=1)
+    else:
+        text_emb = np.zeros((0, width), np.float32)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -218,6 +261,8 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
         pooled_arr = np.concatenate(pooled_out).reshape(n, k, -1) if n else np.zeros((0, k, 0), np.float32)
         np.save(tmp / "pooled.npy", pooled_arr.astype(dtype))
         meta["pooled_dim"] = int(pooled_arr.shape[-1])
+        if joined:
+            meta["pooled_dims"] = pooled_dims
     np.save(tmp / "text.npy", text_emb.astype(dtype))
     np.save(tmp / "text_offsets.npy", np.asarray(offsets, dtype=np.int64))
     (tmp / "keys.json").write_text(json.dumps(keys))
@@ -227,6 +272,11 @@ def _build_shard(teacher, path, folder, shard_fp, k, policy, seed, pooled, text,
     if skipped.total:
         log.warning("teacher cache %s: skipped %d samples %s", name, skipped.total, skipped.reasons)
     return meta
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised as `F.normalize` does (an online ensemble teacher normalises the same way)."""
+    return torch.nn.functional.normalize(torch.from_numpy(x), dim=-1).numpy()
 
 
 def _embed_views(

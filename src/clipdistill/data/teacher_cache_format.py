@@ -14,6 +14,14 @@ Layout of a cache folder (memory-mapped .npy arrays, sharded like the data):
 
 Fingerprint = teacher identity + weights hash + preprocessing + augmentation policy (with K and the
 seed) + data shard names and sizes.
+
+Ensemble teachers (models/ensemble.py, docs/methods.md section 7.1) write format 2, which a format-1
+reader refuses; format-1 (single-teacher) caches are unchanged and still load. In format 2 the arrays keep
+their names and shapes, and each embedding row is the members' L2-normalised embeddings joined in member
+order (MobileCLIP's layout): `image.npy` is n x K x (d_1 + ... + d_M), `text.npy` is m x (d_1 + ... + d_M),
+and `pooled.npy` joins the members' raw pooled features. `cache.json` adds `members`: per member its
+spec, `embed_dim`, `pooled_dim` and `logit_scale`. The fingerprint's teacher parts then list every member's
+identity, weights hash and preprocessing, in order; `weights` is the hash of the members' hashes.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 1  # a single teacher
+ENSEMBLE_FORMAT = 2  # an ensemble teacher: `members` in cache.json, member blocks in every embedding row
 INFO_FILE = "cache.json"
 
 
@@ -57,12 +66,37 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_parts(teacher: ClipModel) -> dict:
-    """The teacher-side fingerprint parts: identity, weights hash, preprocessing."""
+def ensemble_weights(hashes: list[str]) -> str:
+    """The weights hash of an ensemble: a digest of its members' hashes, in order."""
+    return digest({"ensemble": list(hashes)})
+
+
+def ensemble_members(teacher: ClipModel) -> list[ClipModel] | None:
+    """The members of an ensemble teacher (`models.ensemble.EnsembleModel`), None for a single teacher."""
+    members = getattr(teacher, "members", None)
+    return list(members) if isinstance(members, torch.nn.ModuleList) else None
+
+
+def _single_parts(teacher: ClipModel) -> dict:
     return {
         "teacher": getattr(teacher, "spec", None) or teacher.name,
         "weights": weights_hash(teacher),
         "preprocessing": teacher.image_config.as_dict(),
+    }
+
+
+def teacher_parts(teacher: ClipModel) -> dict:
+    """The teacher-side fingerprint parts: identity, weights hash, preprocessing; for an ensemble also
+    `members`, each member's parts in order (and `weights` the hash of their hashes)."""
+    members = ensemble_members(teacher)
+    if members is None:
+        return _single_parts(teacher)
+    parts = [_single_parts(m) for m in members]
+    return {
+        "teacher": getattr(teacher, "spec", None) or teacher.name,
+        "weights": ensemble_weights([p["weights"] for p in parts]),
+        "preprocessing": [p["preprocessing"] for p in parts],
+        "members": parts,
     }
 
 
@@ -158,6 +192,20 @@ class CacheInfo:
     logit_scale: float
     text: bool
     shards: list[dict]
+    members: list[dict] | None = None  # ensemble caches: per member spec, embed_dim, pooled_dim, logit_scale
+
+    def member_columns(self, key: str = "embed_dim") -> list[tuple[int, int]]:
+        """Each member's (start, end) columns in a stored row of embeddings (`embed_dim`) or pooled
+        features (`pooled_dim`); one span for a single-teacher cache."""
+        if self.members is None:
+            width = self.embed_dim if key == "embed_dim" else self.pooled_dim
+            return [(0, int(width or 0))]
+        spans, start = [], 0
+        for m in self.members:
+            width = int(m.get(key) or 0)
+            spans.append((start, start + width))
+            start += width
+        return spans
 
     @property
     def policy(self) -> AugmentPolicy:
@@ -186,9 +234,13 @@ class TeacherCache:
             )
         try:
             raw = json.loads(info_file.read_text())
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format {raw.get('format')} (expected {FORMAT})")
-            self.info = CacheInfo(**{k: raw[k] for k in CacheInfo.__dataclass_fields__})
+            if raw.get("format") not in (FORMAT, ENSEMBLE_FORMAT):
+                raise ValueError(f"format {raw.get('format')} (expected {FORMAT} or {ENSEMBLE_FORMAT})")
+            if (raw["format"] == ENSEMBLE_FORMAT) != bool(raw.get("members")):
+                raise ValueError(f"format {raw['format']} with members {raw.get('members')!r}")
+            self.info = CacheInfo(
+                **{k: raw[k] for k in CacheInfo.__dataclass_fields__ if k in raw or k != "members"}
+            )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(
                 f"cannot read teacher cache '{info_file}' ({err}); rebuild it with `clipdistill cache-teacher`"
@@ -220,6 +272,8 @@ class TeacherCache:
         parts = self.info.parts
         teacher = dict(teacher or {})
         spec = teacher.pop("teacher", None)
+        if teacher:
+            self._check_members(teacher.pop("members", None), spec)
         # The weights hash is the teacher's identity; the spec string only names it (a moved folder is fine).
         for key, value in teacher.items():
             if parts.get(key) != value:
@@ -262,6 +316,37 @@ class TeacherCache:
         wanted = {shard_name(p) for p in shards} if shards else set(self._shards)
         for name in sorted(wanted & set(self._shards)):
             self._shards[name].verify()
+
+    def _check_members(self, run: list[dict] | None, spec: str | None) -> None:
+        """Refuse an ensemble cache for a single teacher, a single-teacher cache for an ensemble, and an
+        ensemble cache for another ensemble (other members, weights, preprocessing or order)."""
+        cached = self.info.parts.get("members")
+        if run is None and cached is None:
+            return
+        build = "`clipdistill cache-teacher --teacher SPEC [--teacher SPEC ...] --data ... --out DIR`"
+        if run is None:
+            raise UserError(
+                f"teacher cache '{self.root}' holds an ensemble of {len(cached)} teachers {_names(cached)}, but the "
+                f"run's teacher is the single model '{spec}'; set teacher.spec to the list {_names(cached)}, or "
+                f"build a cache for '{spec}' with {build}"
+            )
+        if cached is None:
+            raise UserError(
+                f"teacher cache '{self.root}' holds the single teacher '{self.info.parts.get('teacher')}', but the "
+                f"run's teacher is an ensemble of {len(run)} {_names(run)}; build an ensemble cache with {build} "
+                "(one --teacher per member, in the run's order), or set teacher.spec to that single teacher"
+            )
+        key = lambda m: (m["weights"], m["preprocessing"])  # noqa: E731 - a moved folder keeps its weights
+        if [key(m) for m in cached] != [key(m) for m in run]:
+            raise UserError(
+                f"teacher cache '{self.root}' holds the ensemble {_names(cached)}, but the run's teacher is the "
+                f"ensemble {_names(run)} (other members, weights, preprocessing or order); set teacher.spec to "
+                f"the cache's members in its order, or build a cache for the run's with {build}"
+            )
+
+
+def _names(members: list[dict]) -> str:
+    return "[" + ", ".join(str(m["teacher"]) for m in members) + "]"
 
 
 def _short(value: object) -> str:

@@ -80,12 +80,14 @@ def split_spec(spec: str) -> tuple[str, str]:
 
     'openclip:ViT-B-32/laion2b' -> ('openclip:ViT-B-32', 'laion2b'); 'student:x@/ck.pt' -> ('student:x',
     '/ck.pt'); 'teacher:DIR' -> ('teacher', 'DIR'); 'hf:ID' -> ('hf', 'ID'); 'openclip:/DIR' ->
-    ('openclip', '/DIR'); no weights (or not a spec) -> 'random'.
+    ('openclip', '/DIR'); 'ensemble:A+B' -> ('ensemble', 'A+B'); no weights (or not a spec) -> 'random'.
     """
     try:
         parsed = parse_spec(spec)
     except UserError:  # a `spec` attribute set by hand: the model as named
         return spec, "random"
+    if parsed.kind == "ensemble":  # the members name their own weights
+        return parsed.kind, parsed.rest
     weights = parsed.checkpoint if parsed.checkpoint is not None else parsed.tag
     if weights is not None:
         return f"{parsed.kind}:{parsed.name}", weights

@@ -9,7 +9,9 @@ from clipdistill.losses import (  # noqa: F401  (imports register the terms)
     clip_kd,
     comkd,
     dclip,
+    ensemble,
     relational,
+    siglip,
     tinyclip,
 )
 from clipdistill.losses.base import NEEDS, TERMS, Outputs, Term, TermContext, get_term, register_term

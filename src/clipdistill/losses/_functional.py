@@ -6,6 +6,9 @@ teacher tensors passed in are treated as constants by the callers (detached).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,6 +54,30 @@ def kl_rows(teacher_logits: Tensor, student_logits: Tensor, temperature: float =
 def soft_ce(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Row-wise soft cross-entropy `-sum softmax(t/T) log softmax(s/T)`, averaged over rows."""
     p = F.softmax(teacher_logits / temperature, dim=-1)
+    return -(p * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+def mixture_log_softmax(logits: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+    """Row-wise `log( mean_k softmax(Z_k / T) )` of K logit matrices of one shape, by log-sum-exp (no
+    underflow for peaked rows). For K = 1 it is exactly `log_softmax(Z_1 / T)`."""
+    logs = torch.stack([F.log_softmax(z / temperature, dim=-1) for z in logits])
+    return torch.logsumexp(logs, dim=0) - math.log(len(logits))
+
+
+def mixture_kl_rows(
+    teacher_logits: Sequence[Tensor], student_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """`KL(P || softmax(s/T))` with `P = mean_k softmax(t_k/T)` (rows), batchmean; `kl_rows` for K = 1."""
+    p_log = mixture_log_softmax(teacher_logits, temperature)
+    q_log = F.log_softmax(student_logits / temperature, dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def mixture_soft_ce(
+    teacher_logits: Sequence[Tensor], student_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """`-sum P log softmax(s/T)` with `P = mean_k softmax(t_k/T)` (rows), averaged over rows; `soft_ce` for K = 1."""
+    p = torch.stack([F.softmax(z / temperature, dim=-1) for z in teacher_logits]).mean(0)
     return -(p * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
 

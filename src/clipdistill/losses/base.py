@@ -44,8 +44,15 @@ class Outputs:
 
     image, text: raw embeddings N x d (text may be None for image-only students using teacher text).
     scale: the model's scale s = exp(logit_scale) (0-dim tensor).
+    bias: the logit bias b of a sigmoid (SigLIP-style) model (0-dim tensor, `ClipModel.logit_bias()`);
+    None for softmax models. Only the sigmoid terms read it (`siglip`, `sigmoid_kd`); every softmax term
+    ignores it, since a constant added to every logit cancels in a row or column softmax
+    (docs/methods.md section 14). Like `scale` it is never gathered over ranks.
     Optional: pooled pre-projection features, token features (N x L x w), text token mask,
     `image_masked` (embedding of a masked view), `labels` (pseudo-labels, N), `index` (sample ids).
+    `members`: an ensemble teacher's per-member outputs (normalised image and text embeddings, each
+    member's own scale), in member order; the fields above are then those of one chosen member
+    (`teacher.member`), which every term but `ensemble_kd` distils (docs/methods.md section 7.1).
     """
 
     image: Tensor | None  # None only for the text-only part of a batch (a text corpus)
@@ -58,7 +65,9 @@ class Outputs:
     text_mask: Tensor | None = None
     image_masked: Tensor | None = None
     labels: Tensor | None = None
+    bias: Tensor | None = None
     extra: dict = field(default_factory=dict)
+    members: tuple[Outputs, ...] = ()
 
     @property
     def image_n(self) -> Tensor:
@@ -77,7 +86,8 @@ class Outputs:
         return replace(self, **changes)
 
     def detach(self) -> Outputs:
-        return self.replace(**{k: v.detach() for k, v in self.tensors().items()})
+        members = tuple(m.detach() for m in self.members)
+        return self.replace(**{k: v.detach() for k, v in self.tensors().items()}, members=members)
 
 
 @dataclass

@@ -55,7 +55,8 @@ def gather_outputs(out: Outputs, *, grad: bool) -> Outputs:
     """`out` with every batch tensor gathered over ranks (`_functional.gather`); 0-dim tensors (scales) stay.
 
     grad=False detaches everything (the teacher). Tensors in `out.extra` whose first dimension is the
-    local batch size are gathered too. On one process: `out` itself (detached when grad=False).
+    local batch size are gathered too, and so are an ensemble teacher's `members`. On one process: `out`
+    itself (detached when grad=False).
     """
     if not is_distributed():
         return out if grad else out.detach()
@@ -67,7 +68,8 @@ def gather_outputs(out: Outputs, *, grad: bool) -> Outputs:
         k: _gather_tensor(v, grad) if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
         for k, v in out.extra.items()
     }
-    return out.replace(**changes, extra=extra)
+    members = tuple(gather_outputs(m, grad=grad) for m in out.members)
+    return out.replace(**changes, extra=extra, members=members)
 
 
 def _overrides_update(term: Term) -> bool:

@@ -4,6 +4,10 @@ A model owns its preprocessing (`image_config`, `preprocess`) and tokenizer (`to
 timm's `pretrained_cfg` travels with a timm model, so teacher and student may use different
 resolutions, normalisations and tokenizers. Intermediate features (pooled pre-projection features,
 image patch tokens, text token features) come back in `Features` when asked for.
+
+Softmax CLIP models score a pair by `s v^.t^`; sigmoid (SigLIP-style) models add a learned logit bias,
+`s v^.t^ + b`, and return it from `logit_bias()` (None for softmax models). The bias belongs to the
+pair, not to one tower, so it lives on the model beside the scale rather than in `Features`.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class Features:
 
 class ClipModel(nn.Module):
     """A CLIP-like encoder pair. Subclasses implement `image_features`, `text_features`, `tokenize`
-    and `raw_logit_scale`, and set `name`, `embed_dim` and `image_config`.
+    and `raw_logit_scale`, and set `name`, `embed_dim` and `image_config`. Sigmoid models also
+    override `logit_bias` and set `max_scale` to infinity (see `logit_scale`).
     """
 
     name: str = "model"
@@ -104,8 +109,21 @@ class ClipModel(nn.Module):
         raise NotImplementedError
 
     # Derived API, shared by every adapter.
+    def logit_bias(self) -> Tensor | None:
+        """The learned logit bias b of a sigmoid (SigLIP-style) model as a 0-dim tensor; None for softmax models.
+
+        A sigmoid model's pair logit is `s v^.t^ + b`. A constant added to every logit cancels in a row
+        softmax, so only the sigmoid terms read it (docs/methods.md section 14).
+        """
+        return None
+
     def logit_scale(self) -> Tensor:
-        """The scale s = exp(logit_scale), clamped to at most `max_scale` (100), as a 0-dim tensor."""
+        """The scale s = exp(logit_scale), clamped to at most `max_scale`, as a 0-dim tensor.
+
+        `max_scale` is 100 for softmax models (docs/methods.md section 0). Sigmoid models use theirs
+        unclamped, as their own forward does (a trained SigLIP has s of about 117, and clamping it
+        would shift every sigmoid probability, where it only flattens a softmax).
+        """
         return self.raw_logit_scale().exp().clamp(max=self.max_scale)
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:

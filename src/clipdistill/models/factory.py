@@ -9,17 +9,24 @@
     teacher:/path/to/dir              the composed offline teacher built by `clipdistill teacher build`
     student:preset-name               a registered student preset (random init)
     student:preset-name@/path/ckpt.pt  with trained weights
+    ensemble:SPEC+SPEC[+...]          a teacher ensemble: its members' normalised embeddings, concatenated
 
 A spec is `KIND:REST`. For `openclip` and `student` the rest may end in `@CHECKPOINT` (a weights file);
 an `openclip` architecture may carry a pretrained `/TAG` instead. Every other kind (`hf`, `teacher`,
 adapters added by `register_adapter`) takes its rest whole. Adapters build from the rest, so that
 `str(parse_spec(s)) == s` and `create_model` hands each builder exactly what the user wrote.
+
+An `ensemble` rest is its member specs joined by `+`; it is split only where `+` is followed by a known
+prefix and a colon (`+teacher:`, `+openclip:`), so a `+` inside a member's path or tag stays in that
+member (`ensemble_members`, `ensemble_spec`). A run config writes the same ensemble as a list
+(`teacher.spec: [SPEC, SPEC]`). Members are never ensembles themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +38,7 @@ _BUILTIN = {
     "hf": "clipdistill.models.hf:from_spec",
     "teacher": "clipdistill.models.composed:from_spec",
     "student": "clipdistill.models.students:from_spec",
+    "ensemble": "clipdistill.models.ensemble:from_spec",
 }
 _ADAPTERS: dict[str, Callable[[str], ClipModel]] = {}
 
@@ -102,6 +110,39 @@ def parse_spec(spec: str) -> ModelSpec:
     return ModelSpec(kind, rest)
 
 
+def _prefixes() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_ADAPTERS))
+
+
+def ensemble_members(rest: str) -> list[str]:
+    """The member specs of an `ensemble:` spec's rest (UserError, one line, for an empty or nested one)."""
+    kinds = "|".join(re.escape(k) for k in _prefixes())
+    members = re.split(rf"\+(?=(?:{kinds}):)", rest)
+    for member in members:
+        if not member or parse_spec(member).kind == "ensemble":
+            raise UserError(
+                f"ensemble spec 'ensemble:{rest}' needs member specs joined by '+', none of them an ensemble; "
+                "write e.g. 'ensemble:teacher:DIR_A+teacher:DIR_B'"
+            )
+    return members
+
+
+def ensemble_spec(members: list[str]) -> str:
+    """The `ensemble:` spec of a member list (a run config's `teacher.spec: [..]`); one member: its own spec."""
+    members = [str(m) for m in members]
+    if not members:
+        raise UserError("teacher.spec = [] names no teacher; give one spec or a list of member specs")
+    if len(members) == 1:
+        parse_spec(members[0])
+        return members[0]
+    spec = "ensemble:" + "+".join(members)
+    if ensemble_members(spec.partition(":")[2]) != members:
+        raise UserError(
+            f"ensemble members {members} cannot be joined with '+': a member holds '+KIND:'; rename that folder"
+        )
+    return spec
+
+
 def register_adapter(prefix: str, builder: Callable[[str], ClipModel]) -> None:
     """Make `prefix:rest` specs build with `builder(rest)`."""
     _ADAPTERS[prefix] = builder
@@ -113,7 +154,7 @@ def _builder(prefix: str) -> Callable[[str], ClipModel]:
     if prefix in _BUILTIN:
         module, fn = _BUILTIN[prefix].split(":")
         return getattr(importlib.import_module(module), fn)
-    raise unknown_name("model spec prefix", prefix, sorted(set(_BUILTIN) | set(_ADAPTERS)))
+    raise unknown_name("model spec prefix", prefix, _prefixes())
 
 
 def check_spec(spec: str) -> Callable[[str], ClipModel]:

@@ -13,6 +13,10 @@ tokenizer from `open_clip.get_tokenizer`. Intermediate features follow open_clip
 (`_embeds`, `transformer`, `_pool` of open_clip >= 3.0), so `embedding` is bit-identical to
 `model.encode_image` and the patch tokens are those open_clip returns with `output_tokens=True`
 (after `ln_post`).
+
+SigLIP-style models (configs with `init_logit_bias`, e.g. `ViT-B-16-SigLIP`) carry a `logit_bias`
+parameter; `logit_bias()` returns it and their scale is used unclamped, as open_clip's forward does
+(docs/methods.md section 14). Softmax models keep the clamp at 100 and have no bias.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import pickle
 from copy import deepcopy
 from pathlib import Path
@@ -89,6 +94,8 @@ class OpenClipModel(ClipModel):
 
         self.image_config = image_config_from_preprocess(get_model_preprocess_cfg(model))
         self.embed_dim = self._infer_embed_dim()
+        if self.logit_bias() is not None:
+            self.max_scale = math.inf  # a sigmoid model's own forward does not clamp its scale
         self.train(model.training)  # the wrapper starts in the wrapped model's mode
 
     def _infer_embed_dim(self) -> int:
@@ -173,6 +180,11 @@ class OpenClipModel(ClipModel):
 
     def raw_logit_scale(self) -> Tensor:
         return self.model.logit_scale.reshape(())
+
+    def logit_bias(self) -> Tensor | None:
+        """open_clip's `logit_bias` parameter (SigLIP-style models, built with `init_logit_bias`), else None."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else bias.reshape(())
 
 
 def set_preprocess(model: nn.Module, overrides: dict | None = None) -> None:

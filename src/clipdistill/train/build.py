@@ -10,9 +10,11 @@ so gradient synchronisation sees a single forward per micro-batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipdistill.data.filter import data_filter  # noqa: F401 (benchmarks/methods import it from here)
+from clipdistill.data.teacher_cache_format import CacheInfo
 from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
 from clipdistill.models.base import ClipModel
@@ -112,6 +114,56 @@ def online_teacher_outputs(
     )
 
 
+def teacher_views(teacher: ClipModel) -> dict:
+    """The loader's teacher views (name -> image config): "teacher", or "teacher/k" per ensemble member
+    (each member sees the same crop at its own preprocessing)."""
+    from clipdistill.models.ensemble import EnsembleModel
+
+    if not isinstance(teacher, EnsembleModel):
+        return {"teacher": teacher.image_config}
+    return {f"teacher/{k}": m.image_config for k, m in enumerate(teacher.members)}
+
+
+def _unit(out: Outputs) -> Outputs:
+    text = None if out.text is None else F.normalize(out.text, dim=-1)
+    return out.replace(image=None if out.image is None else F.normalize(out.image, dim=-1), text=text)
+
+
+@torch.no_grad()
+def online_ensemble_outputs(
+    members: list[ClipModel], views: list[Tensor], captions: list[str] | None, member: int, **wanted: bool
+) -> Outputs:
+    """An ensemble teacher's outputs (docs/methods.md section 7.1): every member on its own view, with its
+    embeddings normalised (as the ensemble cache stores them) and its own scale, in `members`; member
+    `member` also as the teacher's own fields, with the pooled features and tokens in `wanted`."""
+    none = dict.fromkeys(wanted, False)
+    parts = [
+        _unit(online_teacher_outputs(m, x, captions, **(wanted if k == member else none)))
+        for k, (m, x) in enumerate(zip(members, views))
+    ]
+    slim = tuple(Outputs(image=p.image, text=p.text, scale=p.scale) for p in parts)
+    return parts[member].replace(members=slim)
+
+
+def cached_ensemble_outputs(batch: dict, info: CacheInfo, member: int, device: torch.device) -> Outputs:
+    """`cached_teacher_outputs` of an ensemble cache (`info`: its `CacheInfo`): each stored row split into
+    the members' normalised embeddings, each member with its stored scale; member `member` (and its
+    columns of the pooled features) also as the teacher's own fields."""
+    whole = cached_teacher_outputs(batch, 0.0, device)
+    cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    parts = tuple(
+        Outputs(
+            image=cut(whole.image, a, b),
+            text=cut(whole.text, a, b),
+            scale=torch.tensor(float(m["logit_scale"]), device=device),
+        )
+        for (a, b), m in zip(info.member_columns(), info.members)
+    )
+    a, b = info.member_columns("pooled_dim")[member]
+    pooled = cut(whole.image_pooled, a, b)
+    return parts[member].replace(image_pooled=pooled, extra=whole.extra, members=parts)
+
+
 def cached_teacher_outputs(batch: dict, scale: float, device: torch.device) -> Outputs:
     get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
     extra = {k: v.to(device) for k, v in batch.get("teacher_extra", {}).items()}
@@ -138,4 +190,5 @@ def concat_outputs(parts: list[Outputs]) -> Outputs:
         k: torch.cat([p.extra[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
         for k, v in first.extra.items()
     }
-    return first.replace(**changes, extra=extra)
+    members = tuple(concat_outputs([p.members[k] for p in parts]) for k in range(len(first.members)))
+    return first.replace(**changes, extra=extra, members=members)

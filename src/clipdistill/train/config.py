@@ -9,6 +9,7 @@ and the fix.
 
     student:   {spec: student:vit-t-32, text: own}          # text: own | teacher (frozen teacher text tower)
     teacher:   {spec: teacher:DIR, cache: DIR, mode: auto}  # mode: auto (cache when given) | online | cached
+               # an ensemble: {spec: [teacher:A, teacher:B], member: 0} (docs/methods.md section 7.1)
     data:      {train: [flickr8k:train], batch_size: 256, workers: 2, augment: {...},
                 filter: classes=base, keep: runs/balance/keep.txt}
     losses:    {clip: 1.0, crd: 1.0, fd: 2000}              # losses.config.parse_loss_config
@@ -29,7 +30,7 @@ from pathlib import Path
 from clipdistill.data.augment import AugmentPolicy
 from clipdistill.errors import UserError
 from clipdistill.losses.config import LossConfig, parse_loss_config, split_moved_groups
-from clipdistill.models.factory import parse_spec
+from clipdistill.models.factory import ensemble_spec, parse_spec
 from clipdistill.train.config_io import apply_overrides, from_dict, merge, read_yaml, to_plain
 from clipdistill.train.optim import check_groups, group_names
 
@@ -66,12 +67,28 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    spec: str | None = (
-        None  # model spec (online teacher; also verifies a cache's teacher when both are given)
-    )
+    # model spec (online teacher; also verifies a cache's teacher when both are given), or a list of
+    # member specs: an ensemble teacher (a list of one is that one spec)
+    spec: str | list[str] | None = None
     cache: str | None = None  # a folder written by `clipdistill cache-teacher`
     unpaired_cache: str | None = None  # the teacher cache of data.unpaired (cached mode)
     mode: str = "auto"  # auto: cached when `cache` is set, else online
+    # an ensemble's member whose outputs every term but ensemble_kd distils (fd, crd, kd, ...), from 0
+    member: int = 0
+
+    @property
+    def model_spec(self) -> str | None:
+        """`spec` as one model spec string (`ensemble:A+B` for a list of members), None without one."""
+        if isinstance(self.spec, list):
+            return ensemble_spec(self.spec)
+        return self.spec
+
+    @property
+    def members(self) -> int | None:
+        """How many members `spec` names (1 for one spec), None without a spec."""
+        if self.spec is None:
+            return None
+        return len(self.spec) if isinstance(self.spec, list) else 1
 
 
 @dataclass
@@ -230,6 +247,7 @@ class TrainConfig:
             raise UserError(f"set steps ({self.steps}) or epochs ({self.epochs}), not both")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise UserError("steps must be >= 1 and epochs > 0")
+        self._check_teacher()
         mode = self.teacher_mode
         if mode == "cached" and not self.teacher.cache:
             raise UserError(
@@ -253,6 +271,11 @@ class TrainConfig:
             )
         if mode == "online" and not self.teacher.spec:
             raise UserError("an online teacher needs teacher.spec (e.g. teacher:DIR); or set teacher.cache")
+        if self.student.text == "teacher" and (self.teacher.members or 1) > 1:
+            raise UserError(
+                "student.text = teacher borrows one teacher's frozen text tower; with an ensemble teacher set "
+                "student.text = own, or name that one member as teacher.spec"
+            )
         if self.student.text == "teacher" and parse_spec(self.student.spec).kind != "student":
             raise UserError("student.text = teacher needs a preset student (student.spec = student:NAME)")
         if self.student.text == "teacher" and mode == "none":
@@ -266,6 +289,24 @@ class TrainConfig:
             )
         check_groups(self.optim.groups, group_names(self.losses, masked=self.student.sparsity is not None))
         return self
+
+    def _check_teacher(self) -> None:
+        """teacher.spec (one spec or a list of members) and teacher.member, before any model is built."""
+        teacher = self.teacher
+        if isinstance(teacher.spec, list):
+            ensemble_spec(teacher.spec)  # every member spec parses, and they join into one ensemble spec
+        if teacher.member < 0:
+            raise UserError(f"teacher.member = {teacher.member} must be >= 0 (an ensemble member's index)")
+        count = teacher.members
+        if count is not None and teacher.member >= count:
+            what = (
+                "a single teacher (member 0)"
+                if count == 1
+                else f"an ensemble of {count} members (0..{count - 1})"
+            )
+            raise UserError(
+                f"teacher.member = {teacher.member} but teacher.spec names {what}; pick a member in range"
+            )
 
     def _check_student_init(self) -> None:
         """student.init / image_size / freeze resolved before any model is built."""
@@ -298,14 +339,14 @@ class TrainConfig:
                     f"student.sparsity (automatic inheritance) needs an open_clip ViT student (a vit-* preset), "
                     f"not {spec.name}; drop student.sparsity"
                 )
-            if not (self.teacher.spec and parse_spec(self.teacher.spec).kind == "teacher"):
+            if not (self.teacher.spec and parse_spec(self.teacher.model_spec).kind == "teacher"):
                 raise UserError(
                     f"student {spec.name} inherits the composed offline teacher's towers, but teacher.spec is "
                     f"{self.teacher.spec!r}; set teacher.spec = teacher:FOLDER (a `clipdistill teacher build` folder)"
                 )
             return
         if st.init == "inherit" and not (
-            self.teacher.spec and parse_spec(self.teacher.spec).kind == "openclip"
+            self.teacher.spec and parse_spec(self.teacher.model_spec).kind == "openclip"
         ):
             raise UserError(
                 f"student.init = inherit copies an open_clip ViT teacher's weights, but teacher.spec is "

@@ -60,7 +60,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path)
+        # `str | list[str]`: a YAML list takes the list type, anything else the first other type
+        wanted = [a for a in args if (typing.get_origin(a) is list) == isinstance(value, list)]
+        return _convert((wanted or args)[0], value, path)
     if tp in PARSED:
         return PARSED[tp](value, path)
     if dataclasses.is_dataclass(tp):

@@ -191,7 +191,8 @@ class Run:
         returns the cache extras the paired stream reads."""
         cfg, dev, cache = self.cfg, self.device, self.paired.cache
         self.teacher = setup.build_teacher(cfg, self.mode, cache, dev)
-        teacher_dim = setup.teacher_width(cache, self.teacher)
+        setup.check_ensemble(cfg, cache)
+        teacher_dim = setup.teacher_width(cache, self.teacher, cfg.teacher.member)
         self.student = build.build_student(
             cfg.student.spec, cfg.student.text, self.teacher, teacher_dim or 0, **cfg.student.build_kwargs()
         )
@@ -218,14 +219,23 @@ class Run:
         self.fsdp = bool(cfg.distributed.fsdp and self.info.distributed)
         self.wrapped = wrap(self.forward_module, self.info, fsdp=self.fsdp)
         scale = cache.info.logit_scale if cache is not None else None
-        self.teacher_side = TeacherSide(self.mode, self.teacher, scale, self.needs, dev, cfg.precision)
+        self.teacher_side = TeacherSide(
+            self.mode,
+            self.teacher,
+            scale,
+            self.needs,
+            dev,
+            cfg.precision,
+            member=cfg.teacher.member,
+            layout=cache.info if cache is not None else None,
+        )
         return extras
 
     def _configure_streams(self, extras: dict[str, str] | None) -> None:
         """The loader configs of the shard streams, and the texts stream (data.texts)."""
         views = {"student": self.student.image_config}
         if self.mode == "online":
-            views["teacher"] = self.teacher.image_config
+            views.update(build.teacher_views(self.teacher))
         pooled = "teacher_pooled" in self.needs and self.mode == "cached"
         configure_streams(
             self.streams, self.cfg, self.info, views=views, pooled=pooled, text=self.text, extras=extras

@@ -19,7 +19,8 @@ from clipdistill.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from clipdistill.train.config import move_loss_groups
+from clipdistill.train.config import TeacherConfig, move_loss_groups
+from clipdistill.train.config_io import to_plain
 from clipdistill.train.distributed import all_gather_object
 from clipdistill.train.optim import apply_changed_optim
 from clipdistill.train.streams import CHECKPOINT_KEYS
@@ -68,6 +69,8 @@ def restore_run(run: Run, ckpt: dict) -> None:
     info = run.info
     # checkpoints of older releases recorded optimiser-group overrides under losses.groups
     recorded, config = move_loss_groups(ckpt.get("config", {}), warn=False), run.cfg.to_dict()
+    if isinstance(recorded.get("teacher"), dict):  # teacher settings added since (teacher.member): defaults
+        recorded = {**recorded, "teacher": {**to_plain(TeacherConfig()), **recorded["teacher"]}}
     check_resumable(recorded, config)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     load_model_and_optimizer_state(

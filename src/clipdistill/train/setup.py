@@ -4,6 +4,8 @@ before any training step."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from clipdistill.data.teacher_cache import TeacherCache, teacher_parts
@@ -13,6 +15,8 @@ from clipdistill.models.base import ClipModel
 from clipdistill.train import build
 from clipdistill.train.config import TrainConfig
 from clipdistill.train.streams import DataStream
+
+log = logging.getLogger("clipdistill.train.engine")  # the run's messages, under one name
 
 
 def check_eval_datasets(cfg: TrainConfig) -> None:
@@ -36,20 +40,52 @@ def check_eval_datasets(cfg: TrainConfig) -> None:
 def build_teacher(
     cfg: TrainConfig, mode: str, cache: TeacherCache | None, device: torch.device
 ) -> ClipModel | None:
-    """The frozen teacher (None without teacher.spec)."""
+    """The frozen teacher (None without teacher.spec); a list of member specs builds an ensemble."""
+    from clipdistill.models.ensemble import member_model, members_of
     from clipdistill.models.factory import create_model
 
-    teacher = create_model(cfg.teacher.spec).to(device).eval() if cfg.teacher.spec else None
+    spec = cfg.teacher.model_spec
+    teacher = create_model(spec).to(device).eval() if spec else None
     if teacher is not None:
         teacher.requires_grad_(False)
-        if mode == "online" and cache is None and getattr(teacher, "feature_cache", None) is not None:
-            teacher.feature_cache = None  # fresh random views never repeat: storing them only costs disk
+        for model in members_of(teacher):
+            if mode == "online" and cache is None and getattr(model, "feature_cache", None) is not None:
+                model.feature_cache = None  # fresh random views never repeat: storing them only costs disk
+        member_model(teacher, cfg.teacher.member)  # teacher.member in range
     return teacher
 
 
-def teacher_width(cache: TeacherCache | None, teacher: ClipModel | None) -> int | None:
-    """The teacher's embedding width (from the cache, else the teacher), None without either."""
-    return cache.info.embed_dim if cache is not None else getattr(teacher, "embed_dim", None)
+def check_ensemble(cfg: TrainConfig, cache: TeacherCache | None) -> None:
+    """teacher.member against a cache's members (the check that matters without teacher.spec), and a
+    warning where `kd` meets an ensemble teacher: it distils the chosen member only."""
+    if cache is not None:
+        count = len(cache.info.members or [None])
+        if cfg.teacher.member >= count:
+            raise UserError(
+                f"teacher.member = {cfg.teacher.member} but the teacher cache '{cache.root}' holds {count} "
+                f"member(s); pick 0..{count - 1}"
+            )
+    ensemble = bool(cache.info.members) if cache is not None else (cfg.teacher.members or 0) > 1
+    terms = cfg.losses.weights
+    if ensemble and "kd" in terms and "ensemble_kd" not in terms:
+        log.warning(
+            "term 'kd' distils member %d of the ensemble teacher only; use 'ensemble_kd' for the mean of the "
+            "members' distributions (MobileCLIP, docs/methods.md section 7.1)",
+            cfg.teacher.member,
+        )
+
+
+def teacher_width(cache: TeacherCache | None, teacher: ClipModel | None, member: int = 0) -> int | None:
+    """The width of the teacher embeddings the terms see (from the cache, else the teacher): an ensemble's
+    chosen member's; None without a teacher."""
+    if cache is not None:
+        start, end = cache.info.member_columns()[member if cache.info.members else 0]
+        return end - start
+    if teacher is None:
+        return None
+    from clipdistill.models.ensemble import member_model
+
+    return member_model(teacher, member).embed_dim
 
 
 def build_distiller(
@@ -63,11 +99,15 @@ def build_distiller(
 ) -> Distiller:
     """The Distiller of `cfg.losses`, sized for the student's and the teacher's (pooled) widths."""
     from clipdistill.losses.base import get_term
+    from clipdistill.models.ensemble import member_model
 
     needs = set().union(*(get_term(n).needs for n in cfg.losses.weights))
     s_pooled = build.pooled_width(student, device) if "student_pooled" in needs else None
-    if "teacher_pooled" in needs:
-        t_pooled = cache.info.pooled_dim if mode == "cached" else build.pooled_width(teacher, device)
+    if "teacher_pooled" in needs and mode == "cached":
+        start, end = cache.info.member_columns("pooled_dim")[cfg.teacher.member if cache.info.members else 0]
+        t_pooled = (end - start) or None
+    elif "teacher_pooled" in needs:
+        t_pooled = build.pooled_width(member_model(teacher, cfg.teacher.member), device)
     else:
         t_pooled = None
     return Distiller(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipdistill.data.teacher_cache import CacheInfo
 from clipdistill.errors import UserError
 from clipdistill.losses.base import Outputs
 from clipdistill.models.base import ClipModel
@@ -40,37 +41,58 @@ class TeacherSide:
     needs: set[str]  # the Distiller's needs
     device: torch.device
     precision: str
+    # Ensemble teachers (docs/methods.md section 7.1): the member the terms other than ensemble_kd see,
+    # and the cache's layout (its `CacheInfo`; cached mode), which splits stored rows into members.
+    member: int = 0
+    layout: CacheInfo | None = None
+
+    @property
+    def members(self) -> list[ClipModel] | None:
+        from clipdistill.models.ensemble import EnsembleModel
+
+        return list(self.model.members) if isinstance(self.model, EnsembleModel) else None
 
     def outputs(self, micro: list[dict], *, unpaired: bool = False) -> Outputs | None:
         """The teacher's outputs of `micro`, joined along the batch (`unpaired`: images without captions)."""
         if self.mode == "none":
             return None
         parts = []
+        members = self.members
         for b in micro:
-            if self.mode == "cached":
+            if self.mode == "cached" and self.layout is not None and self.layout.members:
+                parts.append(build.cached_ensemble_outputs(b, self.layout, self.member, self.device))
+            elif self.mode == "cached":
                 parts.append(build.cached_teacher_outputs(b, self.scale, self.device))
             else:
+                captions = None if unpaired else b["captions"]
+                wanted = {
+                    "pooled": "teacher_pooled" in self.needs,
+                    "image_tokens": not unpaired
+                    and bool(self.needs & {"image_tokens", "teacher_image_tokens"}),
+                    "text_tokens": not unpaired and "text_tokens" in self.needs,
+                }
                 with autocast(self.precision, self.device):
-                    parts.append(
-                        build.online_teacher_outputs(
-                            self.model,
-                            b["views"]["teacher"].to(self.device),
-                            None if unpaired else b["captions"],
-                            pooled="teacher_pooled" in self.needs,
-                            image_tokens=not unpaired
-                            and bool(self.needs & {"image_tokens", "teacher_image_tokens"}),
-                            text_tokens=not unpaired and "text_tokens" in self.needs,
+                    if members is None:
+                        x = b["views"]["teacher"].to(self.device)
+                        parts.append(build.online_teacher_outputs(self.model, x, captions, **wanted))
+                    else:
+                        views = [b["views"][f"teacher/{k}"].to(self.device) for k in range(len(members))]
+                        parts.append(
+                            build.online_ensemble_outputs(members, views, captions, self.member, **wanted)
                         )
-                    )
         return build.concat_outputs(parts)
 
     @torch.no_grad()
     def texts(self, corpus: list[list[str]], teacher: Outputs | None) -> Outputs:
         """The teacher's text embeddings of the corpus texts (its text tower online, also in cached mode)."""
         texts = [t for part in corpus for t in part]
+        members = self.members
+        model = members[self.member] if members else self.model  # an ensemble: the chosen member
         with autocast(self.precision, self.device):
-            emb = self.model.text_features(self.model.tokenize(texts).to(self.device)).embedding.float()
-        scale = teacher.scale if teacher is not None else self.model.logit_scale().detach().float()
+            emb = model.text_features(model.tokenize(texts).to(self.device)).embedding.float()
+        if members:  # an ensemble's member embeddings are normalised ones
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        scale = teacher.scale if teacher is not None else model.logit_scale().detach().float()
         return Outputs(image=None, text=emb, scale=scale)
 
 
