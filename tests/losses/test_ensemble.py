@@ -4,13 +4,12 @@ gradcheck, the minimum where a student can reach it, and ensemble members gather
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.gloo import run_processes
 from refs_clip import build, log_softmax, logits, make_pair, np_
 
 from clipdistill.losses import Outputs
@@ -226,15 +225,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_processes_gather_the_members_and_equal_one(tmp_path):
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("the 2-process gloo run did not finish in 120 s")
+    run_processes(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     single = loss_and_grads(slice(None))
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

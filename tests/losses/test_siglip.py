@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.gloo import run_processes
 from refs_clip import kl_mean, logits, np_
 
 from clipdistill.errors import UserError
@@ -338,15 +337,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("siglip_gloo")
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("the 2-process gloo run did not finish in 120 s")
+    run_processes(_worker, (str(tmp / "init"), str(tmp)), WORLD)
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
     single = {case: run_case(b, slice(None)) for case, b in CASES.items()}
     return ranks, single
